@@ -1,0 +1,110 @@
+"""One entry point for block-sparse attention, and the choice of backend.
+
+Why: callers (the FLUX patch, benchmarks, tests) should say *what* to compute (q, k, v
+and a sparsity pattern) and optionally *how* (a backend name); this module checks the
+inputs, picks the fastest backend the device offers, and builds or fetches the
+schedule for that backend's tile shape.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import flex, portable, triton_block_sparse
+from .checks import AttentionInputError, check_qkv
+from .schedule import SparsityPattern
+
+BACKENDS = ("auto", "triton", "flex", "portable")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_usable(device: torch.device, dtype: torch.dtype | None = None, head_dim: int | None = None) -> str | None:
+    """None if the Triton kernel can run these inputs, else the reason it cannot."""
+    if not triton_block_sparse.available():
+        return "Triton is not installed"
+    if device.type != "cuda" and not _interpreting():
+        return f"the Triton kernel needs a CUDA device (got {device.type})"
+    if dtype is not None and dtype not in triton_block_sparse.SUPPORTED_DTYPES:
+        return f"the Triton kernel takes float16, bfloat16 or float32 (got {dtype})"
+    if head_dim is not None and (head_dim < 16 or head_dim & (head_dim - 1) or head_dim > 256):
+        return f"the Triton kernel needs a power-of-two head_dim from 16 to 256 (got {head_dim})"
+    return None
+
+
+def flex_usable(device: torch.device) -> str | None:
+    if not flex.available():
+        return "this PyTorch has no flex_attention"
+    if device.type == "cuda" and not triton_block_sparse.available():
+        return "compiled flex_attention on CUDA needs Triton"
+    if device.type not in ("cuda", "cpu"):
+        return f"flex_attention does not run on {device.type}"
+    return None
+
+
+def choose_backend(device: torch.device | str, dtype: torch.dtype | None = None, head_dim: int | None = None) -> str:
+    """The fastest backend available for these inputs: triton, else flex on CUDA, else portable."""
+    device = torch.device(device)
+    if device.type == "cuda" and triton_usable(device, dtype, head_dim) is None:
+        return "triton"
+    if device.type == "cuda" and flex_usable(device) is None:
+        return "flex"
+    return "portable"
+
+
+def describe_backend(device: torch.device | str | None = None) -> str:
+    """A one-line description of what ``auto`` will use, for the load-time log line."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    name = choose_backend(device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()
+    if name == "triton":
+        import triton
+
+        return f"triton block-sparse kernel on {where} (Triton {triton.__version__})"
+    if name == "flex":
+        return f"flex_attention on {where} ({triton_usable(device)})"
+    why = triton_usable(device) or "Triton unsuitable"
+    return f"portable SDPA on {where} ({why})"
+
+
+def sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: SparsityPattern,
+    backend: str = "auto",
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Attention of q over k, v restricted to ``pattern``.
+
+    q, k, v: (B, H, L, D) with L = ``pattern.seq_len``; returns (B, H, L, D).
+    ``scale`` defaults to 1 / sqrt(D). ``backend`` is one of :data:`BACKENDS`.
+    """
+    if backend not in BACKENDS:
+        raise AttentionInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_qkv(q, k, v, pattern.seq_len)
+    head_dim = q.shape[-1]
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    if backend == "auto":
+        backend = choose_backend(q.device, q.dtype, head_dim)
+    if backend == "triton":
+        reason = triton_usable(q.device, q.dtype, head_dim)
+        if reason:
+            raise AttentionInputError(f"backend 'triton' cannot run here: {reason}; use 'auto', 'flex' or 'portable'")
+        block_m, block_n, warps, stages = triton_block_sparse.launch_config(head_dim, q.device)
+        schedule = pattern.block_schedule(block_m, block_n, q.device)
+        return triton_block_sparse.block_sparse_attention(q, k, v, schedule, scale, num_warps=warps, num_stages=stages)
+    if backend == "flex":
+        reason = flex_usable(q.device)
+        if reason:
+            raise AttentionInputError(f"backend 'flex' cannot run here: {reason}; use 'auto' or 'portable'")
+        schedule = pattern.block_schedule(flex.BLOCK, flex.BLOCK, q.device)
+        return flex.flex_block_sparse_attention(q, k, v, schedule, scale)
+    schedule = pattern.block_schedule(128, 128, q.device)
+    return portable.portable_block_sparse_attention(q, k, v, schedule, scale)

@@ -1,0 +1,88 @@
+"""flex_attention backend, built from the same block schedule as the Triton kernel.
+
+Why: PyTorch's flex_attention is a well-kept, compiled block-sparse kernel and a fair
+yardstick. Its ``BlockMask`` is made directly from our schedule
+(``BlockMask.from_kv_blocks``: full tiles without mask, partial tiles through the
+layout's token predicate as ``mask_mod``), so no L x L mask is ever evaluated.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+
+from .schedule import BlockSchedule
+
+try:
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+except ImportError:  # pragma: no cover - torch older than 2.5
+    BlockMask = flex_attention = None
+
+BLOCK = 128  # flex's sparse block size; its kernels tile inside it
+
+
+def available() -> bool:
+    return flex_attention is not None
+
+
+def _padded(ptr: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR -> (1, 1, rows) counts and (1, 1, rows, width) indices, width = longest row."""
+    counts = ptr[1:] - ptr[:-1]
+    rows = counts.numel()
+    width = max(1, int(counts.max().item()) if rows else 1)
+    dense = torch.zeros(rows, width, dtype=torch.int32, device=ptr.device)
+    row = torch.repeat_interleave(torch.arange(rows, device=ptr.device), counts.long())
+    col = torch.arange(idx.numel(), device=ptr.device) - ptr[:-1].long()[row]
+    dense[row, col] = idx
+    return counts.to(torch.int32)[None, None], dense[None, None]
+
+
+def block_mask(schedule: BlockSchedule) -> "BlockMask":
+    """The flex BlockMask of a schedule; built once and kept with the schedule."""
+    if "flex" not in schedule.derived:
+        predicate, q_last, kv_len = schedule.predicate, schedule.q_len - 1, schedule.kv_len
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (kv_idx < kv_len) & predicate(q_idx.clamp(max=q_last), kv_idx.clamp(max=kv_len - 1))
+
+        part_num, part_idx = _padded(schedule.part_ptr, schedule.part_idx)
+        full_num, full_idx = _padded(schedule.full_ptr, schedule.full_idx)
+        extra = {}
+        params = inspect.signature(BlockMask.from_kv_blocks).parameters
+        if "seq_lengths" in params:
+            extra["seq_lengths"] = (schedule.q_len, schedule.kv_len)
+        if "compute_q_blocks" in params:
+            extra["compute_q_blocks"] = False  # inference only: no transposed (backward) index
+        schedule.derived["flex"] = BlockMask.from_kv_blocks(
+            part_num,
+            part_idx,
+            full_num,
+            full_idx,
+            BLOCK_SIZE=(schedule.block_m, schedule.block_n),
+            mask_mod=mask_mod,
+            **extra,
+        )
+    return schedule.derived["flex"]
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    schedule: BlockSchedule,
+    scale: float,
+    compiled: bool = True,
+) -> torch.Tensor:
+    """q, k, v (B, H, L, D) -> (B, H, L, D). ``compiled=False`` runs flex eagerly (tests only:
+    eager flex materialises the whole score matrix)."""
+    if flex_attention is None:
+        raise RuntimeError("this PyTorch has no flex_attention (needs 2.5 or newer)")
+    fn = _compiled() if compiled else flex_attention
+    return fn(q, k, v, block_mask=block_mask(schedule), scale=scale)

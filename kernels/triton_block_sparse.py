@@ -1,0 +1,186 @@
+"""Block-sparse FlashAttention forward in Triton (inference).
+
+Why: window-first layouts make almost every tile of the attention matrix either fully
+allowed or fully masked. This kernel walks a :class:`~.schedule.BlockSchedule`: one
+program per (query block, batch x head) runs the online softmax over the query
+block's fully allowed key blocks with no masking at all, then over its partly allowed
+ones with a bit mask. Masked tiles are never visited.
+
+Shapes: q, k, v (B, H, L, D); the output is written through strides, so a caller may
+hand in a (B, L, H, D) buffer seen as (B, H, L, D) and get the layout ComfyUI wants
+without a copy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised on machines without Triton
+    triton = None
+    tl = None
+
+from .schedule import BlockSchedule
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def available() -> bool:
+    """Triton is importable (the kernel runs on CUDA, or anywhere under TRITON_INTERPRET=1)."""
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tile_update(q, k, v, acc, m_i, l_i, qk_scale, allowed, MASKED: tl.constexpr, IEEE: tl.constexpr):
+        """One step of the online softmax over a (BLOCK_M, BLOCK_N) tile."""
+        if IEEE:
+            qk = tl.dot(q, k, input_precision="ieee")
+        else:
+            qk = tl.dot(q, k)
+        if MASKED:
+            qk = tl.where(allowed, qk * qk_scale, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            # A row with nothing allowed yet keeps m = -inf: subtract 0 instead (p = 0).
+            m_ij = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+            p = tl.math.exp2(qk - m_ij[:, None])
+        else:
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if IEEE:
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        return acc, m_ij, l_i
+
+    @triton.jit
+    def _block_sparse_fwd(
+        Q, K, V, Out,
+        full_ptr, full_idx, part_ptr, part_idx, part_pattern, patterns,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        stride_ob, stride_oh, stride_om, stride_od,
+        num_heads, q_len, kv_len, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        WORDS: tl.constexpr = BLOCK_N // 32
+        block = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = (bh // num_heads).to(tl.int64)
+        h = (bh % num_heads).to(tl.int64)
+        q_base = Q + b * stride_qb + h * stride_qh
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+
+        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, HEAD_DIM)
+        q = tl.load(
+            q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+            mask=offs_m[:, None] < q_len,
+            other=0.0,
+        )
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        k_tile = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # (D, BLOCK_N)
+        v_tile = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # (BLOCK_N, D)
+
+        # Fully allowed tiles: no mask, no bounds checks (the schedule guarantees both).
+        lo = tl.load(full_ptr + block)
+        hi = tl.load(full_ptr + block + 1)
+        for i in range(lo, hi):
+            start_n = tl.load(full_idx + i).to(tl.int64) * BLOCK_N
+            k = tl.load(k_tile + start_n * stride_kn)
+            v = tl.load(v_tile + start_n * stride_vn)
+            acc, m_i, l_i = _tile_update(q, k, v, acc, m_i, l_i, qk_scale, 0, False, IEEE)
+
+        # Partly allowed tiles: element mask from the tile's bit pattern.
+        lo = tl.load(part_ptr + block)
+        hi = tl.load(part_ptr + block + 1)
+        word_offs = tl.arange(0, BLOCK_M)[:, None] * WORDS + (offs_n // 32)[None, :]
+        bit = (offs_n % 32)[None, :]
+        for i in range(lo, hi):
+            start_n = tl.load(part_idx + i).to(tl.int64) * BLOCK_N
+            pattern = tl.load(part_pattern + i).to(tl.int64)
+            words = tl.load(patterns + pattern * (BLOCK_M * WORDS) + word_offs)
+            allowed = ((words >> bit) & 1) != 0
+            in_range = (start_n + offs_n) < kv_len
+            k = tl.load(k_tile + start_n * stride_kn, mask=in_range[None, :], other=0.0)
+            v = tl.load(v_tile + start_n * stride_vn, mask=in_range[:, None], other=0.0)
+            acc, m_i, l_i = _tile_update(q, k, v, acc, m_i, l_i, qk_scale, allowed, True, IEEE)
+
+        l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows past q_len only; never stored
+        out = acc / l_i[:, None]
+        o_base = Out + b * stride_ob + h * stride_oh
+        tl.store(
+            o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+            out.to(Out.dtype.element_ty),
+            mask=offs_m[:, None] < q_len,
+        )
+
+
+# (head_dim, is_hopper_or_newer) -> (BLOCK_M, BLOCK_N, num_warps, num_stages); measured by bench/attention.py
+_CONFIGS = {
+    (64, True): (128, 64, 4, 3),
+    (128, True): (128, 64, 4, 2),
+    (64, False): (128, 64, 4, 2),
+    (128, False): (128, 64, 4, 2),
+}
+
+
+def launch_config(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
+    """Tile shape and launch parameters for this head size and device."""
+    if device.type != "cuda":  # interpreter: small tiles keep tests fast and exercise masks
+        return (32, 32, 4, 1)
+    major, _ = torch.cuda.get_device_capability(device)
+    return _CONFIGS.get((head_dim, major >= 9), (64, 64, 4, 2))
+
+
+def _nonempty(t: torch.Tensor) -> torch.Tensor:
+    """Triton cannot take a pointer to an empty tensor; the kernel never reads it then."""
+    return t if t.numel() else torch.zeros(1, dtype=t.dtype, device=t.device)
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    schedule: BlockSchedule,
+    scale: float,
+    out: torch.Tensor | None = None,
+    num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Run the kernel over ``schedule`` (built for the tile shape it will be launched with).
+
+    q, k, v: (B, H, L, D); ``out`` (optional) any (B, H, L, D)-shaped strided view.
+    """
+    if triton is None:
+        raise RuntimeError("Triton is not installed: use the 'flex' or 'portable' backend")
+    batch, heads, q_len, head_dim = q.shape
+    if out is None:
+        out = torch.empty_like(q)
+    if head_dim < 16 or head_dim & (head_dim - 1):
+        raise ValueError(f"the Triton backend needs a power-of-two head_dim >= 16, got {head_dim}")
+    grid = (schedule.num_q_blocks, batch * heads)
+    _block_sparse_fwd[grid](
+        q, k, v, out,
+        schedule.full_ptr, _nonempty(schedule.full_idx), schedule.part_ptr, _nonempty(schedule.part_idx),
+        _nonempty(schedule.part_pattern), _nonempty(schedule.patterns),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        heads, q_len, k.shape[2], scale * math.log2(math.e),
+        HEAD_DIM=head_dim, BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n,
+        IEEE=q.dtype == torch.float32,
+        num_warps=num_warps, num_stages=num_stages,
+    )  # fmt: skip
+    return out
