@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 
@@ -80,7 +80,7 @@ class ReferenceSegment:
     length: int
 
 
-Segment = Union[TextSegment, ImageSegment, GuidanceSegment, ReferenceSegment]
+Segment = TextSegment | ImageSegment | GuidanceSegment | ReferenceSegment
 _SEGMENT_KIND = {TextSegment: TEXT, ImageSegment: IMAGE, GuidanceSegment: GUIDANCE, ReferenceSegment: REFERENCE}
 
 
@@ -100,7 +100,7 @@ class AttentionRules:
     guidance_self_radius: int = 2
 
     @classmethod
-    def npa(cls, patch: int = 32, window: int = 64, offset: tuple[int, int] = (0, 0), **kw) -> "AttentionRules":
+    def npa(cls, patch: int = 32, window: int = 64, offset: tuple[int, int] = (0, 0), **kw) -> AttentionRules:
         """ScaleDiff's Neighborhood Patch Attention; text sees everything by default."""
         kw.setdefault("text_sees", "all")
         return cls(image_sees="npa", npa_patch=patch, npa_window=window, npa_offset=offset, **kw)
@@ -120,8 +120,7 @@ class AttentionRules:
                 raise LayoutError(f"{name} must be 0 or more windows, got {getattr(self, name)}")
         if self.npa_patch < 1 or self.npa_window < self.npa_patch:
             raise LayoutError(
-                f"NPA needs patch >= 1 and key window >= patch, got patch {self.npa_patch}, "
-                f"window {self.npa_window}"
+                f"NPA needs patch >= 1 and key window >= patch, got patch {self.npa_patch}, window {self.npa_window}"
             )
         if not all(0 <= o < self.npa_patch for o in self.npa_offset):
             raise LayoutError(f"NPA offset must lie in [0, patch={self.npa_patch}), got {self.npa_offset}")

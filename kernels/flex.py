@@ -39,7 +39,7 @@ def _padded(ptr: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return counts.to(torch.int32)[None, None], dense[None, None]
 
 
-def block_mask(schedule: BlockSchedule) -> "BlockMask":
+def block_mask(schedule: BlockSchedule) -> BlockMask:
     """The flex BlockMask of a schedule; built once and kept with the schedule."""
     if "flex" not in schedule.derived:
         predicate, q_last, kv_len = schedule.predicate, schedule.q_len - 1, schedule.kv_len

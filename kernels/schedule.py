@@ -21,8 +21,9 @@ per row; identical bit patterns are stored once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -110,9 +111,7 @@ class SparsityPattern(Protocol):
 def _pack_bits(allowed: torch.Tensor) -> torch.Tensor:
     """(T, M, N) bool -> (T, M, N // 32) int32, bit j % 32 of word j // 32."""
     t, m, n = allowed.shape
-    weights = torch.ones(32, dtype=torch.int64, device=allowed.device) << torch.arange(
-        32, device=allowed.device
-    )
+    weights = torch.ones(32, dtype=torch.int64, device=allowed.device) << torch.arange(32, device=allowed.device)
     words = (allowed.view(t, m, n // 32, 32).to(torch.int64) * weights).sum(-1)
     words = words - ((words >> 31) & 1) * (1 << 32)  # two's complement into int32 range
     return words.to(torch.int32)
@@ -205,7 +204,9 @@ def build_block_schedule(
     empty = torch.zeros(0, dtype=torch.int64, device=device)
     resolved_full = torch.cat(res_full) if res_full else empty
     part_tiles = torch.cat(res_part) if res_part else empty
-    words = torch.cat(res_words) if res_words else torch.zeros(0, block_m, block_n // 32, dtype=torch.int32, device=device)
+    words = (
+        torch.cat(res_words) if res_words else torch.zeros(0, block_m, block_n // 32, dtype=torch.int32, device=device)
+    )
 
     full_ptr, full_idx, _ = _csr(
         torch.cat([full_rows, unsure_rows[resolved_full]]),
