@@ -61,16 +61,15 @@ def describe_backend(device: torch.device | str | None = None) -> str:
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
+    if device.type != "cuda":
+        return f"portable SDPA on {device.type.upper()} (no CUDA GPU)"
+    where = torch.cuda.get_device_name(device)
     name = choose_backend(device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type.upper()
     if name == "triton":
         import triton
 
         return f"triton block-sparse kernel on {where} (Triton {triton.__version__})"
-    if name == "flex":
-        return f"flex_attention on {where} ({triton_usable(device)})"
-    why = triton_usable(device) or "Triton unsuitable"
-    return f"portable SDPA on {where} ({why})"
+    return f"{'flex_attention' if name == 'flex' else 'portable SDPA'} on {where} ({triton_usable(device)})"
 
 
 def sparse_attention(
@@ -97,9 +96,11 @@ def sparse_attention(
         reason = triton_usable(q.device, q.dtype, head_dim)
         if reason:
             raise AttentionInputError(f"backend 'triton' cannot run here: {reason}; use 'auto', 'flex' or 'portable'")
-        block_m, block_n, warps, stages = triton_block_sparse.launch_config(head_dim, q.device)
-        schedule = pattern.block_schedule(block_m, block_n, q.device)
-        return triton_block_sparse.block_sparse_attention(q, k, v, schedule, scale, num_warps=warps, num_stages=stages)
+        cfg = triton_block_sparse.launch_config(head_dim, q.device)
+        schedule = pattern.block_schedule(cfg.block_m, cfg.block_n, q.device)
+        return triton_block_sparse.block_sparse_attention(
+            q, k, v, schedule, scale, num_warps=cfg.num_warps, num_stages=cfg.num_stages, kv_tma=cfg.kv_tma
+        )
     if backend == "flex":
         reason = flex_usable(q.device)
         if reason:

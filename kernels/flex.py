@@ -3,7 +3,8 @@
 Why: PyTorch's flex_attention is a well-kept, compiled block-sparse kernel and a fair
 yardstick. Its ``BlockMask`` is made directly from our schedule
 (``BlockMask.from_kv_blocks``: full tiles without mask, partial tiles through the
-layout's token predicate as ``mask_mod``), so no L x L mask is ever evaluated.
+layout's token predicate as ``mask_mod``), so no L x L mask is ever evaluated. Its index
+arrays are (query blocks x key blocks) int32, flex's own format.
 """
 
 from __future__ import annotations
@@ -27,11 +28,14 @@ def available() -> bool:
     return flex_attention is not None
 
 
-def _padded(ptr: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """CSR -> (1, 1, rows) counts and (1, 1, rows, width) indices, width = longest row."""
+def _padded(ptr: torch.Tensor, idx: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR -> (1, 1, rows) counts and (1, 1, rows, width) indices.
+
+    ``width`` must be the number of key blocks: flex reads the index array's last
+    dimension as the key length of the mask (seen with torch 2.11 to 2.13).
+    """
     counts = ptr[1:] - ptr[:-1]
     rows = counts.numel()
-    width = max(1, int(counts.max().item()) if rows else 1)
     dense = torch.zeros(rows, width, dtype=torch.int32, device=ptr.device)
     row = torch.repeat_interleave(torch.arange(rows, device=ptr.device), counts.long())
     col = torch.arange(idx.numel(), device=ptr.device) - ptr[:-1].long()[row]
@@ -47,8 +51,8 @@ def block_mask(schedule: BlockSchedule) -> BlockMask:
         def mask_mod(b, h, q_idx, kv_idx):
             return (kv_idx < kv_len) & predicate(q_idx.clamp(max=q_last), kv_idx.clamp(max=kv_len - 1))
 
-        part_num, part_idx = _padded(schedule.part_ptr, schedule.part_idx)
-        full_num, full_idx = _padded(schedule.full_ptr, schedule.full_idx)
+        part_num, part_idx = _padded(schedule.part_ptr, schedule.part_idx, schedule.num_kv_blocks)
+        full_num, full_idx = _padded(schedule.full_ptr, schedule.full_idx, schedule.num_kv_blocks)
         extra = {}
         params = inspect.signature(BlockMask.from_kv_blocks).parameters
         if "seq_lengths" in params:

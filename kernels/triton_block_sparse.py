@@ -14,6 +14,7 @@ without a copy.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -23,6 +24,10 @@ try:
 except ImportError:  # pragma: no cover - exercised on machines without Triton
     triton = None
     tl = None
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - Triton older than 3.3
+    TensorDescriptor = None
 
 from .schedule import BlockSchedule
 
@@ -62,6 +67,22 @@ if triton is not None:
         return acc, m_ij, l_i
 
     @triton.jit
+    def _load_kv(K, V, k_tile, v_tile, row, stride_kn, stride_vn, in_range, MASKED: tl.constexpr, KV_TMA: tl.constexpr):
+        """K^T (D, BLOCK_N) and V (BLOCK_N, D) of the tile starting at key ``row``."""
+        if KV_TMA:  # Hopper's copy engine; rows past this head read the next one, masked out anyway
+            k = K.load([row, 0]).T
+            v = V.load([row, 0])
+        elif MASKED:
+            row = row.to(tl.int64)  # (B, L, H, D) strides overflow int32 past ~700k tokens
+            k = tl.load(k_tile + row * stride_kn, mask=in_range[None, :], other=0.0)
+            v = tl.load(v_tile + row * stride_vn, mask=in_range[:, None], other=0.0)
+        else:
+            row = row.to(tl.int64)
+            k = tl.load(k_tile + row * stride_kn)
+            v = tl.load(v_tile + row * stride_vn)
+        return k, v
+
+    @triton.jit
     def _block_sparse_fwd(
         Q, K, V, Out,
         full_ptr, full_idx, part_ptr, part_idx, part_pattern, patterns,
@@ -70,38 +91,41 @@ if triton is not None:
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_om, stride_od,
         num_heads, q_len, kv_len, qk_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
+        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        IEEE: tl.constexpr, KV_TMA: tl.constexpr,
     ):  # fmt: skip
         WORDS: tl.constexpr = BLOCK_N // 32
         block = tl.program_id(0)
         bh = tl.program_id(1)
         b = (bh // num_heads).to(tl.int64)
         h = (bh % num_heads).to(tl.int64)
-        q_base = Q + b * stride_qb + h * stride_qh
-        k_base = K + b * stride_kb + h * stride_kh
-        v_base = V + b * stride_vb + h * stride_vh
 
         offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         q = tl.load(
-            q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+            Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
             mask=offs_m[:, None] < q_len,
             other=0.0,
         )
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        k_tile = k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd  # (D, BLOCK_N)
-        v_tile = v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd  # (BLOCK_N, D)
+        if KV_TMA:  # descriptors over the (B * H * L, D) view: rows of this head start here
+            row0 = bh * kv_len
+            k_tile = K
+            v_tile = V
+        else:
+            row0 = 0
+            k_tile = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+            v_tile = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
         # Fully allowed tiles: no mask, no bounds checks (the schedule guarantees both).
         lo = tl.load(full_ptr + block)
         hi = tl.load(full_ptr + block + 1)
         for i in range(lo, hi):
-            start_n = tl.load(full_idx + i).to(tl.int64) * BLOCK_N
-            k = tl.load(k_tile + start_n * stride_kn)
-            v = tl.load(v_tile + start_n * stride_vn)
+            start_n = tl.load(full_idx + i) * BLOCK_N
+            k, v = _load_kv(K, V, k_tile, v_tile, row0 + start_n, stride_kn, stride_vn, 0, False, KV_TMA)
             acc, m_i, l_i = _tile_update(q, k, v, acc, m_i, l_i, qk_scale, 0, False, IEEE)
 
         # Partly allowed tiles: element mask from the tile's bit pattern.
@@ -110,45 +134,67 @@ if triton is not None:
         word_offs = tl.arange(0, BLOCK_M)[:, None] * WORDS + (offs_n // 32)[None, :]
         bit = (offs_n % 32)[None, :]
         for i in range(lo, hi):
-            start_n = tl.load(part_idx + i).to(tl.int64) * BLOCK_N
+            start_n = tl.load(part_idx + i) * BLOCK_N
             pattern = tl.load(part_pattern + i).to(tl.int64)
             words = tl.load(patterns + pattern * (BLOCK_M * WORDS) + word_offs)
             allowed = ((words >> bit) & 1) != 0
             in_range = (start_n + offs_n) < kv_len
-            k = tl.load(k_tile + start_n * stride_kn, mask=in_range[None, :], other=0.0)
-            v = tl.load(v_tile + start_n * stride_vn, mask=in_range[:, None], other=0.0)
+            k, v = _load_kv(K, V, k_tile, v_tile, row0 + start_n, stride_kn, stride_vn, in_range, True, KV_TMA)
             acc, m_i, l_i = _tile_update(q, k, v, acc, m_i, l_i, qk_scale, allowed, True, IEEE)
 
         l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows past q_len only; never stored
         out = acc / l_i[:, None]
-        o_base = Out + b * stride_ob + h * stride_oh
         tl.store(
-            o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+            Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
             out.to(Out.dtype.element_ty),
             mask=offs_m[:, None] < q_len,
         )
 
 
-# (head_dim, is_hopper_or_newer) -> (BLOCK_M, BLOCK_N, num_warps, num_stages); measured by bench/attention.py
+class LaunchConfig(NamedTuple):
+    """Tile shape and launch parameters of the kernel."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    kv_tma: bool
+
+
+# (head_dim, Hopper or newer) -> config; measured with bench/attention.py --tune
 _CONFIGS = {
-    (64, True): (128, 64, 4, 3),
-    (128, True): (128, 64, 4, 2),
-    (64, False): (128, 64, 4, 2),
-    (128, False): (128, 64, 4, 2),
+    (64, True): LaunchConfig(128, 64, 4, 3, False),
+    (128, True): LaunchConfig(128, 64, 4, 2, False),
+    (64, False): LaunchConfig(128, 64, 4, 2, False),
+    (128, False): LaunchConfig(128, 64, 4, 2, False),
 }
 
 
-def launch_config(head_dim: int, device: torch.device) -> tuple[int, int, int, int]:
+def launch_config(head_dim: int, device: torch.device) -> LaunchConfig:
     """Tile shape and launch parameters for this head size and device."""
     if device.type != "cuda":  # interpreter: small tiles keep tests fast and exercise masks
-        return (32, 32, 4, 1)
+        return LaunchConfig(32, 32, 4, 1, False)
     major, _ = torch.cuda.get_device_capability(device)
-    return _CONFIGS.get((head_dim, major >= 9), (64, 64, 4, 2))
+    return _CONFIGS.get((head_dim, major >= 9), LaunchConfig(64, 64, 4, 2, False))
 
 
 def _nonempty(t: torch.Tensor) -> torch.Tensor:
     """Triton cannot take a pointer to an empty tensor; the kernel never reads it then."""
     return t if t.numel() else torch.zeros(1, dtype=t.dtype, device=t.device)
+
+
+def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int):
+    """TMA descriptors over (B * H * L, D) views, or None where TMA cannot be used."""
+    if TensorDescriptor is None or k.device.type != "cuda" or torch.cuda.get_device_capability(k.device)[0] < 9:
+        return None
+    if not (k.is_contiguous() and v.is_contiguous()) or k.numel() // k.shape[-1] >= 2**31:
+        return None
+    rows = k.numel() // k.shape[-1]
+    block = [block_n, k.shape[-1]]
+    return (
+        TensorDescriptor.from_tensor(k.view(rows, k.shape[-1]), block),
+        TensorDescriptor.from_tensor(v.view(rows, v.shape[-1]), block),
+    )
 
 
 def block_sparse_attention(
@@ -160,10 +206,12 @@ def block_sparse_attention(
     out: torch.Tensor | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
+    kv_tma: bool = False,
 ) -> torch.Tensor:
     """Run the kernel over ``schedule`` (built for the tile shape it will be launched with).
 
     q, k, v: (B, H, L, D); ``out`` (optional) any (B, H, L, D)-shaped strided view.
+    ``kv_tma`` loads K and V with Hopper's tensor-memory accelerator where possible.
     """
     if triton is None:
         raise RuntimeError("Triton is not installed: use the 'flex' or 'portable' backend")
@@ -172,15 +220,17 @@ def block_sparse_attention(
         out = torch.empty_like(q)
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"the Triton backend needs a power-of-two head_dim >= 16, got {head_dim}")
+    descriptors = _kv_descriptors(k, v, schedule.block_n) if kv_tma else None
+    k_arg, v_arg = descriptors if descriptors else (k, v)
     grid = (schedule.num_q_blocks, batch * heads)
     _block_sparse_fwd[grid](
-        q, k, v, out,
+        q, k_arg, v_arg, out,
         schedule.full_ptr, _nonempty(schedule.full_idx), schedule.part_ptr, _nonempty(schedule.part_idx),
         _nonempty(schedule.part_pattern), _nonempty(schedule.patterns),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, q_len, k.shape[2], scale * math.log2(math.e),
         HEAD_DIM=head_dim, BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n,
-        IEEE=q.dtype == torch.float32,
+        IEEE=q.dtype == torch.float32, KV_TMA=descriptors is not None,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out

@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from ultragen.core import AttentionRules, ImageSegment, Layout, TextSegment
+from ultragen.core import AttentionRules, GuidanceSegment, ImageSegment, Layout, TextSegment
 from ultragen.kernels import AttentionInputError, choose_backend, sparse_attention
 from ultragen.kernels.flex import flex_block_sparse_attention
 from ultragen.kernels.triton_block_sparse import block_sparse_attention
@@ -82,7 +82,12 @@ def test_triton_writes_through_output_strides():
 
 
 def test_flex_compiled_matches():
-    layout = NAMED["guidance-local"]
+    # Several 128-token key blocks, rows of different lengths and partial tiles: compiled flex
+    # once misread index arrays narrower than the number of key blocks.
+    layout = Layout(
+        (TextSegment(21), ImageSegment(32, 30, window=(4, 4)), GuidanceSegment(8, 7)),
+        AttentionRules(neighbour_radius=0, guidance_scope="local", guidance_radius=1),
+    )
     q, k, v = qkv(layout, batch=1, heads=2)
     out = sparse_attention(q, k, v, layout, backend="flex")
     assert (out - reference(layout, q, k, v)).abs().max().item() <= 1e-5
