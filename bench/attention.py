@@ -72,12 +72,13 @@ def dense_sdpa(q, k, v):
         return F.scaled_dot_product_attention(q, k, v)
 
 
-def triton_fn(layout: Layout, config: tuple, q, k, v):
-    bm, bn, warps, stages, tma = config
+def triton_fn(layout: Layout, config: tuple, q, k, v, stats: dict | None = None):
+    bm, bn, warps, stages, tma = config[:5]
+    ws = len(config) > 5 and config[5]
     schedule = layout.block_schedule(bm, bn, q.device)
     scale = HEAD_DIM**-0.5
     return lambda: triton_block_sparse.block_sparse_attention(
-        q, k, v, schedule, scale, num_warps=warps, num_stages=stages, kv_tma=tma
+        q, k, v, schedule, scale, num_warps=warps, num_stages=stages, kv_tma=tma, warp_specialize=ws, stats=stats
     )
 
 
@@ -86,15 +87,19 @@ def flex_fn(layout: Layout, q, k, v):
     return lambda: flex.flex_block_sparse_attention(q, k, v, schedule, HEAD_DIM**-0.5)
 
 
-def default_config() -> tuple:
-    return tuple(triton_block_sparse.launch_config(HEAD_DIM, torch.device("cuda")))
+def default_config(layout: Layout) -> tuple:
+    """What sparse_attention's auto choice would launch for this layout."""
+    from ultragen.kernels.attention import _partial_fraction
+
+    device = torch.device("cuda")
+    return tuple(triton_block_sparse.launch_config(HEAD_DIM, device, _partial_fraction(layout, device)))
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def check(config: tuple) -> list[dict]:
+def check(config: tuple | None) -> list[dict]:
     """Triton and flex against dense masked SDPA (float32) on real-size layouts."""
     cases = {
         "2048 global": flux_layout(2048, "global"),
@@ -116,7 +121,7 @@ def check(config: tuple) -> list[dict]:
         mask = torch.cat([layout.predicate("cuda")(idx[i : i + 4096, None], idx[None]) for i in range(0, n, 4096)])
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
         out = torch.full_like(q, float("nan"))  # poisoned: an unwritten element shows as NaN
-        bm, bn, warps, stages, tma = config
+        bm, bn, warps, stages, tma = (config or default_config(layout))[:5]
         triton_block_sparse.block_sparse_attention(
             q, k, v, layout.block_schedule(bm, bn, "cuda"), HEAD_DIM**-0.5, out, warps, stages, tma
         )
@@ -128,43 +133,71 @@ def check(config: tuple) -> list[dict]:
     return rows
 
 
+# (BLOCK_M, BLOCK_N, warps, stages, TMA for K/V, warp specialisation)
 TUNE_CONFIGS = [
-    (128, 64, 4, 2, False),
-    (128, 64, 4, 3, False),
-    (128, 64, 8, 2, False),
-    (128, 64, 8, 3, False),
-    (128, 128, 8, 2, False),
-    (128, 128, 8, 3, False),
-    (64, 64, 4, 3, False),
-    (128, 64, 4, 2, True),
-    (128, 64, 4, 3, True),
-    (128, 64, 8, 3, True),
-    (128, 128, 8, 2, True),
-    (128, 128, 8, 3, True),
+    (128, 128, 8, 2, False, False),
+    (128, 64, 8, 2, False, False),
+    (128, 64, 4, 2, False, False),
+    (128, 128, 8, 2, True, False),
+    (128, 128, 8, 3, False, False),
+    (64, 64, 4, 3, False, False),
+    (64, 128, 4, 2, False, False),
+    (256, 64, 16, 2, False, False),
 ]
+
+
+def dense_layout(pixels: int) -> Layout:
+    """One window over the whole image, text sees all, no guidance: dense attention."""
+    side = pixels // 16
+    return Layout((TextSegment(TEXT), ImageSegment(side, side, window=(side, side))), AttentionRules(text_sees="all"))
 
 
 def tune(pixels: int) -> list[dict]:
     rows = []
-    for scope in ("global", "local"):
-        layout = flux_layout(pixels, scope)
+    layouts = {
+        "global": flux_layout(pixels, "global"),
+        "local": flux_layout(pixels, "local"),
+        "dense": dense_layout(pixels),
+    }
+    for scope, layout in layouts.items():
         q, k, v = qkv(layout.seq_len)
-        for config in TUNE_CONFIGS:
+        if scope == "dense":
+            ms = median_ms(lambda q=q, k=k, v=v: dense_sdpa(q, k, v))
+            tflops = 4 * layout.seq_len**2 * HEAD_DIM * HEADS / ms / 1e9
+            rows.append({"pixels": pixels, "scope": scope, "config": "cuDNN SDPA", "ms": ms, "useful_tflops": tflops})
+            print(f"tune {pixels} dense  cuDNN/flash SDPA {ms:8.3f} ms {tflops:6.0f} TFLOP/s")
+        for config in TUNE_CONFIGS if scope != "dense" else TUNE_CONFIGS[:4]:
+            stats = {}
             try:
-                fn = triton_fn(layout, config, q, k, v)
+                fn = triton_fn(layout, config, q, k, v, stats)
                 ms = median_ms(fn)
             except Exception as exc:  # a config that does not compile is a result too
-                print(f"tune {pixels} {scope} {config}: failed: {type(exc).__name__}: {str(exc)[:200]}")
+                print(f"tune {pixels} {scope} {config}: failed: {type(exc).__name__}: {str(exc)[:300]}")
                 continue
             pairs = layout.block_schedule(config[0], config[1], "cuda").allowed_pairs
             tflops = 4 * pairs * HEAD_DIM * HEADS / ms / 1e9
-            rows.append({"pixels": pixels, "scope": scope, "config": config, "ms": ms, "useful_tflops": tflops})
-            print(f"tune {pixels} {scope:6s} BM={config[0]:3d} BN={config[1]:3d} warps={config[2]} "
-                  f"stages={config[3]} tma={config[4]!s:5s} {ms:8.3f} ms {tflops:6.0f} TFLOP/s")  # fmt: skip
+            rows.append(
+                {"pixels": pixels, "scope": scope, "config": config, "ms": ms, "useful_tflops": tflops, **stats}
+            )
+            print(f"tune {pixels} {scope:6s} BM={config[0]:3d} BN={config[1]:3d} warps={config[2]:2d} "
+                  f"stages={config[3]} tma={config[4]:d} ws={config[5]:d} {ms:8.3f} ms {tflops:6.0f} TFLOP/s "
+                  f"regs={stats.get('n_regs')} spills={stats.get('n_spills')} smem={stats.get('shared')}")  # fmt: skip
+        del q, k, v
+        torch.cuda.empty_cache()
     return rows
 
 
-def benchmark(sizes: list[int], config: tuple) -> list[dict]:
+def profile_once(pixels: int, config: tuple) -> None:
+    """One layout, two launches of the kernel: for `ncu -k regex:_block_sparse -c 1`."""
+    layout = flux_layout(pixels, "global")
+    q, k, v = qkv(layout.seq_len)
+    fn = triton_fn(layout, config, q, k, v)
+    fn()
+    fn()
+    torch.cuda.synchronize()
+
+
+def benchmark(sizes: list[int], fixed_config: tuple | None) -> list[dict]:
     rows = []
     for pixels in sizes:
         dense_ms = None
@@ -173,6 +206,7 @@ def benchmark(sizes: list[int], config: tuple) -> list[dict]:
             n = layout.seq_len
             q, k, v = qkv(n)
             t0 = time.time()
+            config = fixed_config or default_config(layout)
             layout.block_schedule(config[0], config[1], "cuda")
             layout.block_schedule(flex.BLOCK, flex.BLOCK, "cuda")
             build_s = time.time() - t0
@@ -186,6 +220,7 @@ def benchmark(sizes: list[int], config: tuple) -> list[dict]:
             row = {
                 "pixels": pixels,
                 "scope": scope,
+                "triton_config": config,
                 "tokens": n,
                 "density": pairs / n / n,
                 "schedule_build_s": build_s,
@@ -201,7 +236,8 @@ def benchmark(sizes: list[int], config: tuple) -> list[dict]:
             }
             rows.append(row)
             print(
-                f"bench {pixels} {scope}: dense {dense_ms:.1f} ms, flex {f_ms:.2f} ms, triton {t_ms:.2f} ms",
+                f"bench {pixels} {scope}: dense {dense_ms:.1f} ms, flex {f_ms:.2f} ms, triton {t_ms:.2f} ms "
+                f"(BM, BN, warps, stages, tma = {config}; schedules built in {build_s:.2f} s)",
                 flush=True,
             )
             del q, k, v
@@ -238,15 +274,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192], help="image side in pixels")
     ap.add_argument("--check", action="store_true", help="check correctness at real sizes first")
     ap.add_argument("--tune", action="store_true", help="sweep Triton tile configs at 4096^2 and stop")
-    ap.add_argument("--config", help="Triton config BM,BN,warps,stages,tma (e.g. 128,64,4,2,1)")
+    ap.add_argument("--config", help="Triton config BM,BN,warps,stages,tma[,ws] (e.g. 128,128,8,2,0)")
+    ap.add_argument("--profile-once", action="store_true", help="launch the kernel twice at 4096^2 and stop")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention.json"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench/attention.py needs a CUDA GPU")
-    config = default_config()
+    config = None  # per layout, as sparse_attention(backend="auto") chooses
     if args.config:
         parts = [int(x) for x in args.config.split(",")]
-        config = (*parts[:4], bool(parts[4]) if len(parts) > 4 else False)
+        config = (*parts[:4], *(bool(p) for p in parts[4:6]))
+    if args.profile_once:
+        return profile_once(4096, config or default_config(flux_layout(4096, "global")))
     device = torch.cuda.get_device_name()
     result = {
         "device": device,
@@ -266,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     out.write_text(json.dumps(result, indent=2))
     if "rows" in result:
         print_table(result["rows"], device)
-    print(f"\nwrote {out}  (Triton config BM, BN, warps, stages, tma = {config})")
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

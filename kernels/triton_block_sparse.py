@@ -29,7 +29,7 @@ try:
 except ImportError:  # pragma: no cover - Triton older than 3.3
     TensorDescriptor = None
 
-from .schedule import BlockSchedule
+from .schedule import BlockSchedule, unpack_bits
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -85,16 +85,15 @@ if triton is not None:
     @triton.jit
     def _block_sparse_fwd(
         Q, K, V, Out,
-        full_ptr, full_idx, part_ptr, part_idx, part_pattern, patterns,
+        full_ptr, full_idx, part_ptr, part_idx, part_pattern, masks,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
         stride_ob, stride_oh, stride_om, stride_od,
         num_heads, q_len, kv_len, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        IEEE: tl.constexpr, KV_TMA: tl.constexpr,
+        IEEE: tl.constexpr, KV_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, HAS_PARTIAL: tl.constexpr,
     ):  # fmt: skip
-        WORDS: tl.constexpr = BLOCK_N // 32
         block = tl.program_id(0)
         bh = tl.program_id(1)
         b = (bh // num_heads).to(tl.int64)
@@ -123,24 +122,26 @@ if triton is not None:
         # Fully allowed tiles: no mask, no bounds checks (the schedule guarantees both).
         lo = tl.load(full_ptr + block)
         hi = tl.load(full_ptr + block + 1)
-        for i in range(lo, hi):
+        for i in tl.range(lo, hi, warp_specialize=WARP_SPECIALIZE):
             start_n = tl.load(full_idx + i) * BLOCK_N
             k, v = _load_kv(K, V, k_tile, v_tile, row0 + start_n, stride_kn, stride_vn, 0, False, KV_TMA)
             acc, m_i, l_i = _tile_update(q, k, v, acc, m_i, l_i, qk_scale, 0, False, IEEE)
 
-        # Partly allowed tiles: element mask from the tile's bit pattern.
-        lo = tl.load(part_ptr + block)
-        hi = tl.load(part_ptr + block + 1)
-        word_offs = tl.arange(0, BLOCK_M)[:, None] * WORDS + (offs_n // 32)[None, :]
-        bit = (offs_n % 32)[None, :]
-        for i in range(lo, hi):
-            start_n = tl.load(part_idx + i) * BLOCK_N
-            pattern = tl.load(part_pattern + i).to(tl.int64)
-            words = tl.load(patterns + pattern * (BLOCK_M * WORDS) + word_offs)
-            allowed = ((words >> bit) & 1) != 0
-            in_range = (start_n + offs_n) < kv_len
-            k, v = _load_kv(K, V, k_tile, v_tile, row0 + start_n, stride_kn, stride_vn, in_range, True, KV_TMA)
-            acc, m_i, l_i = _tile_update(q, k, v, acc, m_i, l_i, qk_scale, allowed, True, IEEE)
+        # Partly allowed tiles: element mask from the tile's pattern, one byte per element
+        # (expanding bits here would keep a (BLOCK_M, BLOCK_N) int32 tensor live next to
+        # the accumulator and push the whole kernel into register spills). Compiled out
+        # for schedules without partial tiles.
+        if HAS_PARTIAL:
+            lo = tl.load(part_ptr + block)
+            hi = tl.load(part_ptr + block + 1)
+            mask_offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + offs_n[None, :]
+            for i in range(lo, hi):
+                start_n = tl.load(part_idx + i) * BLOCK_N
+                pattern = tl.load(part_pattern + i).to(tl.int64)
+                allowed = tl.load(masks + pattern * (BLOCK_M * BLOCK_N) + mask_offs) != 0
+                in_range = (start_n + offs_n) < kv_len
+                k, v = _load_kv(K, V, k_tile, v_tile, row0 + start_n, stride_kn, stride_vn, in_range, True, KV_TMA)
+                acc, m_i, l_i = _tile_update(q, k, v, acc, m_i, l_i, qk_scale, allowed, True, IEEE)
 
         l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows past q_len only; never stored
         out = acc / l_i[:, None]
@@ -161,26 +162,38 @@ class LaunchConfig(NamedTuple):
     kv_tma: bool
 
 
-# (head_dim, Hopper or newer) -> config; measured with bench/attention.py --tune
-_CONFIGS = {
-    (64, True): LaunchConfig(128, 64, 4, 3, False),
-    (128, True): LaunchConfig(128, 64, 4, 2, False),
-    (64, False): LaunchConfig(128, 64, 4, 2, False),
-    (128, False): LaunchConfig(128, 64, 4, 2, False),
-}
+def launch_config(head_dim: int, device: torch.device, partial_fraction: float = 0.0) -> LaunchConfig:
+    """Tile shape and launch parameters for this head size, device and layout.
 
-
-def launch_config(head_dim: int, device: torch.device) -> LaunchConfig:
-    """Tile shape and launch parameters for this head size and device."""
+    Measured with ``bench/attention.py --tune`` on an H200 (Triton 3.6, head_dim 128):
+    128x128 tiles with 8 warps are fastest when almost every visited tile is fully
+    allowed; with many partial tiles (local guidance, NPA) 128x64 tiles waste less.
+    Four-warp configs with 128-row tiles spill registers at head_dim 128.
+    """
     if device.type != "cuda":  # interpreter: small tiles keep tests fast and exercise masks
         return LaunchConfig(32, 32, 4, 1, False)
-    major, _ = torch.cuda.get_device_capability(device)
-    return _CONFIGS.get((head_dim, major >= 9), LaunchConfig(64, 64, 4, 2, False))
+    hopper = torch.cuda.get_device_capability(device)[0] >= 9
+    if head_dim > 64:
+        if hopper:
+            return LaunchConfig(128, 128 if partial_fraction < 0.05 else 64, 8, 2, False)
+        return LaunchConfig(64, 64, 4, 3, False)  # not measured on pre-Hopper GPUs
+    return LaunchConfig(128, 64, 4, 2, False)  # head_dim <= 64: half the accumulator; not measured
 
 
 def _nonempty(t: torch.Tensor) -> torch.Tensor:
     """Triton cannot take a pointer to an empty tensor; the kernel never reads it then."""
     return t if t.numel() else torch.zeros(1, dtype=t.dtype, device=t.device)
+
+
+def _byte_masks(schedule: BlockSchedule) -> torch.Tensor:
+    """The schedule's distinct partial-tile masks as (patterns, BLOCK_M, BLOCK_N) int8; kept with it."""
+    if "triton_masks" not in schedule.derived:
+        if schedule.patterns.numel():
+            masks = unpack_bits(schedule.patterns, schedule.block_n).to(torch.int8).contiguous()
+        else:
+            masks = torch.zeros(1, dtype=torch.int8, device=schedule.device)
+        schedule.derived["triton_masks"] = masks
+    return schedule.derived["triton_masks"]
 
 
 def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int):
@@ -207,11 +220,15 @@ def block_sparse_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     kv_tma: bool = False,
+    warp_specialize: bool = False,
+    stats: dict | None = None,
 ) -> torch.Tensor:
     """Run the kernel over ``schedule`` (built for the tile shape it will be launched with).
 
     q, k, v: (B, H, L, D); ``out`` (optional) any (B, H, L, D)-shaped strided view.
-    ``kv_tma`` loads K and V with Hopper's tensor-memory accelerator where possible.
+    ``kv_tma`` loads K and V with Hopper's tensor-memory accelerator where possible;
+    ``warp_specialize`` asks Triton to specialise warps in the main loop. ``stats``, if
+    given, receives the compiled kernel's registers, spills and shared memory.
     """
     if triton is None:
         raise RuntimeError("Triton is not installed: use the 'flex' or 'portable' backend")
@@ -223,14 +240,18 @@ def block_sparse_attention(
     descriptors = _kv_descriptors(k, v, schedule.block_n) if kv_tma else None
     k_arg, v_arg = descriptors if descriptors else (k, v)
     grid = (schedule.num_q_blocks, batch * heads)
-    _block_sparse_fwd[grid](
+    compiled = _block_sparse_fwd[grid](
         q, k_arg, v_arg, out,
         schedule.full_ptr, _nonempty(schedule.full_idx), schedule.part_ptr, _nonempty(schedule.part_idx),
-        _nonempty(schedule.part_pattern), _nonempty(schedule.patterns),
+        _nonempty(schedule.part_pattern), _byte_masks(schedule),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, q_len, k.shape[2], scale * math.log2(math.e),
         HEAD_DIM=head_dim, BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n,
-        IEEE=q.dtype == torch.float32, KV_TMA=descriptors is not None,
+        IEEE=q.dtype == torch.float32, KV_TMA=descriptors is not None, WARP_SPECIALIZE=warp_specialize,
+        HAS_PARTIAL=schedule.num_partial > 0,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
+    if stats is not None:
+        for name in ("n_regs", "n_spills", "shared"):
+            stats[name] = getattr(compiled, name, None)
     return out
