@@ -74,11 +74,10 @@ def dense_sdpa(q, k, v):
 
 def triton_fn(layout: Layout, config: tuple, q, k, v, stats: dict | None = None):
     bm, bn, warps, stages, tma = config[:5]
-    packed = len(config) > 5 and config[5]
     schedule = layout.block_schedule(bm, bn, q.device)
     scale = HEAD_DIM**-0.5
     return lambda: triton_block_sparse.block_sparse_attention(
-        q, k, v, schedule, scale, num_warps=warps, num_stages=stages, kv_tma=tma, packed_exp=packed, stats=stats
+        q, k, v, schedule, scale, num_warps=warps, num_stages=stages, kv_tma=tma, stats=stats
     )
 
 
@@ -88,11 +87,8 @@ def flex_fn(layout: Layout, q, k, v):
 
 
 def default_config(layout: Layout) -> tuple:
-    """What sparse_attention's auto choice would launch for this layout."""
-    from ultragen.kernels.attention import _partial_fraction
-
-    device = torch.device("cuda")
-    return tuple(triton_block_sparse.launch_config(HEAD_DIM, device, _partial_fraction(layout, device)))
+    """What sparse_attention's auto choice launches (the same for every layout)."""
+    return tuple(triton_block_sparse.launch_config(HEAD_DIM, torch.device("cuda")))
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -122,10 +118,8 @@ def check(config: tuple | None) -> list[dict]:
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
         out = torch.full_like(q, float("nan"))  # poisoned: an unwritten element shows as NaN
         cfg = config or default_config(layout)
-        triton_block_sparse.block_sparse_attention(
-            q, k, v, layout.block_schedule(cfg[0], cfg[1], "cuda"), HEAD_DIM**-0.5, out, *cfg[2:5],
-            packed_exp=len(cfg) > 5 and cfg[5],
-        )  # fmt: skip
+        schedule = layout.block_schedule(cfg[0], cfg[1], "cuda")
+        triton_block_sparse.block_sparse_attention(q, k, v, schedule, HEAD_DIM**-0.5, out, *cfg[2:5])
         row = {"case": name, "tokens": n, "triton_rel_err": rel_err(out, ref), "nan": bool(out.isnan().any())}
         row["flex_rel_err"] = rel_err(flex_fn(layout, q, k, v)(), ref)
         rows.append(row)
@@ -134,16 +128,15 @@ def check(config: tuple | None) -> list[dict]:
     return rows
 
 
-# (BLOCK_M, BLOCK_N, warps, stages, TMA for K/V, packed half-precision exp2)
+# (BLOCK_M, BLOCK_N, warps, stages, TMA for K/V); what each measured: bench/NOTES.md
 TUNE_CONFIGS = [
-    (128, 128, 8, 2, True, False),
-    (128, 128, 8, 2, True, True),
-    (128, 128, 8, 2, False, True),
-    (128, 128, 8, 3, True, True),
-    (128, 64, 8, 2, True, True),
-    (256, 64, 16, 2, True, False),
-    (256, 64, 16, 2, True, True),
-    (256, 128, 16, 1, True, True),
+    (128, 128, 8, 2, True),
+    (128, 128, 8, 2, False),
+    (128, 128, 8, 3, True),
+    (128, 64, 8, 2, True),
+    (128, 64, 4, 2, False),
+    (64, 64, 4, 3, False),
+    (256, 64, 16, 2, True),
 ]
 
 
@@ -181,7 +174,7 @@ def tune(pixels: int) -> list[dict]:
                 {"pixels": pixels, "scope": scope, "config": config, "ms": ms, "useful_tflops": tflops, **stats}
             )
             print(f"tune {pixels} {scope:6s} BM={config[0]:3d} BN={config[1]:3d} warps={config[2]:2d} "
-                  f"stages={config[3]} tma={config[4]:d} packed_exp={config[5]:d} {ms:8.3f} ms {tflops:6.0f} TFLOP/s "
+                  f"stages={config[3]} tma={config[4]:d} {ms:8.3f} ms {tflops:6.0f} TFLOP/s "
                   f"regs={stats.get('n_regs')} spills={stats.get('n_spills')} smem={stats.get('shared')}")  # fmt: skip
         del q, k, v
         torch.cuda.empty_cache()
@@ -275,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192], help="image side in pixels")
     ap.add_argument("--check", action="store_true", help="check correctness at real sizes first")
     ap.add_argument("--tune", action="store_true", help="sweep Triton tile configs at 4096^2 and stop")
-    ap.add_argument("--config", help="Triton config BM,BN,warps,stages,tma[,packed_exp] (e.g. 128,128,8,2,1,1)")
+    ap.add_argument("--config", help="Triton config BM,BN,warps,stages,tma (e.g. 128,128,8,2,1)")
     ap.add_argument("--profile-once", action="store_true", help="launch the kernel twice at 4096^2 and stop")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention.json"))
     args = ap.parse_args(argv)
@@ -284,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     config = None  # per layout, as sparse_attention(backend="auto") chooses
     if args.config:
         parts = [int(x) for x in args.config.split(",")]
-        config = (*parts[:4], *(bool(p) for p in parts[4:6]))
+        config = (*parts[:4], bool(parts[4]) if len(parts) > 4 else False)
     if args.profile_once:
         return profile_once(4096, config or default_config(flux_layout(4096, "global")))
     device = torch.cuda.get_device_name()

@@ -72,14 +72,6 @@ def describe_backend(device: torch.device | str | None = None) -> str:
     return f"{'flex_attention' if name == 'flex' else 'portable SDPA'} on {where} ({triton_usable(device)})"
 
 
-def _partial_fraction(pattern: SparsityPattern, device: torch.device) -> float:
-    """Share of visited 128x128 tiles that need an element mask (the flex schedule, cached)."""
-    if device.type != "cuda":
-        return 0.0
-    s = pattern.block_schedule(128, 128, device)
-    return s.num_partial / max(1, s.num_full + s.num_partial)
-
-
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -104,7 +96,7 @@ def sparse_attention(
         reason = triton_usable(q.device, q.dtype, head_dim)
         if reason:
             raise AttentionInputError(f"backend 'triton' cannot run here: {reason}; use 'auto', 'flex' or 'portable'")
-        cfg = triton_block_sparse.launch_config(head_dim, q.device, _partial_fraction(pattern, q.device))
+        cfg = triton_block_sparse.launch_config(head_dim, q.device)
         schedule = pattern.block_schedule(cfg.block_m, cfg.block_n, q.device)
         return triton_block_sparse.block_sparse_attention(
             q, k, v, schedule, scale, num_warps=cfg.num_warps, num_stages=cfg.num_stages, kv_tma=cfg.kv_tma

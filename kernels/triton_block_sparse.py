@@ -42,33 +42,7 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _exp2_packed(x, dtype: tl.constexpr):
-        """exp2 on pairs packed in one register (sm_90+): twice the throughput of float32 exp2.
-
-        The inputs are <= 0 and P is rounded to ``dtype`` for the P @ V product anyway,
-        so this costs about one extra rounding of P (~0.4% for bf16).
-        """
-        h = x.to(dtype)
-        if dtype == tl.bfloat16:
-            return tl.inline_asm_elementwise(
-                "ex2.approx.ftz.bf16x2 $0, $1;", "=r,r", [h], dtype=tl.bfloat16, is_pure=True, pack=2
-            )
-        else:
-            return tl.inline_asm_elementwise(
-                "ex2.approx.f16x2 $0, $1;", "=r,r", [h], dtype=tl.float16, is_pure=True, pack=2
-            )
-
-    @triton.jit
-    def _softmax_exp2(x, dtype: tl.constexpr, PACKED_EXP: tl.constexpr):
-        if PACKED_EXP:
-            return _exp2_packed(x, dtype)
-        else:
-            return tl.math.exp2(x)
-
-    @triton.jit
-    def _tile_update(
-        q, k, v, acc, m_i, l_i, qk_scale, allowed, MASKED: tl.constexpr, IEEE: tl.constexpr, PACKED_EXP: tl.constexpr
-    ):
+    def _tile_update(q, k, v, acc, m_i, l_i, qk_scale, allowed, MASKED: tl.constexpr, IEEE: tl.constexpr):
         """One step of the online softmax over a (BLOCK_M, BLOCK_N) tile."""
         if IEEE:
             qk = tl.dot(q, k, input_precision="ieee")
@@ -79,12 +53,12 @@ if triton is not None:
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
             # A row with nothing allowed yet keeps m = -inf: subtract 0 instead (p = 0).
             m_ij = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-            p = _softmax_exp2(qk - m_ij[:, None], v.dtype, PACKED_EXP)
+            p = tl.math.exp2(qk - m_ij[:, None])
         else:
             m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = _softmax_exp2(qk * qk_scale - m_ij[:, None], v.dtype, PACKED_EXP)
+            p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
         alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.sum(p.to(tl.float32), 1)
+        l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if IEEE:
             acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
@@ -118,8 +92,7 @@ if triton is not None:
         stride_ob, stride_oh, stride_om, stride_od,
         num_heads, q_len, kv_len, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        IEEE: tl.constexpr, KV_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, HAS_PARTIAL: tl.constexpr,
-        PACKED_EXP: tl.constexpr,
+        IEEE: tl.constexpr, KV_TMA: tl.constexpr, HAS_PARTIAL: tl.constexpr,
     ):  # fmt: skip
         block = tl.program_id(0)
         bh = tl.program_id(1)
@@ -149,10 +122,10 @@ if triton is not None:
         # Fully allowed tiles: no mask, no bounds checks (the schedule guarantees both).
         lo = tl.load(full_ptr + block)
         hi = tl.load(full_ptr + block + 1)
-        for i in tl.range(lo, hi, warp_specialize=WARP_SPECIALIZE):
+        for i in range(lo, hi):
             start_n = tl.load(full_idx + i) * BLOCK_N
             k, v = _load_kv(K, V, k_tile, v_tile, row0 + start_n, stride_kn, stride_vn, 0, False, KV_TMA)
-            acc, m_i, l_i = _tile_update(q, k, v, acc, m_i, l_i, qk_scale, 0, False, IEEE, PACKED_EXP)
+            acc, m_i, l_i = _tile_update(q, k, v, acc, m_i, l_i, qk_scale, 0, False, IEEE)
 
         # Partly allowed tiles: element mask from the tile's pattern, one byte per element
         # (expanding bits here would keep a (BLOCK_M, BLOCK_N) int32 tensor live next to
@@ -168,7 +141,7 @@ if triton is not None:
                 allowed = tl.load(masks + pattern * (BLOCK_M * BLOCK_N) + mask_offs) != 0
                 in_range = (start_n + offs_n) < kv_len
                 k, v = _load_kv(K, V, k_tile, v_tile, row0 + start_n, stride_kn, stride_vn, in_range, True, KV_TMA)
-                acc, m_i, l_i = _tile_update(q, k, v, acc, m_i, l_i, qk_scale, allowed, True, IEEE, PACKED_EXP)
+                acc, m_i, l_i = _tile_update(q, k, v, acc, m_i, l_i, qk_scale, allowed, True, IEEE)
 
         l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows past q_len only; never stored
         out = acc / l_i[:, None]
@@ -189,35 +162,25 @@ class LaunchConfig(NamedTuple):
     kv_tma: bool
 
 
-def launch_config(head_dim: int, device: torch.device, partial_fraction: float = 0.0) -> LaunchConfig:
-    """Tile shape and launch parameters for this head size, device and layout.
+def launch_config(head_dim: int, device: torch.device) -> LaunchConfig:
+    """Tile shape and launch parameters for this head size and device.
 
-    Measured with ``bench/attention.py --tune`` on an H200 (Triton 3.6, head_dim 128):
-    128x128 tiles with 8 warps are fastest when almost every visited tile is fully
-    allowed; with many partial tiles (local guidance, NPA) 128x64 tiles waste less.
-    Four-warp configs with 128-row tiles spill registers at head_dim 128.
+    Measured with ``bench/attention.py --tune`` on an H200 (Triton 3.6, head_dim 128; see
+    bench/NOTES.md): 128x128 tiles, 8 warps, 2 stages and TMA loads of K/V are fastest for
+    global guidance, local guidance and dense layouts alike; 4-warp configs with 128-row
+    tiles spill registers at head_dim 128.
     """
     if device.type != "cuda":  # interpreter: small tiles keep tests fast and exercise masks
         return LaunchConfig(32, 32, 4, 1, False)
     hopper = torch.cuda.get_device_capability(device)[0] >= 9
     if head_dim > 64:
-        if hopper:
-            return LaunchConfig(128, 128 if partial_fraction < 0.05 else 64, 8, 2, False)
-        return LaunchConfig(64, 64, 4, 3, False)  # not measured on pre-Hopper GPUs
-    return LaunchConfig(128, 64, 4, 2, False)  # head_dim <= 64: half the accumulator; not measured
+        return LaunchConfig(128, 128, 8, 2, True) if hopper else LaunchConfig(64, 64, 4, 3, False)
+    return LaunchConfig(128, 64, 4, 2, hopper)  # head_dim <= 64: half the accumulator; not measured
 
 
 def _nonempty(t: torch.Tensor) -> torch.Tensor:
     """Triton cannot take a pointer to an empty tensor; the kernel never reads it then."""
     return t if t.numel() else torch.zeros(1, dtype=t.dtype, device=t.device)
-
-
-def _packed_exp_ok(q: torch.Tensor) -> bool:
-    return (
-        q.dtype in (torch.float16, torch.bfloat16)
-        and q.device.type == "cuda"
-        and torch.cuda.get_device_capability(q.device)[0] >= 9
-    )
 
 
 def _byte_masks(schedule: BlockSchedule) -> torch.Tensor:
@@ -255,18 +218,13 @@ def block_sparse_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     kv_tma: bool = False,
-    warp_specialize: bool = False,
-    packed_exp: bool = False,
     stats: dict | None = None,
 ) -> torch.Tensor:
     """Run the kernel over ``schedule`` (built for the tile shape it will be launched with).
 
     q, k, v: (B, H, L, D); ``out`` (optional) any (B, H, L, D)-shaped strided view.
     ``kv_tma`` loads K and V with Hopper's tensor-memory accelerator where possible;
-    ``warp_specialize`` asks Triton to specialise warps in the main loop; ``packed_exp``
-    computes the softmax exponentials two at a time in half precision (bf16/fp16 inputs on
-    sm_90+ only; ignored otherwise). ``stats``, if
-    given, receives the compiled kernel's registers, spills and shared memory.
+    ``stats``, if given, receives the compiled kernel's registers, spills and shared memory.
     """
     if triton is None:
         raise RuntimeError("Triton is not installed: use the 'flex' or 'portable' backend")
@@ -285,8 +243,8 @@ def block_sparse_attention(
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, q_len, k.shape[2], scale * math.log2(math.e),
         HEAD_DIM=head_dim, BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n,
-        IEEE=q.dtype == torch.float32, KV_TMA=descriptors is not None, WARP_SPECIALIZE=warp_specialize,
-        HAS_PARTIAL=schedule.num_partial > 0, PACKED_EXP=packed_exp and _packed_exp_ok(q),
+        IEEE=q.dtype == torch.float32, KV_TMA=descriptors is not None,
+        HAS_PARTIAL=schedule.num_partial > 0,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if stats is not None:
