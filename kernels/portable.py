@@ -17,11 +17,10 @@ from .schedule import BlockSchedule, unpack_bits
 _GATHER_ELEMENTS = 1 << 26
 
 
-def _row_slots(schedule: BlockSchedule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _row_slots(schedule: BlockSchedule) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query block, its tiles padded to a common width.
 
-    Returns key blocks (rows, width) with -1 padding, pattern ids (-1 for full tiles)
-    and the number of tiles per row.
+    Returns key blocks (rows, width) with -1 padding and pattern ids (-1 for full tiles).
     """
     s = schedule
     rows = s.num_q_blocks
@@ -39,7 +38,7 @@ def _row_slots(schedule: BlockSchedule) -> tuple[torch.Tensor, torch.Tensor, tor
     c = torch.arange(r.numel(), device=s.device) - s.part_ptr[:-1].long()[r] + n_full[r]
     blocks[r, c] = s.part_idx.long()
     pattern[r, c] = s.part_pattern.long()
-    return blocks, pattern, counts
+    return blocks, pattern
 
 
 def portable_block_sparse_attention(
@@ -50,7 +49,7 @@ def portable_block_sparse_attention(
     kv_len = k.shape[2]
     bm, bn = schedule.block_m, schedule.block_n
     n_q = schedule.num_q_blocks
-    blocks, pattern, _ = _row_slots(schedule)
+    blocks, pattern = _row_slots(schedule)
     width = blocks.shape[1]
     patterns = unpack_bits(schedule.patterns, bn) if schedule.patterns.numel() else None
 
