@@ -14,15 +14,14 @@ segments plus :class:`AttentionRules`; from it come
 Rules (each an option of :class:`AttentionRules`); "context" means text, guidance and
 reference tokens:
 
-- text -> context, or everything (``text_sees="all"``);
+- text and reference -> context, or everything (``text_sees="all"``);
 - image -> text + references + guidance (all of it, or only guidance tokens whose scaled
   position falls in a window within ``guidance_radius`` windows) + image tokens: either
   the windows within ``neighbour_radius`` (Chebyshev, in windows) or, in NPA mode, the
   ``npa_window`` square centred on the token's ``npa_patch`` query patch, clamped at the
   border, the patch grid shifted by ``npa_offset``;
 - guidance -> text + references + guidance (all, or those whose windows lie within
-  ``guidance_self_radius`` windows);
-- reference -> context.
+  ``guidance_self_radius`` windows).
 """
 
 from __future__ import annotations
@@ -228,12 +227,8 @@ def _predicate(layout: Layout, device: torch.device):
         context = everyone_sees | is_guidance
         image_row = everyone_sees | (is_image & image_image) | (is_guidance & image_guidance)
         guidance_row = everyone_sees | (is_guidance & guidance_guidance)
-        text_row = context | is_image if r.text_sees == "all" else context
-        return torch.where(
-            kq == IMAGE,
-            image_row,
-            torch.where(kq == GUIDANCE, guidance_row, torch.where(kq == TEXT, text_row, context)),
-        )
+        context_row = context | is_image if r.text_sees == "all" else context  # text and reference queries
+        return torch.where(kq == IMAGE, image_row, torch.where(kq == GUIDANCE, guidance_row, context_row))
 
     return allowed
 

@@ -48,7 +48,10 @@ class GuidanceSegment:
 
 @dataclass(frozen=True)
 class ReferenceSegment:
-    """Other reference tokens (e.g. Kontext reference latents), treated as context."""
+    """Other reference tokens (e.g. Kontext reference latents): context, seen by everyone.
+
+    They attend like text: to context, or to everything with ``text_sees="all"``.
+    """
 
     length: int
 

@@ -77,7 +77,7 @@ def _pair_rule(rules: AttentionRules, kq: int, kk: int, q: dict, k: dict):
     if kq == GUIDANCE and kk == GUIDANCE:
         return (True, False) if rules.guidance_sees == "global" else _near_ranges(q, k, rules.guidance_self_radius)
     if kk == IMAGE:  # text, guidance or reference queries looking at image keys
-        return (True, False) if (kq == TEXT and rules.text_sees == "all") else (False, True)
+        return (True, False) if (kq != GUIDANCE and rules.text_sees == "all") else (False, True)
     return True, False  # text or reference queries looking at guidance
 
 

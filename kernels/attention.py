@@ -79,11 +79,14 @@ def sparse_attention(
     pattern: SparsityPattern,
     backend: str = "auto",
     scale: float | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of q over k, v restricted to ``pattern``.
 
     q, k, v: (B, H, L, D) with L = ``pattern.seq_len``; returns (B, H, L, D).
     ``scale`` defaults to 1 / sqrt(D). ``backend`` is one of :data:`BACKENDS`.
+    ``out``: optional (B, H, L, D)-shaped view to write into (e.g. a (B, L, H, D) buffer
+    transposed, the layout ComfyUI wants); the Triton kernel writes it directly.
     """
     if backend not in BACKENDS:
         raise AttentionInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -99,13 +102,18 @@ def sparse_attention(
         cfg = triton_block_sparse.launch_config(head_dim, q.device)
         schedule = pattern.block_schedule(cfg.block_m, cfg.block_n, q.device)
         return triton_block_sparse.block_sparse_attention(
-            q, k, v, schedule, scale, num_warps=cfg.num_warps, num_stages=cfg.num_stages, kv_tma=cfg.kv_tma
+            q, k, v, schedule, scale, out, num_warps=cfg.num_warps, num_stages=cfg.num_stages, kv_tma=cfg.kv_tma
         )
     if backend == "flex":
         reason = flex_usable(q.device)
         if reason:
             raise AttentionInputError(f"backend 'flex' cannot run here: {reason}; use 'auto' or 'portable'")
         schedule = pattern.block_schedule(flex.BLOCK, flex.BLOCK, q.device)
-        return flex.flex_block_sparse_attention(q, k, v, schedule, scale)
-    schedule = pattern.block_schedule(128, 128, q.device)
-    return portable.portable_block_sparse_attention(q, k, v, schedule, scale)
+        result = flex.flex_block_sparse_attention(q, k, v, schedule, scale)
+    else:
+        schedule = pattern.block_schedule(128, 128, q.device)
+        result = portable.portable_block_sparse_attention(q, k, v, schedule, scale)
+    if out is None:
+        return result
+    out.copy_(result)
+    return out

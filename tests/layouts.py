@@ -28,6 +28,9 @@ NAMED = {
     "reference-tokens": Layout(
         (TextSegment(5), ImageSegment(8, 9, window=(4, 4)), ReferenceSegment(11), GuidanceSegment(2, 3))
     ),
+    "reference-sees-all": Layout(
+        (TextSegment(4), ImageSegment(7, 6, window=(3, 3)), ReferenceSegment(9)), AttentionRules(text_sees="all")
+    ),
     "image-first": Layout((ImageSegment(6, 6, window=(3, 3)), TextSegment(4))),
 }
 

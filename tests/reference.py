@@ -97,10 +97,8 @@ def _chebyshev(a: tuple[int, int], b: tuple[int, int]) -> int:
 def allowed(q: dict, k: dict, rules, image_size: tuple[int, int]) -> bool:
     """The rule of the UltraGen/ScaleDiff layouts for one (query, key) pair, as written."""
     context = k["kind"] in ("text", "guidance", "reference")
-    if q["kind"] == "text":
+    if q["kind"] in ("text", "reference"):
         return context or (rules.text_sees == "all")
-    if q["kind"] == "reference":
-        return context
     if q["kind"] == "guidance":
         if k["kind"] == "guidance" and rules.guidance_sees == "local":
             return _chebyshev(q["w"], k["w"]) <= rules.guidance_self_radius

@@ -19,3 +19,9 @@ def test_pack_loads_and_logs_its_attention_backend_once(comfyui, caplog):
     assert len(lines) == 1, lines
     assert lines[0].startswith("UltraGen ")
     assert any(name in lines[0] for name in ("triton block-sparse kernel", "flex_attention", "portable SDPA"))
+    for node_id, name in (
+        ("UltraGenAttentionPatch", "UltraGen Attention Patch"),
+        ("UltraGenLowResGuidanceEncode", "Low-Res Guidance Encode"),
+    ):
+        assert node_id in nodes.NODE_CLASS_MAPPINGS
+        assert nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id] == name

@@ -1,0 +1,394 @@
+"""UltraGen's windowed attention, patched into ComfyUI's FLUX through public hooks only.
+
+Why this shape: ComfyUI gives per-clone hooks that are undone after sampling; using only
+those (no replaced ``forward_orig``, no replaced block class) keeps every other patch a
+user stacks — style LoRAs, ControlNets, Sage attention, caches — working. Per model call
+(one denoising step of one CFG batch):
+
+1. a DIFFUSION_MODEL wrapper measures the call (image grid, Kontext reference and
+   guidance tokens), prepares the guidance tokens (noised to this step's sigma or clean),
+   permutes ControlNet residuals like the image tokens, and at the end puts the output
+   back in raster order (once);
+2. a post_input patch (after ``img_in``, before RoPE) puts the image tokens in
+   window-first order (once), rebuilds their position ids in float32, and appends the
+   embedded guidance tokens with positions scaled onto the high-res grid;
+3. an attention override sends all 19 double and 38 single blocks through the
+   block-sparse backend, on the layout of this call (the text length is whatever the
+   sequence leaves: CFG batches pad cond and uncond to a common length);
+4. object patches: NTK-scaled RoPE, constant-shift sampling, and the guidance LoRA on
+   the ``forward`` of the layers it names (guidance rows only).
+
+Sequence seen by attention: [text | image (window-first) | references | guidance].
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Literal
+
+import comfy.ldm.flux.model
+import comfy.patcher_extension
+import comfy.utils
+import torch
+from comfy.ldm.common_dit import pad_to_patch_size
+from einops import rearrange
+
+from ..core import AttentionRules, GuidanceSegment, ImageSegment, Layout, ReferenceSegment, TextSegment
+from ..core.guidance import guidance_ids, noised
+from ..core.token_order import WindowOrder, window_first_order
+from ..kernels import BACKENDS, sparse_attention
+from .guidance_lora import LoRALayer, check_fits, guidance_rows_forward
+from .rope_ntk import NTKEmbedND
+from .sampling import constant_shift_sampling, memory_estimate_wrapper
+
+KEY = "ultragen"
+log = logging.getLogger("UltraGen")
+
+
+class UltraGenPatchError(ValueError):
+    """A model or input the patch cannot work with; the message says what to change."""
+
+
+@dataclass
+class Guidance:
+    """The ULTRAGEN_GUIDANCE payload: a low-res latent (VAE latent space, as VAEEncode
+    gives it) and the size it is meant to guide."""
+
+    latent: torch.Tensor  # (B, C, h, w)
+    target_width: int
+    target_height: int
+
+    def grid(self, patch: int = 2) -> tuple[int, int]:
+        return -(-self.latent.shape[-2] // patch), -(-self.latent.shape[-1] // patch)
+
+    def ratio(self) -> float:
+        """Target width over guidance width, in pixels (the papers use 4)."""
+        return self.target_width / (self.latent.shape[-1] * 8)
+
+
+@dataclass(frozen=True)
+class PatchOptions:
+    """Everything the "UltraGen Attention Patch" node exposes; defaults follow the papers."""
+
+    mode: Literal["ultragen", "npa"] = "ultragen"
+    window: int = 16
+    neighbour_radius: int = 1
+    token_order: Literal["window-first", "hilbert"] = "window-first"
+    guidance_scope: Literal["global", "local"] = "global"
+    guidance_radius: int = 1
+    guidance_tokens: Literal["noised", "clean"] = "noised"
+    text_sees: Literal["context", "all"] = "context"
+    ntk_factor: float = 10.0
+    constant_shift: bool = True
+    shift_mu: float = 1.15
+    backend: str = "auto"
+    npa_patch: int = 32
+    npa_window: int = 64
+    npa_jitter: bool = True
+    seed: int = 0
+
+    def check(self) -> None:
+        if self.backend not in BACKENDS:
+            raise UltraGenPatchError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.window < 1:
+            raise UltraGenPatchError(f"window must be at least 1 token, got {self.window}")
+        if self.ntk_factor <= 0:
+            raise UltraGenPatchError(f"NTK factor must be positive (1 = off), got {self.ntk_factor}")
+        self.rules().check()
+
+    def rules(self, offset: tuple[int, int] = (0, 0)) -> AttentionRules:
+        common = dict(
+            text_sees=self.text_sees,
+            guidance_scope=self.guidance_scope,
+            guidance_radius=self.guidance_radius,
+        )
+        if self.mode == "npa":
+            return AttentionRules.npa(self.npa_patch, self.npa_window, offset, **common)
+        return AttentionRules(neighbour_radius=self.neighbour_radius, **common)
+
+
+@dataclass
+class _Call:
+    """What one model call looks like, shared by the hooks of that call."""
+
+    grid: tuple[int, int]
+    order: WindowOrder
+    n_ref: int
+    guidance_grid: tuple[int, int] | None
+    guidance_tokens: torch.Tensor | None  # (B, n_guid, C * p * p), sequence order, not yet embedded
+    guidance_ids: torch.Tensor | None  # (n_guid, 3) float32, sequence order
+    npa_offset: tuple[int, int] = (0, 0)
+
+    @property
+    def n_img(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def n_guid(self) -> int:
+        return 0 if self.guidance_grid is None else self.guidance_grid[0] * self.guidance_grid[1]
+
+
+class UltraGenFluxPatch:
+    """One configured patch; :meth:`apply` returns a patched clone of a FLUX ModelPatcher."""
+
+    def __init__(
+        self,
+        options: PatchOptions = PatchOptions(),
+        guidance: Guidance | None = None,
+        lora: dict[str, LoRALayer] | None = None,
+        lora_strength: float = 1.0,
+    ):
+        options.check()
+        self.options = options
+        self.guidance = guidance
+        self.lora = lora or {}
+        self.lora_strength = lora_strength
+        self._call: _Call | None = None
+        self._previous_override = None
+        self._warned: set[str] = set()
+        self._noise: dict = {}
+        self._layouts: dict = {}
+        self._rng = random.Random(options.seed)
+
+    # ComfyUI deep-copies model_options on clone(); the hooks stored there must stay this object.
+    def __deepcopy__(self, memo):
+        return self
+
+    # -- installing ---------------------------------------------------------------------
+    def apply(self, model):
+        """A clone of ``model`` (a FLUX ModelPatcher) with every hook installed."""
+        dm = model.get_model_object("diffusion_model")
+        if not isinstance(dm, comfy.ldm.flux.model.Flux):
+            raise UltraGenPatchError(
+                f"UltraGen Attention Patch needs a FLUX model, but this MODEL is {type(dm).__name__}; "
+                "load FLUX.1 (dev, schnell, Kontext) with Load Diffusion Model or Load Checkpoint"
+            )
+        self._base_model = model.model
+        if self.guidance is not None:
+            self._check_guidance_channels(dm)
+        if self.lora:
+            check_fits(self.lora, dm)
+        m = model.clone()
+        to = m.model_options["transformer_options"]
+        self._previous_override = to.get("optimized_attention_override")
+        to["optimized_attention_override"] = self._attention
+        m.set_model_post_input_patch(self._post_input)
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, KEY, self._diffusion_model)
+        m.add_wrapper_with_key(
+            comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, KEY, memory_estimate_wrapper(self._extra_tokens)
+        )
+        if self.options.ntk_factor != 1:
+            # get_model_object: the shared model may hold another clone's embedder right now.
+            embedder = model.get_model_object("diffusion_model.pe_embedder")
+            m.add_object_patch("diffusion_model.pe_embedder", NTKEmbedND(embedder, self.options.ntk_factor))
+        if self.options.constant_shift:
+            m.add_object_patch(
+                "model_sampling", constant_shift_sampling(model.model.model_config, self.options.shift_mu)
+            )
+        for path, layer in self.lora.items():
+            if path != "img_in":  # img_in sees the guidance tokens alone: applied in post_input
+                forward = guidance_rows_forward(dm.get_submodule(path), layer, self._guidance_rows, self.lora_strength)
+                m.add_object_patch(f"diffusion_model.{path}.forward", forward)
+        return m
+
+    def _check_guidance_channels(self, dm) -> None:
+        channels = dm.img_in.weight.shape[1] // (dm.patch_size * dm.patch_size)
+        if self.guidance.latent.shape[1] != channels:
+            raise UltraGenPatchError(
+                f"the guidance latent has {self.guidance.latent.shape[1]} channels but this model takes {channels}; "
+                "encode the guidance with this model's VAE"
+            )
+
+    def _guidance_rows(self) -> int:
+        return 0 if self._call is None else self._call.n_guid
+
+    def _extra_tokens(self, input_shape) -> int:
+        """Tokens besides the image in a call of this latent shape (for the memory estimate)."""
+        guid = self.guidance.grid() if self.guidance is not None else (0, 0)
+        return 512 + guid[0] * guid[1]
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(message)
+
+    # -- 1. the DIFFUSION_MODEL wrapper ---------------------------------------------------
+    def _diffusion_model(
+        self, executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
+        transformer_options={}, **kwargs,  # noqa: B006 - ComfyUI's signature
+    ):  # fmt: skip
+        def unpatched():
+            return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
+
+        if kwargs.get("attention_mask") is not None:
+            self._warn_once(
+                "mask",
+                "UltraGen: a conditioning with an attention mask reached the model; those calls use ComfyUI's "
+                "dense attention (slow at high resolution). Remove the mask to use windowed attention.",
+            )
+            return unpatched()
+        dm = executor.class_obj
+        p = dm.patch_size
+        h_orig, w_orig = x.shape[-2:]
+        x = pad_to_patch_size(x, (p, p))  # so that _forward crops nothing we must restore
+        call = self._prepare_call(dm, x, timestep, ref_latents)
+        if control is not None:
+            control = self._permute_control(control, call)
+            if control is None:
+                return unpatched()
+        options = {**transformer_options, KEY: call}
+        self._call = call
+        try:
+            out = executor(x, timestep, context, y, guidance, ref_latents, control, options, **kwargs)
+        finally:
+            self._call = None
+        # _forward laid the window-first tokens out as if they were raster: undo that once.
+        tokens = rearrange(out, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=p, pw=p)
+        tokens = tokens.index_select(1, call.order.inverse.to(tokens.device))
+        out = rearrange(tokens, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=call.grid[0], w=call.grid[1], ph=p, pw=p)
+        return out[:, :, :h_orig, :w_orig]
+
+    def _prepare_call(self, dm, x, timestep, ref_latents) -> _Call:
+        p = dm.patch_size
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        o = self.options
+        order = window_first_order(
+            grid[0], grid[1], (o.window, o.window), "hilbert" if o.token_order == "hilbert" else "raster", x.device
+        )
+        n_ref = sum(-(-r.shape[-2] // p) * -(-r.shape[-1] // p) for r in ref_latents or [])
+        call = _Call(grid=grid, order=order, n_ref=n_ref, guidance_grid=None, guidance_tokens=None, guidance_ids=None)
+        if o.mode == "npa" and o.npa_jitter:
+            steps = list(range(0, o.npa_patch, max(1, min(8, o.npa_patch))))  # few offsets: schedules stay cached
+            call.npa_offset = (self._rng.choice(steps), self._rng.choice(steps))
+        if self.guidance is not None:
+            self._prepare_guidance(dm, call, x, timestep)
+        return call
+
+    def _prepare_guidance(self, dm, call: _Call, x, timestep) -> None:
+        g = self.guidance
+        p = dm.patch_size
+        gh, gw = g.grid(p)
+        if gh > call.grid[0] or gw > call.grid[1]:
+            raise UltraGenPatchError(
+                f"the guidance ({g.latent.shape[-1] * 8}x{g.latent.shape[-2] * 8} px) is larger than the image being "
+                f"sampled ({x.shape[-1] * 8}x{x.shape[-2] * 8} px); guidance must be the low-res image: encode a "
+                "smaller one or sample at a larger size"
+            )
+        target = (g.target_height // 8, g.target_width // 8)
+        if abs(target[0] - x.shape[-2]) > 1 or abs(target[1] - x.shape[-1]) > 1:
+            self._warn_once(
+                "size",
+                f"UltraGen: the guidance was encoded for {g.target_width}x{g.target_height} px but the sampler runs "
+                f"at {x.shape[-1] * 8}x{x.shape[-2] * 8} px; guidance positions are scaled to the sampled size.",
+            )
+        latent = self._base_model.process_latent_in(g.latent.to(x.device, torch.float32))
+        if self.options.guidance_tokens == "noised":
+            noise = self._guidance_noise(latent)
+            sigma = timestep.float().reshape(-1)
+            latent = comfy.utils.repeat_to_batch_size(latent, x.shape[0])
+            latent = noised(latent, comfy.utils.repeat_to_batch_size(noise, x.shape[0]), sigma)
+        latent = comfy.utils.repeat_to_batch_size(latent, x.shape[0]).to(x.dtype)
+        tokens, _ = dm.process_img(latent)
+        layout = Layout(
+            (ImageSegment(call.grid[0], call.grid[1], self._window(), self._curve()), GuidanceSegment(gh, gw))
+        )
+        perm = layout.guidance_order(x.device)
+        call.guidance_grid = (gh, gw)
+        call.guidance_tokens = tokens.index_select(1, perm)
+        call.guidance_ids = guidance_ids((gh, gw), call.grid, x.device).index_select(0, perm)
+
+    def _guidance_noise(self, latent: torch.Tensor) -> torch.Tensor:
+        """Fixed noise for the guidance latent (seeded: every step and every run sees the same)."""
+        key = (tuple(latent.shape), latent.device)
+        if key not in self._noise:
+            gen = torch.Generator().manual_seed(self.options.seed)
+            self._noise[key] = torch.randn(latent.shape, generator=gen).to(latent.device)
+        return self._noise[key]
+
+    def _window(self) -> tuple[int, int]:
+        return (self.options.window, self.options.window)
+
+    def _curve(self) -> str:
+        return "hilbert" if self.options.token_order == "hilbert" else "raster"
+
+    def _permute_control(self, control: dict, call: _Call) -> dict | None:
+        """ControlNet residuals in window-first order; None (dense call) if one does not fit."""
+        perm = call.order.perm
+        out = {}
+        for key, value in control.items():
+            if not isinstance(value, (list, tuple)):
+                out[key] = value
+                continue
+            items = []
+            for t in value:
+                if t is not None and (t.dim() != 3 or t.shape[1] != call.n_img):
+                    self._warn_once(
+                        "control",
+                        f"UltraGen: a ControlNet residual covers {t.shape[1]} tokens, not the image's "
+                        f"{call.n_img}; those calls use dense attention.",
+                    )
+                    return None
+                items.append(None if t is None else t.index_select(1, perm.to(t.device)))
+            out[key] = items
+        return out
+
+    # -- 2. the post_input patch ------------------------------------------------------------
+    def _post_input(self, args: dict) -> dict:
+        call = self._call
+        if call is None:
+            return args
+        img, img_ids, txt, txt_ids = args["img"], args["img_ids"], args["txt"], args["txt_ids"]
+        n = call.n_img
+        perm = call.order.perm.to(img.device)
+        image_ids = torch.zeros(n, 3, dtype=torch.float32, device=img.device)
+        image_ids[:, 1], image_ids[:, 2] = call.order.y, call.order.x
+        parts = [img[:, :n].index_select(1, perm), img[:, n:]]
+        id_parts = [image_ids.expand(img.shape[0], -1, -1), img_ids[:, n:].float()]
+        if call.guidance_tokens is not None:
+            dm = self._base_model.diffusion_model
+            tokens = call.guidance_tokens.to(img.dtype)
+            embedded = dm.img_in(tokens)
+            if "img_in" in self.lora:
+                embedded = embedded + self.lora["img_in"].delta(tokens, self.lora_strength).to(embedded.dtype)
+            parts.append(embedded)
+            id_parts.append(call.guidance_ids.expand(img.shape[0], -1, -1))
+        return {"img": torch.cat(parts, 1), "txt": txt, "img_ids": torch.cat(id_parts, 1), "txt_ids": txt_ids.float()}
+
+    # -- 3. the attention override ----------------------------------------------------------
+    def _attention(self, func, *args, **kwargs):
+        call = (kwargs.get("transformer_options") or {}).get(KEY)
+        q, k, v = args[:3]
+        if call is None or kwargs.get("mask") is not None or not kwargs.get("skip_reshape") or q.dim() != 4:
+            return self._fallback(func, args, kwargs)
+        batch, heads, length, dim = q.shape
+        text_len = length - call.n_img - call.n_ref - call.n_guid
+        if text_len < 1:  # not the sequence this call prepared (e.g. another model sharing the options)
+            return self._fallback(func, args, kwargs)
+        layout = self._layout(call, text_len)
+        buf = torch.empty(batch, length, heads, dim, dtype=q.dtype, device=q.device)
+        sparse_attention(q, k, v, layout, backend=self.options.backend, out=buf.transpose(1, 2))
+        if kwargs.get("skip_output_reshape"):
+            return buf.transpose(1, 2)
+        return buf.view(batch, length, heads * dim)
+
+    def _fallback(self, func, args, kwargs):
+        if self._previous_override is not None:
+            return self._previous_override(func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    def _layout(self, call: _Call, text_len: int) -> Layout:
+        key = (text_len, call.grid, call.n_ref, call.guidance_grid, call.npa_offset)
+        layout = self._layouts.get(key)
+        if layout is None:
+            segments = [TextSegment(text_len), ImageSegment(call.grid[0], call.grid[1], self._window(), self._curve())]
+            if call.n_ref:
+                segments.append(ReferenceSegment(call.n_ref))
+            if call.guidance_grid is not None:
+                segments.append(GuidanceSegment(*call.guidance_grid))
+            layout = Layout(tuple(segments), self.options.rules(call.npa_offset))
+            if len(self._layouts) > 64:
+                self._layouts.clear()
+            self._layouts[key] = layout
+        return layout

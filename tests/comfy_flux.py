@@ -1,0 +1,81 @@
+"""Tiny FLUX-architecture models in the real ComfyUI, and ways to run them.
+
+Import only after the ``comfyui`` fixture has put ComfyUI on the path. Models are built
+by ComfyUI itself (``supported_models.Flux`` -> ``model_base.Flux`` -> ``ModelPatcher``)
+with seeded random weights; nothing here imitates ComfyUI.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.supported_models
+import torch
+
+CONTEXT_DIM, VEC_DIM = 64, 32
+
+
+def tiny_flux(seed: int = 0, depth: int = 2, single: int = 2) -> comfy.model_patcher.ModelPatcher:
+    """FLUX with hidden 96, 2 heads of 48, axes [8, 20, 20]; float32; weights ~ N(0, 0.05)."""
+    config = dict(
+        image_model="flux", in_channels=16, out_channels=16, vec_in_dim=VEC_DIM, context_in_dim=CONTEXT_DIM,
+        hidden_size=96, mlp_ratio=4.0, num_heads=2, depth=depth, depth_single_blocks=single, axes_dim=[8, 20, 20],
+        theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
+    )  # fmt: skip
+    model_config = comfy.supported_models.Flux(config)
+    model_config.set_inference_dtype(torch.float32, None)
+    model = model_config.get_model({})
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.diffusion_model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
+    )
+
+
+def conditioning(text_len: int, seed: int, batch: int = 1) -> list:
+    """A FLUX conditioning (T5 tokens + pooled CLIP + guidance scale) with random embeddings."""
+    gen = torch.Generator().manual_seed(seed)
+    cond = torch.randn(batch, text_len, CONTEXT_DIM, generator=gen)
+    pooled = torch.randn(batch, VEC_DIM, generator=gen)
+    return [[cond, {"pooled_output": pooled, "guidance": 3.5}]]
+
+
+def denoise(model, x: torch.Tensor, sigma: float, context: torch.Tensor, y: torch.Tensor, **extra) -> torch.Tensor:
+    """One model call the way a sampler makes it: loaded (object patches applied), wrappers in place."""
+    mm.load_models_gpu([model])
+    options = copy.deepcopy(model.model_options["transformer_options"])
+    comfy.patcher_extension.merge_nested_dicts(options.setdefault("wrappers", {}), model.wrappers, copy_dict1=False)
+    sigmas = torch.full((x.shape[0],), sigma)
+    return model.model.apply_model(
+        x, sigmas, c_crossattn=context, y=y, guidance=torch.full((x.shape[0],), 3.5), transformer_options=options,
+        **extra,
+    )  # fmt: skip
+
+
+def ksampler(model, latent: torch.Tensor, positive, negative, cfg: float = 3.0, steps: int = 3, seed: int = 1):
+    import nodes
+
+    return nodes.common_ksampler(model, seed, steps, cfg, "euler", "simple", positive, negative, {"samples": latent})[
+        0
+    ]["samples"]
+
+
+def sampler_custom_advanced(model, latent: torch.Tensor, positive, negative, cfg: float = 3.0, steps: int = 3):
+    from comfy_extras.nodes_custom_sampler import (
+        BasicScheduler,
+        CFGGuider,
+        KSamplerSelect,
+        RandomNoise,
+        SamplerCustomAdvanced,
+    )
+
+    noise = RandomNoise().get_noise(1)[0]
+    guider = CFGGuider().get_guider(model, positive, negative, cfg)[0]
+    sampler = KSamplerSelect().get_sampler("euler")[0]
+    sigmas = BasicScheduler().get_sigmas(model, "simple", steps, 1.0)[0]
+    return SamplerCustomAdvanced().sample(noise, guider, sampler, sigmas, {"samples": latent})[0]["samples"]

@@ -1,0 +1,371 @@
+"""The FLUX patch in the real ComfyUI, on tiny FLUX-architecture models (CPU, float32).
+
+References: ComfyUI's own unpatched output (identity cases), positions worked out by
+hand (guidance ids), and ComfyUI's samplers run end to end.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.usefixtures("comfyui")
+
+# Small windows (so tokens really are reordered, with partial border windows) whose neighbourhood
+# reaches every window, text that sees everything, no NTK, no shift: dense attention, exactly.
+IDENTITY = dict(window=4, neighbour_radius=16, text_sees="all", ntk_factor=1.0, constant_shift=False)
+
+
+@pytest.fixture(scope="module")
+def flux(comfyui):
+    from comfy_flux import tiny_flux
+
+    return tiny_flux(seed=0)
+
+
+def inputs(batch=1, h=21, w=37, text=7, seed=0):
+    from comfy_flux import CONTEXT_DIM, VEC_DIM
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 16, h, w, generator=g)
+    return x, torch.randn(batch, text, CONTEXT_DIM, generator=g), torch.randn(batch, VEC_DIM, generator=g)
+
+
+def patched(model, guidance=None, lora=None, strength=1.0, **options):
+    from ultragen.patch import PatchOptions, UltraGenFluxPatch
+
+    return UltraGenFluxPatch(PatchOptions(**options), guidance=guidance, lora=lora, lora_strength=strength).apply(model)
+
+
+def guidance_of(h, w, target_hw, seed=3):
+    from ultragen.patch import Guidance
+
+    g = torch.Generator().manual_seed(seed)
+    return Guidance(torch.randn(1, 16, h, w, generator=g), target_hw[1] * 8, target_hw[0] * 8)
+
+
+# -- the patched model is the unpatched one when the window covers the image --------------
+
+
+@pytest.mark.parametrize("order", ["window-first", "hilbert"])
+def test_dense_windows_without_guidance_equal_unpatched(flux, order):
+    from comfy_flux import denoise
+
+    x, ctx, y = inputs()  # 21 x 37 latent: odd sizes, padded to whole patches
+    ref = denoise(flux, x, 0.6, ctx, y)
+    out = denoise(patched(flux, token_order=order, **IDENTITY), x, 0.6, ctx, y)
+    assert (out - ref).abs().max().item() <= 1e-5
+
+
+def test_identity_holds_with_batch_kontext_references_and_controlnet(flux):
+    from comfy_flux import denoise
+
+    x, ctx, y = inputs(batch=2, h=16, w=24)
+    g = torch.Generator().manual_seed(5)
+    refs = [torch.randn(2, 16, 10, 12, generator=g)]
+    n_img = 8 * 12
+    control = {
+        "input": [torch.randn(2, n_img, 96, generator=g), None],
+        "output": [torch.randn(2, n_img, 96, generator=g)],
+    }
+    ref = denoise(flux, x, 0.5, ctx, y, ref_latents=refs, control=control)
+    for order in ("window-first", "hilbert"):
+        out = denoise(patched(flux, token_order=order, **IDENTITY), x, 0.5, ctx, y, ref_latents=refs, control=control)
+        assert (out - ref).abs().max().item() <= 1e-5
+
+
+def test_attention_mask_falls_back_to_dense_with_one_warning(flux, caplog):
+    from comfy_flux import denoise
+
+    x, ctx, y = inputs(h=8, w=12)
+    length = ctx.shape[1] + 4 * 6
+    mask = torch.zeros(1, length, length)
+    mask[..., -3:] = -float("inf")  # a real mask: the last image tokens are hidden
+    ref = denoise(flux, x, 0.5, ctx, y, attention_mask=mask)
+    model = patched(flux, window=2, ntk_factor=1.0, constant_shift=False)  # windows of 2 would differ a lot
+    caplog.set_level(logging.WARNING)
+    out = denoise(model, x, 0.5, ctx, y, attention_mask=mask)
+    denoise(model, x, 0.4, ctx, y, attention_mask=mask)
+    assert (out - ref).abs().max().item() <= 1e-6
+    warnings = [r for r in caplog.records if "attention mask" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+# -- guidance ----------------------------------------------------------------------------
+
+
+def _record_post_input(model):
+    seen = {}
+
+    def recorder(args):
+        seen.update(args)
+        return args
+
+    m = model.clone()
+    m.set_model_post_input_patch(recorder)  # runs after UltraGen's
+    return m, seen
+
+
+def test_guidance_ids_are_the_scaled_grid_in_float32(flux):
+    from comfy_flux import denoise
+
+    x, ctx, y = inputs(h=22, w=38)  # 11 x 19 tokens
+    model, seen = _record_post_input(patched(flux, guidance=guidance_of(6, 10, (22, 38)), window=4))
+    out = denoise(model, x, 0.7, ctx, y)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    ids = seen["img_ids"][0]
+    assert ids.dtype == torch.float32
+    n_img, n_guid = 11 * 19, 3 * 5
+    assert ids.shape[0] == n_img + n_guid
+    got = sorted((round(r, 5), round(c, 5)) for _, r, c in ids[n_img:].tolist())
+    # By hand: guidance token g covers image tokens [g * 11/3, (g + 1) * 11/3); its centre, minus half a token.
+    expected = sorted(
+        (round((gy + 0.5) * 11 / 3 - 0.5, 5), round((gx + 0.5) * 19 / 5 - 0.5, 5)) for gy in range(3) for gx in range(5)
+    )
+    assert got == expected
+    image = sorted((int(r), int(c)) for _, r, c in ids[:n_img].tolist())
+    assert image == [(r, c) for r in range(11) for c in range(19)]
+
+
+def test_image_ids_stay_exact_past_256_tokens_in_bf16(comfyui):
+    from comfy_flux import CONTEXT_DIM, VEC_DIM, denoise, tiny_flux
+
+    model = tiny_flux(seed=1, depth=1, single=1)
+    model.model.diffusion_model.to(torch.bfloat16)
+    model.model.manual_cast_dtype = None
+    model.model.diffusion_model.dtype = torch.bfloat16
+    m, seen = _record_post_input(patched(model, window=16, ntk_factor=1.0, constant_shift=False))
+    x = torch.randn(1, 16, 4, 600, dtype=torch.bfloat16)
+    denoise(
+        m, x, 0.5, torch.randn(1, 5, CONTEXT_DIM, dtype=torch.bfloat16), torch.randn(1, VEC_DIM, dtype=torch.bfloat16)
+    )
+    cols = seen["img_ids"][0, :, 2]
+    assert cols.dtype == torch.float32
+    assert sorted(set(cols.tolist())) == [float(c) for c in range(300)]  # bf16 would merge 257 into 256
+
+
+def test_guidance_noised_and_clean_differ_and_keep_shape(flux):
+    from comfy_flux import denoise
+
+    x, ctx, y = inputs(h=16, w=20)
+    g = guidance_of(4, 5, (16, 20))
+    noised = denoise(patched(flux, guidance=g, window=4), x, 0.8, ctx, y)
+    clean = denoise(patched(flux, guidance=g, window=4, guidance_tokens="clean"), x, 0.8, ctx, y)
+    assert noised.shape == clean.shape == x.shape
+    assert (noised - clean).abs().max().item() > 1e-4
+
+
+# -- the guidance LoRA ---------------------------------------------------------------------
+
+
+def _lora_file(tmp_path, layers: dict, name="guide.safetensors", seed=0, zero_up=False):
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for path, (rows, inputs_) in layers.items():
+        tensors[f"{path}.lora_A.weight"] = torch.randn(4, inputs_, generator=g) * 0.2
+        up = torch.zeros(rows, 4) if zero_up else torch.randn(rows, 4, generator=g) * 0.2
+        tensors[f"{path}.lora_B.weight"] = up
+    file = tmp_path / name
+    save_file(tensors, str(file))
+    return file
+
+
+ALL_GUIDANCE_LAYERS = {
+    "img_in": (96, 64),
+    "double_blocks.0.img_attn.qkv": (288, 96),
+    "double_blocks.1.img_attn.proj": (96, 96),
+    "double_blocks.0.img_mlp.0": (384, 96),
+    "double_blocks.1.img_mlp.2": (96, 384),
+    "single_blocks.0.linear1": (288, 96),  # q, k, v rows only
+    "single_blocks.1.linear2": (96, 480),
+}
+
+
+def test_zero_lora_equals_no_lora(flux, tmp_path):
+    from ultragen.patch import load_guidance_lora
+
+    from comfy_flux import denoise
+
+    x, ctx, y = inputs(h=16, w=20)
+    g = guidance_of(4, 5, (16, 20))
+    lora = load_guidance_lora(_lora_file(tmp_path, ALL_GUIDANCE_LAYERS, zero_up=True))
+    without = denoise(patched(flux, guidance=g, window=4), x, 0.6, ctx, y)
+    with_zero = denoise(patched(flux, guidance=g, lora=lora, window=4), x, 0.6, ctx, y)
+    assert torch.equal(without, with_zero)
+
+
+def test_lora_changes_only_guidance_rows(flux, tmp_path):
+    from ultragen.patch import load_guidance_lora
+    from ultragen.patch.guidance_lora import guidance_rows_forward
+
+    from comfy_flux import denoise
+
+    # Layer level: the patched forward adds the update to the last n rows, and only to q, k, v columns.
+    lora = load_guidance_lora(_lora_file(tmp_path, {"single_blocks.0.linear1": (288, 96)}))["single_blocks.0.linear1"]
+    layer = flux.model.diffusion_model.single_blocks[0].linear1
+    x = torch.randn(2, 10, 96)
+    out = guidance_rows_forward(layer, lora, lambda: 3, 1.0)(x)
+    base = layer(x)
+    assert torch.equal(out[:, :7], base[:, :7]) and torch.equal(out[:, 7:, 288:], base[:, 7:, 288:])
+    expected = base[:, 7:, :288] + (x[:, 7:] @ lora.down.t() @ lora.up.t()) * lora.scale
+    assert torch.allclose(out[:, 7:, :288], expected, atol=1e-6)
+
+    # Model level: guidance rows leave the sequence after the last block, so a LoRA on the last
+    # layer's guidance rows cannot change the image; one on an earlier layer does (through attention).
+    x, ctx, y = inputs(h=16, w=20)
+    g = guidance_of(4, 5, (16, 20))
+    plain = denoise(patched(flux, guidance=g, window=4), x, 0.6, ctx, y)
+    last = load_guidance_lora(_lora_file(tmp_path, {"single_blocks.1.linear2": (96, 480)}, name="last.safetensors"))
+    assert torch.equal(denoise(patched(flux, guidance=g, lora=last, window=4), x, 0.6, ctx, y), plain)
+    for path in ("img_in", "double_blocks.0.img_attn.qkv"):
+        early = load_guidance_lora(_lora_file(tmp_path, {path: ALL_GUIDANCE_LAYERS[path]}, name=f"{path}.safetensors"))
+        changed = denoise(patched(flux, guidance=g, lora=early, strength=2.0, window=4), x, 0.6, ctx, y)
+        assert (changed - plain).abs().max().item() > 1e-5, path
+
+
+def test_user_weight_patches_keep_working_with_the_guidance_lora(flux, tmp_path):
+    from ultragen.patch import load_guidance_lora
+
+    from comfy_flux import denoise
+
+    x, ctx, y = inputs(h=16, w=20)
+    g = guidance_of(4, 5, (16, 20))
+    lora = load_guidance_lora(_lora_file(tmp_path, {"double_blocks.0.img_attn.qkv": (288, 96)}))
+    style = {"diffusion_model.double_blocks.0.img_attn.qkv.weight": (torch.randn(288, 96) * 0.05,)}  # a "diff" patch
+
+    def with_style(m):
+        m = m.clone()
+        m.add_patches(style, 1.0)
+        return m
+
+    a = denoise(patched(flux, guidance=g, lora=lora, window=4), x, 0.6, ctx, y)
+    b = denoise(with_style(patched(flux, guidance=g, lora=lora, window=4)), x, 0.6, ctx, y)
+    c = denoise(with_style(patched(flux, guidance=g, window=4)), x, 0.6, ctx, y)
+    assert (a - b).abs().max().item() > 1e-5  # the style weight patch still applies
+    assert (b - c).abs().max().item() > 1e-5  # and so does the guidance LoRA on the same layer
+
+
+def test_source_patcher_is_unchanged_and_object_patches_are_undone(flux, tmp_path):
+    from ultragen.patch import load_guidance_lora
+
+    from comfy_flux import denoise
+
+    x, ctx, y = inputs(h=16, w=20)
+    before = denoise(flux, x, 0.6, ctx, y)
+    state = (dict(flux.object_patches), repr(flux.model_options), {k: dict(v) for k, v in flux.wrappers.items()})
+    dm = flux.model.diffusion_model
+    embedder, sampling = dm.pe_embedder, flux.model.model_sampling
+    lora = load_guidance_lora(_lora_file(tmp_path, ALL_GUIDANCE_LAYERS))
+    model = patched(flux, guidance=guidance_of(4, 5, (16, 20)), lora=lora, window=4)
+    assert set(model.object_patches) >= {"diffusion_model.pe_embedder", "model_sampling"}
+    assert state == (
+        dict(flux.object_patches),
+        repr(flux.model_options),
+        {k: dict(v) for k, v in flux.wrappers.items()},
+    )
+    denoise(model, x, 0.6, ctx, y)
+    after = denoise(flux, x, 0.6, ctx, y)  # loading the source again undoes the clone's object patches
+    assert torch.equal(before, after)
+    assert dm.pe_embedder is embedder and flux.model.model_sampling is sampling
+
+
+# -- full sampling runs --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("run", ["ksampler", "sampler_custom_advanced"])
+def test_sampling_with_cfg_uneven_text_batch_and_odd_size(flux, run):
+    import comfy_flux
+
+    sample = getattr(comfy_flux, run)
+    latent = torch.zeros(2, 16, 25, 17)  # 200 x 136 px: odd latent, not a multiple of the window
+    positive, negative = comfy_flux.conditioning(8, seed=1), comfy_flux.conditioning(4, seed=2)  # padded to 8
+    guided = patched(flux, guidance=guidance_of(7, 5, (25, 17)), window=4)
+    out = sample(guided, latent, positive, negative, cfg=3.0)
+    assert out.shape == latent.shape and torch.isfinite(out).all()
+    # The identity configuration samples exactly like the unpatched model.
+    ref = sample(flux, latent, positive, negative, cfg=3.0)
+    same = sample(patched(flux, **IDENTITY), latent, positive, negative, cfg=3.0)
+    assert (same - ref).abs().max().item() <= 1e-4
+
+
+def test_npa_mode_and_kontext_references_sample(flux):
+    import comfy_flux
+
+    latent = torch.zeros(1, 16, 24, 20)
+    positive, negative = comfy_flux.conditioning(6, seed=1), comfy_flux.conditioning(6, seed=2)
+    npa = patched(flux, mode="npa", npa_patch=4, npa_window=8)
+    assert torch.isfinite(comfy_flux.ksampler(npa, latent, positive, negative)).all()
+    g = torch.Generator().manual_seed(9)
+    positive[0][1]["reference_latents"] = [torch.randn(1, 16, 8, 8, generator=g)]
+    guided = patched(flux, guidance=guidance_of(6, 5, (24, 20)), window=4)
+    assert torch.isfinite(comfy_flux.ksampler(guided, latent, positive, negative)).all()
+
+
+def test_memory_estimate_is_windowed_during_prepare_sampling(flux):
+    import comfy.patcher_extension as pe
+
+    from ultragen.patch.sampling import ACTIVATION_BYTES_PER_TOKEN_UNIT
+
+    model = patched(flux, guidance=guidance_of(64, 64, (512, 512)))
+    shape = [2, 16, 512, 512]  # a 4096 px batch of 2
+    seen = {}
+
+    def prepare(model_patcher, noise_shape, conds, model_options=None):
+        seen["estimate"] = model_patcher.model.memory_required(shape)
+        return "prepared"
+
+    wrappers = model.get_all_wrappers(pe.WrappersMP.PREPARE_SAMPLING)
+    original = flux.model.memory_required(shape)
+    assert pe.WrapperExecutor.new_executor(prepare, wrappers).execute(model, shape, {}, model_options={}) == "prepared"
+    # By hand: 2 x (256 x 256 image + 512 text + 32 x 32 guidance) tokens x 96 units x 24 bytes x 2 (float32)
+    assert seen["estimate"] == pytest.approx(2 * (65536 + 512 + 1024) * 96 * ACTIVATION_BYTES_PER_TOKEN_UNIT * 2)
+    assert seen["estimate"] < original
+    assert "memory_required" not in flux.model.__dict__  # restored after the call
+
+
+# -- bad input -----------------------------------------------------------------------------
+
+
+def test_bad_inputs_are_explained(flux, tmp_path):
+    import comfy.model_patcher
+
+    from ultragen.patch import Guidance, GuidanceLoRAError, UltraGenPatchError, load_guidance_lora
+
+    from comfy_flux import denoise
+
+    class NotFlux(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.diffusion_model = torch.nn.Linear(2, 2)
+
+    not_flux = comfy.model_patcher.ModelPatcher(NotFlux(), load_device="cpu", offload_device="cpu")
+    with pytest.raises(UltraGenPatchError, match="needs a FLUX model, but this MODEL is Linear"):
+        patched(not_flux)
+
+    x, ctx, y = inputs(h=16, w=20)
+    too_big = patched(flux, guidance=guidance_of(20, 24, (16, 20)), window=4)
+    with pytest.raises(UltraGenPatchError, match=r"guidance \(192x160 px\) is larger than the image being sampled"):
+        denoise(too_big, x, 0.6, ctx, y)
+
+    with pytest.raises(UltraGenPatchError, match="guidance latent has 4 channels but this model takes 16"):
+        patched(flux, guidance=Guidance(torch.randn(1, 4, 4, 5), 160, 128))
+
+    misfit = load_guidance_lora(_lora_file(tmp_path, {"double_blocks.0.img_attn.qkv": (288, 95)}, name="m.safetensors"))
+    with pytest.raises(GuidanceLoRAError, match="takes 96 inputs .* but the LoRA maps 95 inputs"):
+        patched(flux, lora=misfit)
+
+    pt = tmp_path / "guide.pt"
+    torch.save({}, pt)
+    with pytest.raises(GuidanceLoRAError, match="must be a .safetensors file"):
+        load_guidance_lora(pt)
+
+    text_layer = _lora_file(tmp_path, {"double_blocks.0.txt_attn.qkv": (288, 96)}, name="t.safetensors")
+    with pytest.raises(GuidanceLoRAError, match="not a guidance-stream layer"):
+        load_guidance_lora(text_layer)
+
+    with pytest.raises(UltraGenPatchError, match="backend must be one of"):
+        patched(flux, backend="cuda")
