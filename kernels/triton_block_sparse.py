@@ -233,6 +233,10 @@ def block_sparse_attention(
         out = torch.empty_like(q)
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"the Triton backend needs a power-of-two head_dim >= 16, got {head_dim}")
+    if kv_tma and not (k.is_contiguous() and v.is_contiguous()):
+        # FLUX's single blocks hand V over as a strided view of their fused qkv projection: one
+        # copy here (memory-bound, ~2% of the attention time at 4K) buys the TMA path.
+        k, v = k.contiguous(), v.contiguous()
     descriptors = _kv_descriptors(k, v, schedule.block_n) if kv_tma else None
     k_arg, v_arg = descriptors if descriptors else (k, v)
     grid = (schedule.num_q_blocks, batch * heads)

@@ -7,13 +7,14 @@ with seeded random weights; nothing here imitates ComfyUI.
 
 from __future__ import annotations
 
-import copy
-
 import comfy.model_management as mm
 import comfy.model_patcher
-import comfy.patcher_extension
 import comfy.supported_models
 import torch
+
+from ultragen.patch.model_call import denoise
+
+__all__ = ["denoise"]
 
 CONTEXT_DIM, VEC_DIM = 64, 32
 
@@ -43,18 +44,6 @@ def conditioning(text_len: int, seed: int, batch: int = 1) -> list:
     cond = torch.randn(batch, text_len, CONTEXT_DIM, generator=gen)
     pooled = torch.randn(batch, VEC_DIM, generator=gen)
     return [[cond, {"pooled_output": pooled, "guidance": 3.5}]]
-
-
-def denoise(model, x: torch.Tensor, sigma: float, context: torch.Tensor, y: torch.Tensor, **extra) -> torch.Tensor:
-    """One model call the way a sampler makes it: loaded (object patches applied), wrappers in place."""
-    mm.load_models_gpu([model])
-    options = copy.deepcopy(model.model_options["transformer_options"])
-    comfy.patcher_extension.merge_nested_dicts(options.setdefault("wrappers", {}), model.wrappers, copy_dict1=False)
-    sigmas = torch.full((x.shape[0],), sigma)
-    return model.model.apply_model(
-        x, sigmas, c_crossattn=context, y=y, guidance=torch.full((x.shape[0],), 3.5), transformer_options=options,
-        **extra,
-    )  # fmt: skip
 
 
 def ksampler(model, latent: torch.Tensor, positive, negative, cfg: float = 3.0, steps: int = 3, seed: int = 1):

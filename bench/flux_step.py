@@ -1,0 +1,177 @@
+"""One FLUX.1-dev denoising step at 2048^2, 4096^2, 8192^2: UltraGen-patched vs dense vs the floor.
+
+The full FLUX.1-dev architecture (19 double + 38 single blocks, hidden 3072) with random
+bf16 weights, run by the real ComfyUI (``COMFYUI_PATH``) through the same hooks as in
+sampling. Four ways, in one process:
+
+- floor: attention replaced by a copy of V — everything except attention, the least any
+  attention scheme can cost;
+- UltraGen, global guidance (ratio 4) and local guidance (radius 1), default options;
+- dense: ComfyUI's own attention (PyTorch SDPA).
+
+    COMFYUI_PATH=/path/to/ComfyUI python bench/flux_step.py [--sizes 2048 4096 8192]
+
+Prints a table (seconds per step, peak VRAM) and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ultragen.comfy_env import find_comfyui, import_comfyui
+
+FLUX_DEV = dict(
+    image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
+    mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
+    qkv_bias=True, guidance_embed=True,
+)  # fmt: skip
+TEXT = 512
+TARGETS = {4096: 1.3, 8192: 1.4}  # patched step / floor
+
+
+def build_flux_dev():
+    """FLUX.1-dev built by ComfyUI on the GPU, bf16, weights N(0, 0.02) (biases 0)."""
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.Flux(dict(FLUX_DEV))
+    config.set_inference_dtype(torch.bfloat16, None)
+    model = config.get_model({}, device=torch.device("cuda"))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.diffusion_model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cuda"), offload_device=torch.device("cpu"))
+
+
+def floor_model(model):
+    """Attention replaced by a copy of V, (B, H, L, D) -> (B, L, H * D)."""
+    m = model.clone()
+
+    def copy_of_v(func, q, k, v, heads, **kwargs):
+        b, h, length, d = v.shape
+        return v.transpose(1, 2).reshape(b, length, h * d)
+
+    m.model_options["transformer_options"]["optimized_attention_override"] = copy_of_v
+    return m
+
+
+def ultragen_model(model, pixels: int, scope: str):
+    from ultragen.patch import Guidance, PatchOptions, UltraGenFluxPatch
+
+    side = pixels // 8 // 4
+    gen = torch.Generator().manual_seed(1)
+    guidance = Guidance(torch.randn(1, 16, side, side, generator=gen), pixels, pixels)
+    return UltraGenFluxPatch(PatchOptions(guidance_scope=scope), guidance=guidance).apply(model)
+
+
+def measure(model, inputs, reps: int) -> tuple[float, float]:
+    """Median seconds per step over ``reps`` timed steps (after one warm-up unless reps == 0), peak GiB."""
+    from ultragen.patch.model_call import denoise
+
+    x, ctx, y = inputs
+    if reps > 0:
+        denoise(model, x, 0.6, ctx, y)  # warm-up: kernel compilation, schedules, cuDNN plans
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(max(reps, 1)):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = denoise(model, x, 0.6, ctx, y)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        assert torch.isfinite(out).all(), "non-finite output"
+        del out
+    return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
+    ap.add_argument("--reps", type=int, default=2, help="timed steps per configuration (8192^2 dense: one)")
+    ap.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "flux_step.json"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench/flux_step.py needs a CUDA GPU")
+    path = find_comfyui(args.comfyui)
+    if path is None:
+        sys.exit("bench/flux_step.py needs ComfyUI: set COMFYUI_PATH=/path/to/ComfyUI")
+    import_comfyui(path, cpu=False)
+
+    model = build_flux_dev()
+    rows = []
+    for pixels in args.sizes:
+        gen = torch.Generator(device="cuda").manual_seed(pixels)
+        x = torch.randn(1, 16, pixels // 8, pixels // 8, device="cuda", dtype=torch.bfloat16, generator=gen)
+        ctx = torch.randn(1, TEXT, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
+        y = torch.randn(1, 768, device="cuda", dtype=torch.bfloat16, generator=gen)
+        configs = {
+            "floor": floor_model(model),
+            "ultragen-global": ultragen_model(model, pixels, "global"),
+            "ultragen-local": ultragen_model(model, pixels, "local"),
+            "dense": model,
+        }
+        row = {"pixels": pixels}
+        for name, m in configs.items():
+            reps = 0 if (name == "dense" and pixels >= 8192) else args.reps
+            seconds, peak = measure(m, (x, ctx, y), reps)
+            row[name] = {"s": seconds, "peak_gib": peak, "timed_steps": max(reps, 1)}
+            print(f"step {pixels} {name:16s} {seconds:8.3f} s  peak {peak:6.1f} GiB", flush=True)
+        rows.append(row)
+        del x, ctx, y, configs
+        torch.cuda.empty_cache()
+
+    device = torch.cuda.get_device_name()
+    result = {
+        "device": device,
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "rows": rows,
+    }
+    out = Path(os.environ["OUT"]) / "flux_step.json" if os.environ.get("OUT") else Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+
+    print(f"\nOne FLUX.1-dev step (random bf16 weights, batch 1, {TEXT} text tokens) on {device}: s (peak GiB)")
+    print(
+        "| size | floor | UltraGen global | UltraGen local | dense | global / floor | local / floor | dense / global |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        f, g, lo, d = (r[k] for k in ("floor", "ultragen-global", "ultragen-local", "dense"))
+        print(
+            f"| {r['pixels']}² | {f['s']:.2f} ({f['peak_gib']:.1f}) | {g['s']:.2f} ({g['peak_gib']:.1f}) "
+            f"| {lo['s']:.2f} ({lo['peak_gib']:.1f}) | {d['s']:.2f} ({d['peak_gib']:.1f}) "
+            f"| {g['s'] / f['s']:.2f}x | {lo['s'] / f['s']:.2f}x | {d['s'] / g['s']:.1f}x |"
+        )
+    for r in rows:
+        if r["pixels"] in TARGETS:
+            for scope in ("global", "local"):
+                p = r[f"ultragen-{scope}"]
+                ratio = p["s"] / r["floor"]["s"]
+                dense_peak = r["dense"]["peak_gib"]
+                ok = ratio <= TARGETS[r["pixels"]] and p["peak_gib"] <= dense_peak
+                print(
+                    f"target {r['pixels']}² {scope}: step <= {TARGETS[r['pixels']]}x floor and peak <= dense: "
+                    f"{'met' if ok else 'MISSED'} ({ratio:.2f}x, {p['peak_gib']:.1f} vs {dense_peak:.1f} GiB)"
+                )
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

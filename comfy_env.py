@@ -1,0 +1,39 @@
+"""Using ComfyUI from outside ComfyUI: tests, benchmarks and command-line tools.
+
+Why: inside ComfyUI the pack is imported by ComfyUI itself. Everything else (pytest,
+``bench/``, training) must find a ComfyUI checkout, put it on ``sys.path`` and import it
+with its argument parser primed (``--cpu`` where there is no GPU), exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+PACK_ROOT = Path(__file__).resolve().parent
+
+
+def find_comfyui(explicit: str | os.PathLike | None = None) -> Path | None:
+    """``explicit``, else $COMFYUI_PATH, else the ComfyUI this pack sits in (../..), else None."""
+    for candidate in (explicit, os.environ.get("COMFYUI_PATH"), PACK_ROOT.parent.parent):
+        if candidate:
+            path = Path(candidate)
+            if (path / "comfy" / "model_patcher.py").is_file() and (path / "nodes.py").is_file():
+                return path.resolve()
+    return None
+
+
+def import_comfyui(path: str | os.PathLike, cpu: bool) -> None:
+    """Put ComfyUI at ``path`` on sys.path and import its core once (``cpu``: no GPU use)."""
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    argv, sys.argv = sys.argv, ["main.py"] + (["--cpu"] if cpu else [])
+    try:
+        import comfy.cli_args  # noqa: F401  (parses sys.argv once)
+        import comfy.model_management  # noqa: F401
+    finally:
+        sys.argv = argv
