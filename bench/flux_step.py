@@ -78,6 +78,26 @@ def ultragen_model(model, pixels: int, scope: str):
     return UltraGenFluxPatch(PatchOptions(guidance_scope=scope), guidance=guidance).apply(model)
 
 
+def check_dense_equivalent(model) -> float:
+    """Relative difference to ComfyUI's dense output, at 1024^2, of UltraGen options that allow every pair.
+
+    Small windows whose neighbourhood reaches every window, text that sees everything, no NTK
+    or shift: the full patch (token permutation, id rebuild, Triton kernel, restore) must give
+    dense attention's answer up to bf16 rounding.
+    """
+    from ultragen.patch import PatchOptions, UltraGenFluxPatch
+    from ultragen.patch.model_call import denoise
+
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    x = torch.randn(1, 16, 128, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
+    ctx = torch.randn(1, TEXT, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
+    y = torch.randn(1, 768, device="cuda", dtype=torch.bfloat16, generator=gen)
+    options = PatchOptions(window=16, neighbour_radius=4, text_sees="all", ntk_factor=1.0, constant_shift=False)
+    ref = denoise(model, x, 0.6, ctx, y).float()
+    out = denoise(UltraGenFluxPatch(options).apply(model), x, 0.6, ctx, y).float()
+    return ((out - ref).norm() / ref.norm()).item()
+
+
 def measure(model, inputs, reps: int) -> tuple[float, float]:
     """Median seconds per step over ``reps`` timed steps (after one warm-up unless reps == 0), peak GiB."""
     from ultragen.patch.model_call import denoise
@@ -113,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     import_comfyui(path, cpu=False)
 
     model = build_flux_dev()
+    check = check_dense_equivalent(model)
+    print(f"check: dense-equivalent UltraGen vs ComfyUI dense at 1024^2, relative difference {check:.2e}", flush=True)
     rows = []
     for pixels in args.sizes:
         gen = torch.Generator(device="cuda").manual_seed(pixels)
@@ -141,6 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "dense_equivalent_rel_diff_1024": check,
         "rows": rows,
     }
     out = Path(os.environ["OUT"]) / "flux_step.json" if os.environ.get("OUT") else Path(args.out)
