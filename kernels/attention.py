@@ -36,9 +36,11 @@ def triton_usable(device: torch.device, dtype: torch.dtype | None = None, head_d
     return None
 
 
-def flex_usable(device: torch.device) -> str | None:
+def flex_usable(device: torch.device, head_dim: int | None = None) -> str | None:
     if not flex.available():
         return "this PyTorch has no flex_attention"
+    if head_dim is not None and (head_dim < 16 or head_dim & (head_dim - 1)):
+        return f"compiled flex_attention needs a power-of-two head_dim (got {head_dim})"
     if device.type == "cuda" and not triton_block_sparse.available():
         return "compiled flex_attention on CUDA needs Triton"
     if device.type not in ("cuda", "cpu"):
@@ -51,7 +53,7 @@ def choose_backend(device: torch.device | str, dtype: torch.dtype | None = None,
     device = torch.device(device)
     if device.type == "cuda" and triton_usable(device, dtype, head_dim) is None:
         return "triton"
-    if device.type == "cuda" and flex_usable(device) is None:
+    if device.type == "cuda" and flex_usable(device, head_dim) is None:
         return "flex"
     return "portable"
 
@@ -105,7 +107,7 @@ def sparse_attention(
             q, k, v, schedule, scale, out, num_warps=cfg.num_warps, num_stages=cfg.num_stages, kv_tma=cfg.kv_tma
         )
     if backend == "flex":
-        reason = flex_usable(q.device)
+        reason = flex_usable(q.device, head_dim)
         if reason:
             raise AttentionInputError(f"backend 'flex' cannot run here: {reason}; use 'auto' or 'portable'")
         schedule = pattern.block_schedule(flex.BLOCK, flex.BLOCK, q.device)
