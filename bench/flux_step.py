@@ -79,31 +79,29 @@ def ultragen_model(model, pixels: int, scope: str):
 
 
 def check_dense_equivalent(model) -> tuple[float, float]:
-    """Relative difference to ComfyUI's dense output, at 1024^2, of UltraGen options that allow every pair,
-    and, for scale, between two dense SDPA kernels (the bf16 rounding noise of a 57-block model).
+    """Relative difference to ComfyUI's dense output, at 1024^2, of UltraGen options that allow every pair
+    (Triton backend), and for scale the same through the flex backend: two independent kernels
+    that agree with each other and with dense to the same degree show bf16 rounding, not a bug.
 
     Small windows whose neighbourhood reaches every window, text that sees everything, no NTK
     or shift: the full patch (token permutation, id rebuild, Triton kernel, restore) must give
     dense attention's answer up to bf16 rounding.
     """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     from ultragen.patch import PatchOptions, UltraGenFluxPatch
 
     gen = torch.Generator(device="cuda").manual_seed(7)
     x = torch.randn(1, 16, 128, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
     ctx = torch.randn(1, TEXT, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
     y = torch.randn(1, 768, device="cuda", dtype=torch.bfloat16, generator=gen)
-    options = PatchOptions(window=16, neighbour_radius=4, text_sees="all", ntk_factor=1.0, constant_shift=False)
+    options = dict(window=16, neighbour_radius=4, text_sees="all", ntk_factor=1.0, constant_shift=False)
     ref = step(model, x, ctx, y).float()
-    out = step(UltraGenFluxPatch(options).apply(model), x, ctx, y).float()
-    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
-        other_dense = step(model, x, ctx, y).float()
+    out = step(UltraGenFluxPatch(PatchOptions(**options)).apply(model), x, ctx, y).float()
+    flex = step(UltraGenFluxPatch(PatchOptions(backend="flex", **options)).apply(model), x, ctx, y).float()
 
     def rel(a, b):
         return ((a - b).norm() / b.norm()).item()
 
-    return rel(out, ref), rel(other_dense, ref)
+    return rel(out, ref), rel(flex, ref)
 
 
 def step(model, x, ctx, y):
@@ -154,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     check, noise = check_dense_equivalent(model)
     print(
         f"check at 1024^2: dense-equivalent UltraGen vs ComfyUI dense: relative difference {check:.2e} "
-        f"(two dense SDPA kernels differ by {noise:.2e})",
+        f"(the same through flex_attention: {noise:.2e})",
         flush=True,
     )
     rows = []
@@ -186,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         "triton": __import__("triton").__version__,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "dense_equivalent_rel_diff_1024": check,
-        "dense_kernels_rel_diff_1024": noise,
+        "dense_equivalent_flex_rel_diff_1024": noise,
         "rows": rows,
     }
     out = Path(os.environ["OUT"]) / "flux_step.json" if os.environ.get("OUT") else Path(args.out)

@@ -67,20 +67,19 @@ if triton is not None:
         return acc, m_ij, l_i
 
     @triton.jit
-    def _load_kv(K, V, k_tile, v_tile, row, stride_kn, stride_vn, in_range, MASKED: tl.constexpr, KV_TMA: tl.constexpr):
-        """K^T (D, BLOCK_N) and V (BLOCK_N, D) of the tile starting at key ``row``."""
-        if KV_TMA:  # Hopper's copy engine; rows past this head read the next one, masked out anyway
-            k = K.load([row, 0]).T
-            v = V.load([row, 0])
+    def _load_tile(X, x_tile, b, h, row, stride_xn, in_range, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   MASKED: tl.constexpr, TMA: tl.constexpr, ALONG_N: tl.constexpr):  # fmt: skip
+        """The (BLOCK_N, D) tile of X starting at key ``row``; (D, BLOCK_N) when ALONG_N (for K^T)."""
+        if TMA:  # Hopper's copy engine over the (B, H, L, D) view; rows past L arrive as zeros
+            x = X.load([b, h, row, 0]).reshape(BLOCK_N, HEAD_DIM)
+            if ALONG_N:
+                x = x.T
         elif MASKED:
-            row = row.to(tl.int64)  # (B, L, H, D) strides overflow int32 past ~700k tokens
-            k = tl.load(k_tile + row * stride_kn, mask=in_range[None, :], other=0.0)
-            v = tl.load(v_tile + row * stride_vn, mask=in_range[:, None], other=0.0)
+            mask = in_range[None, :] if ALONG_N else in_range[:, None]
+            x = tl.load(x_tile + row.to(tl.int64) * stride_xn, mask=mask, other=0.0)
         else:
-            row = row.to(tl.int64)
-            k = tl.load(k_tile + row * stride_kn)
-            v = tl.load(v_tile + row * stride_vn)
-        return k, v
+            x = tl.load(x_tile + row.to(tl.int64) * stride_xn)  # int64: (B, L, H, D) strides overflow int32
+        return x
 
     @triton.jit
     def _block_sparse_fwd(
@@ -92,7 +91,7 @@ if triton is not None:
         stride_ob, stride_oh, stride_om, stride_od,
         num_heads, q_len, kv_len, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        IEEE: tl.constexpr, KV_TMA: tl.constexpr, HAS_PARTIAL: tl.constexpr,
+        IEEE: tl.constexpr, K_TMA: tl.constexpr, V_TMA: tl.constexpr, HAS_PARTIAL: tl.constexpr,
     ):  # fmt: skip
         block = tl.program_id(0)
         bh = tl.program_id(1)
@@ -110,13 +109,14 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        if KV_TMA:  # descriptors over the (B * H * L, D) view: rows of this head start here
-            row0 = bh * kv_len
+        b32, h32 = bh // num_heads, bh % num_heads  # descriptor coordinates
+        if K_TMA:
             k_tile = K
+        else:
+            k_tile = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+        if V_TMA:
             v_tile = V
         else:
-            row0 = 0
-            k_tile = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
             v_tile = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
 
         # Fully allowed tiles: no mask, no bounds checks (the schedule guarantees both).
@@ -124,7 +124,8 @@ if triton is not None:
         hi = tl.load(full_ptr + block + 1)
         for i in range(lo, hi):
             start_n = tl.load(full_idx + i) * BLOCK_N
-            k, v = _load_kv(K, V, k_tile, v_tile, row0 + start_n, stride_kn, stride_vn, 0, False, KV_TMA)
+            k = _load_tile(K, k_tile, b32, h32, start_n, stride_kn, 0, BLOCK_N, HEAD_DIM, False, K_TMA, True)
+            v = _load_tile(V, v_tile, b32, h32, start_n, stride_vn, 0, BLOCK_N, HEAD_DIM, False, V_TMA, False)
             acc, m_i, l_i = _tile_update(q, k, v, acc, m_i, l_i, qk_scale, 0, False, IEEE)
 
         # Partly allowed tiles: element mask from the tile's pattern, one byte per element
@@ -140,7 +141,8 @@ if triton is not None:
                 pattern = tl.load(part_pattern + i).to(tl.int64)
                 allowed = tl.load(masks + pattern * (BLOCK_M * BLOCK_N) + mask_offs) != 0
                 in_range = (start_n + offs_n) < kv_len
-                k, v = _load_kv(K, V, k_tile, v_tile, row0 + start_n, stride_kn, stride_vn, in_range, True, KV_TMA)
+                k = _load_tile(K, k_tile, b32, h32, start_n, stride_kn, in_range, BLOCK_N, HEAD_DIM, True, K_TMA, True)
+                v = _load_tile(V, v_tile, b32, h32, start_n, stride_vn, in_range, BLOCK_N, HEAD_DIM, True, V_TMA, False)
                 acc, m_i, l_i = _tile_update(q, k, v, acc, m_i, l_i, qk_scale, allowed, True, IEEE)
 
         l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows past q_len only; never stored
@@ -194,18 +196,14 @@ def _byte_masks(schedule: BlockSchedule) -> torch.Tensor:
     return schedule.derived["triton_masks"]
 
 
-def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int):
-    """TMA descriptors over (B * H * L, D) views, or None where TMA cannot be used."""
-    if TensorDescriptor is None or k.device.type != "cuda" or torch.cuda.get_device_capability(k.device)[0] < 9:
+def _tma_descriptor(x: torch.Tensor, block_n: int):
+    """A TMA descriptor over (B, H, L, D) with x's own strides (FLUX hands V over strided),
+    or None where TMA cannot be used: before Hopper, or strides TMA cannot express."""
+    if TensorDescriptor is None or x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] < 9:
         return None
-    if not (k.is_contiguous() and v.is_contiguous()) or k.numel() // k.shape[-1] >= 2**31:
+    if x.stride(-1) != 1 or any((s * x.element_size()) % 16 for s in x.stride()[:-1]):
         return None
-    rows = k.numel() // k.shape[-1]
-    block = [block_n, k.shape[-1]]
-    return (
-        TensorDescriptor.from_tensor(k.view(rows, k.shape[-1]), block),
-        TensorDescriptor.from_tensor(v.view(rows, v.shape[-1]), block),
-    )
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_n, x.shape[-1]])
 
 
 def block_sparse_attention(
@@ -233,21 +231,17 @@ def block_sparse_attention(
         out = torch.empty_like(q)
     if head_dim < 16 or head_dim & (head_dim - 1):
         raise ValueError(f"the Triton backend needs a power-of-two head_dim >= 16, got {head_dim}")
-    if kv_tma and not (k.is_contiguous() and v.is_contiguous()):
-        # FLUX's single blocks hand V over as a strided view of their fused qkv projection: one
-        # copy here (memory-bound, ~2% of the attention time at 4K) buys the TMA path.
-        k, v = k.contiguous(), v.contiguous()
-    descriptors = _kv_descriptors(k, v, schedule.block_n) if kv_tma else None
-    k_arg, v_arg = descriptors if descriptors else (k, v)
+    k_desc = _tma_descriptor(k, schedule.block_n) if kv_tma else None
+    v_desc = _tma_descriptor(v, schedule.block_n) if kv_tma else None
     grid = (schedule.num_q_blocks, batch * heads)
     compiled = _block_sparse_fwd[grid](
-        q, k_arg, v_arg, out,
+        q, k if k_desc is None else k_desc, v if v_desc is None else v_desc, out,
         schedule.full_ptr, _nonempty(schedule.full_idx), schedule.part_ptr, _nonempty(schedule.part_idx),
         _nonempty(schedule.part_pattern), _byte_masks(schedule),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, q_len, k.shape[2], scale * math.log2(math.e),
         HEAD_DIM=head_dim, BLOCK_M=schedule.block_m, BLOCK_N=schedule.block_n,
-        IEEE=q.dtype == torch.float32, KV_TMA=descriptors is not None,
+        IEEE=q.dtype == torch.float32, K_TMA=k_desc is not None, V_TMA=v_desc is not None,
         HAS_PARTIAL=schedule.num_partial > 0,
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip

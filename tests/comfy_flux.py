@@ -19,20 +19,20 @@ __all__ = ["denoise"]
 CONTEXT_DIM, VEC_DIM = 64, 32
 
 
-def tiny_flux(seed: int = 0, depth: int = 2, single: int = 2) -> comfy.model_patcher.ModelPatcher:
-    """FLUX with hidden 96, 2 heads of 48, axes [8, 20, 20]; float32; weights ~ N(0, 0.05)."""
+def tiny_flux(seed: int = 0, depth: int = 2, single: int = 2, dtype=torch.float32) -> comfy.model_patcher.ModelPatcher:
+    """FLUX with hidden 96, 2 heads of 48, axes [8, 20, 20]; weights ~ N(0, 0.05)."""
     config = dict(
         image_model="flux", in_channels=16, out_channels=16, vec_in_dim=VEC_DIM, context_in_dim=CONTEXT_DIM,
         hidden_size=96, mlp_ratio=4.0, num_heads=2, depth=depth, depth_single_blocks=single, axes_dim=[8, 20, 20],
         theta=10000, patch_size=2, qkv_bias=True, guidance_embed=True,
     )  # fmt: skip
     model_config = comfy.supported_models.Flux(config)
-    model_config.set_inference_dtype(torch.float32, None)
+    model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({})
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.diffusion_model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)  # cast to the parameter's dtype
     return comfy.model_patcher.ModelPatcher(
         model, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device()
     )

@@ -34,3 +34,13 @@ def comfyui() -> Path:
     except ImportError as exc:
         pytest.skip(f"ComfyUI at {path} does not import ({exc}); install its requirements.txt. {HOW_TO_ENABLE}")
     return path
+
+
+@pytest.fixture(scope="session")
+def comfy_nodes(comfyui):
+    """ComfyUI's nodes module (samplers); it needs all of ComfyUI's requirements, PyAV included."""
+    try:
+        import nodes
+    except ImportError as exc:
+        pytest.skip(f"ComfyUI's nodes.py does not import here ({exc}); install ComfyUI's requirements.txt")
+    return nodes

@@ -139,10 +139,7 @@ def test_guidance_ids_are_the_scaled_grid_in_float32(flux):
 def test_image_ids_stay_exact_past_256_tokens_in_bf16(comfyui):
     from comfy_flux import CONTEXT_DIM, VEC_DIM, denoise, tiny_flux
 
-    model = tiny_flux(seed=1, depth=1, single=1)
-    model.model.diffusion_model.to(torch.bfloat16)
-    model.model.manual_cast_dtype = None
-    model.model.diffusion_model.dtype = torch.bfloat16
+    model = tiny_flux(seed=1, depth=1, single=1, dtype=torch.bfloat16)
     m, seen = _record_post_input(patched(model, window=16, ntk_factor=1.0, constant_shift=False))
     x = torch.randn(1, 16, 4, 600, dtype=torch.bfloat16)
     denoise(
@@ -284,7 +281,7 @@ def test_source_patcher_is_unchanged_and_object_patches_are_undone(flux, tmp_pat
 
 
 @pytest.mark.parametrize("run", ["ksampler", "sampler_custom_advanced"])
-def test_sampling_with_cfg_uneven_text_batch_and_odd_size(flux, run):
+def test_sampling_with_cfg_uneven_text_batch_and_odd_size(flux, run, comfy_nodes):
     import comfy_flux
 
     sample = getattr(comfy_flux, run)
@@ -299,7 +296,7 @@ def test_sampling_with_cfg_uneven_text_batch_and_odd_size(flux, run):
     assert (same - ref).abs().max().item() <= 1e-4
 
 
-def test_npa_mode_and_kontext_references_sample(flux):
+def test_npa_mode_and_kontext_references_sample(flux, comfy_nodes):
     import comfy_flux
 
     latent = torch.zeros(1, 16, 24, 20)
