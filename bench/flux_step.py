@@ -133,12 +133,46 @@ def measure(model, inputs, reps: int) -> tuple[float, float]:
     return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
 
 
+def memory_trace(model, pixels: int) -> None:
+    """Peak memory per stage of one step (dense vs UltraGen local), to see where they part.
+
+    Diagnostic only: plain forward hooks on the blocks, removed afterwards.
+    """
+    dm = model.model.diffusion_model
+    stages = [("img_in", dm.img_in)] + [(f"double{i}", b) for i, b in enumerate(dm.double_blocks)]
+    stages += [(f"single{i}", b) for i, b in enumerate(dm.single_blocks)] + [("final", dm.final_layer)]
+    gen = torch.Generator(device="cuda").manual_seed(pixels)
+    x = torch.randn(1, 16, pixels // 8, pixels // 8, device="cuda", dtype=torch.bfloat16, generator=gen)
+    ctx = torch.randn(1, TEXT, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
+    y = torch.randn(1, 768, device="cuda", dtype=torch.bfloat16, generator=gen)
+    for name, m in (("dense", model), ("ultragen-local", ultragen_model(model, pixels, "local"))):
+        peaks: dict[str, tuple[float, float]] = {}
+        handles = []
+        for stage, module in stages:
+            handles.append(module.register_forward_pre_hook(lambda *_: torch.cuda.reset_peak_memory_stats()))
+            handles.append(module.register_forward_hook(
+                lambda *_, stage=stage: peaks.__setitem__(
+                    stage, (torch.cuda.memory_allocated() / 2**30, torch.cuda.max_memory_allocated() / 2**30)
+                )
+            ))  # fmt: skip
+        try:
+            step(m, x, ctx, y)
+        finally:
+            for h in handles:
+                h.remove()
+        worst = max(peaks.items(), key=lambda kv: kv[1][1])
+        print(f"memory {pixels} {name:15s} " + " ".join(
+            f"{k}:{peaks[k][1]:.1f}" for k in ("img_in", "double0", "double18", "single0", "single37", "final")
+        ) + f"  | worst {worst[0]} peak {worst[1][1]:.2f} GiB, after it {worst[1][0]:.2f} GiB")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
     ap.add_argument("--reps", type=int, default=2, help="timed steps per configuration (8192^2 dense: one)")
     ap.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "flux_step.json"))
+    ap.add_argument("--memory-trace", type=int, metavar="PIXELS", help="peak memory per stage at this size, then stop")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench/flux_step.py needs a CUDA GPU")
@@ -149,6 +183,8 @@ def main(argv: list[str] | None = None) -> None:
 
     model = build_flux_dev()
     print(f"model built: {gib()}", flush=True)
+    if args.memory_trace:
+        return memory_trace(model, args.memory_trace)
     check, noise = check_dense_equivalent(model)
     print(
         f"check at 1024^2: dense-equivalent UltraGen vs ComfyUI dense: relative difference {check:.2e} "

@@ -19,7 +19,9 @@ __all__ = ["denoise"]
 CONTEXT_DIM, VEC_DIM = 64, 32
 
 
-def tiny_flux(seed: int = 0, depth: int = 2, single: int = 2, dtype=torch.float32) -> comfy.model_patcher.ModelPatcher:
+def tiny_flux(
+    seed: int = 0, depth: int = 2, single: int = 2, dtype=torch.float32, device=None
+) -> comfy.model_patcher.ModelPatcher:
     """FLUX with hidden 96, 2 heads of 48, axes [8, 20, 20]; weights ~ N(0, 0.05)."""
     config = dict(
         image_model="flux", in_channels=16, out_channels=16, vec_in_dim=VEC_DIM, context_in_dim=CONTEXT_DIM,
