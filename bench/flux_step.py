@@ -151,7 +151,7 @@ def memory_trace(model, pixels: int) -> None:
         for stage, module in stages:
             handles.append(module.register_forward_pre_hook(lambda *_: torch.cuda.reset_peak_memory_stats()))
             handles.append(module.register_forward_hook(
-                lambda *_, stage=stage: peaks.__setitem__(
+                lambda *_, stage=stage, peaks=peaks: peaks.__setitem__(
                     stage, (torch.cuda.memory_allocated() / 2**30, torch.cuda.max_memory_allocated() / 2**30)
                 )
             ))  # fmt: skip
