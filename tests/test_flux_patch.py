@@ -303,10 +303,13 @@ def test_npa_mode_and_kontext_references_sample(flux, comfy_nodes):
     positive, negative = comfy_flux.conditioning(6, seed=1), comfy_flux.conditioning(6, seed=2)
     npa = patched(flux, mode="npa", npa_patch=4, npa_window=8)
     assert torch.isfinite(comfy_flux.ksampler(npa, latent, positive, negative)).all()
-    g = torch.Generator().manual_seed(9)
-    positive[0][1]["reference_latents"] = [torch.randn(1, 16, 8, 8, generator=g)]
     guided = patched(flux, guidance=guidance_of(6, 5, (24, 20)), window=4)
-    assert torch.isfinite(comfy_flux.ksampler(guided, latent, positive, negative)).all()
+    without = comfy_flux.ksampler(guided, latent, positive, negative)
+    g = torch.Generator().manual_seed(9)
+    positive[0][1]["reference_latents"] = [torch.randn(1, 16, 8, 8, generator=g)]  # Kontext
+    with_refs = comfy_flux.ksampler(guided, latent, positive, negative)
+    assert torch.isfinite(with_refs).all()
+    assert (with_refs - without).abs().max().item() > 1e-4  # the reference tokens took part
 
 
 def test_memory_estimate_is_windowed_during_prepare_sampling(flux):
