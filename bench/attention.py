@@ -15,18 +15,16 @@ Useful TFLOP/s counts only allowed (query, key) pairs: 4 * pairs * head_dim * he
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from ultragen.core import AttentionRules, GuidanceSegment, ImageSegment, Layout, TextSegment
 from ultragen.kernels import flex, triton_block_sparse
+
+from results_io import run_info, write_json
 
 HEADS, HEAD_DIM, TEXT = 24, 128, 512
 TARGET_VS_FLEX, TARGET_VS_DENSE = 1.3, 0.9
@@ -270,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tune", action="store_true", help="sweep Triton tile configs at 4096^2 and stop")
     ap.add_argument("--config", help="Triton config BM,BN,warps,stages,tma (e.g. 128,128,8,2,1)")
     ap.add_argument("--profile-once", action="store_true", help="launch the kernel twice at 4096^2 and stop")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention.json"))
+    ap.add_argument("--out", help="JSON path (default: $OUT/attention.json, else bench/results/attention.json)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench/attention.py needs a CUDA GPU")
@@ -280,25 +278,16 @@ def main(argv: list[str] | None = None) -> None:
         config = (*parts[:4], bool(parts[4]) if len(parts) > 4 else False)
     if args.profile_once:
         return profile_once(4096, config or default_config(flux_layout(4096, "global")))
-    device = torch.cuda.get_device_name()
-    result = {
-        "device": device,
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "triton_config": config,
-    }
+    result = {**run_info(), "triton_config": config}
     if args.check:
         result["check"] = check(config)
     if args.tune:
         result["tune"] = tune(4096)
     else:
         result["rows"] = benchmark(args.sizes, config)
-    out = Path(os.environ.get("OUT", "")) / "attention.json" if os.environ.get("OUT") else Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = write_json("attention", result, args.out)
     if "rows" in result:
-        print_table(result["rows"], device)
+        print_table(result["rows"], result["device"])
     print(f"\nwrote {out}")
 
 

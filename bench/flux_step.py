@@ -17,16 +17,14 @@ Prints a table (seconds per step, peak VRAM) and writes JSON.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from ultragen.comfy_env import find_comfyui, import_comfyui
+
+from results_io import run_info, write_json
 
 FLUX_DEV = dict(
     image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
@@ -171,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
     ap.add_argument("--reps", type=int, default=2, help="timed steps per configuration (8192^2 dense: one)")
     ap.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "flux_step.json"))
+    ap.add_argument("--out", help="JSON path (default: $OUT/flux_step.json, else bench/results/flux_step.json)")
     ap.add_argument("--memory-trace", type=int, metavar="PIXELS", help="peak memory per stage at this size, then stop")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -213,19 +211,14 @@ def main(argv: list[str] | None = None) -> None:
         del x, ctx, y, configs
         torch.cuda.empty_cache()
 
-    device = torch.cuda.get_device_name()
     result = {
-        "device": device,
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        **run_info(),
         "dense_equivalent_rel_diff_1024": check,
         "dense_equivalent_flex_rel_diff_1024": noise,
         "rows": rows,
     }
-    out = Path(os.environ["OUT"]) / "flux_step.json" if os.environ.get("OUT") else Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
+    out = write_json("flux_step", result, args.out)
+    device = result["device"]
 
     print(f"\nOne FLUX.1-dev step (random bf16 weights, batch 1, {TEXT} text tokens) on {device}: s (peak GiB)")
     print(

@@ -26,7 +26,6 @@ from __future__ import annotations
 import logging
 import random
 from dataclasses import dataclass
-from typing import Literal
 
 import comfy.ldm.flux.model
 import comfy.patcher_extension
@@ -35,78 +34,17 @@ import torch
 from comfy.ldm.common_dit import pad_to_patch_size
 from einops import rearrange
 
-from ..core import AttentionRules, GuidanceSegment, ImageSegment, Layout, ReferenceSegment, TextSegment
+from ..core import GuidanceSegment, ImageSegment, Layout, ReferenceSegment, TextSegment
 from ..core.guidance import guidance_ids, noised
 from ..core.token_order import WindowOrder, window_first_order
-from ..kernels import BACKENDS, sparse_attention
+from ..kernels import sparse_attention
 from .guidance_lora import LoRALayer, check_fits, guidance_rows_forward
+from .options import Guidance, PatchOptions, UltraGenPatchError
 from .rope_ntk import NTKEmbedND
 from .sampling import constant_shift_sampling, memory_estimate_wrapper
 
 KEY = "ultragen"
 log = logging.getLogger("UltraGen")
-
-
-class UltraGenPatchError(ValueError):
-    """A model or input the patch cannot work with; the message says what to change."""
-
-
-@dataclass
-class Guidance:
-    """The ULTRAGEN_GUIDANCE payload: a low-res latent (VAE latent space, as VAEEncode
-    gives it) and the size it is meant to guide."""
-
-    latent: torch.Tensor  # (B, C, h, w)
-    target_width: int
-    target_height: int
-
-    def grid(self, patch: int = 2) -> tuple[int, int]:
-        return -(-self.latent.shape[-2] // patch), -(-self.latent.shape[-1] // patch)
-
-    def ratio(self) -> float:
-        """Target width over guidance width, in pixels (the papers use 4)."""
-        return self.target_width / (self.latent.shape[-1] * 8)
-
-
-@dataclass(frozen=True)
-class PatchOptions:
-    """Everything the "UltraGen Attention Patch" node exposes; defaults follow the papers."""
-
-    mode: Literal["ultragen", "npa"] = "ultragen"
-    window: int = 16
-    neighbour_radius: int = 1
-    token_order: Literal["window-first", "hilbert"] = "window-first"
-    guidance_scope: Literal["global", "local"] = "global"
-    guidance_radius: int = 1
-    guidance_tokens: Literal["noised", "clean"] = "noised"
-    text_sees: Literal["context", "all"] = "context"
-    ntk_factor: float = 10.0
-    constant_shift: bool = True
-    shift_mu: float = 1.15
-    backend: str = "auto"
-    npa_patch: int = 32
-    npa_window: int = 64
-    npa_jitter: bool = True
-    seed: int = 0
-
-    def check(self) -> None:
-        if self.backend not in BACKENDS:
-            raise UltraGenPatchError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
-        if self.window < 1:
-            raise UltraGenPatchError(f"window must be at least 1 token, got {self.window}")
-        if self.ntk_factor <= 0:
-            raise UltraGenPatchError(f"NTK factor must be positive (1 = off), got {self.ntk_factor}")
-        self.rules().check()
-
-    def rules(self, offset: tuple[int, int] = (0, 0)) -> AttentionRules:
-        common = dict(
-            text_sees=self.text_sees,
-            guidance_scope=self.guidance_scope,
-            guidance_radius=self.guidance_radius,
-        )
-        if self.mode == "npa":
-            return AttentionRules.npa(self.npa_patch, self.npa_window, offset, **common)
-        return AttentionRules(neighbour_radius=self.neighbour_radius, **common)
 
 
 @dataclass
@@ -147,11 +85,12 @@ class UltraGenFluxPatch:
 
     def __init__(
         self,
-        options: PatchOptions = PatchOptions(),
+        options: PatchOptions | None = None,
         guidance: Guidance | None = None,
         lora: dict[str, LoRALayer] | None = None,
         lora_strength: float = 1.0,
     ):
+        options = options or PatchOptions()
         options.check()
         self.options = options
         self.guidance = guidance

@@ -1,0 +1,37 @@
+"""What every benchmark records about its run, and where it writes its JSON.
+
+Results go to ``$OUT/<name>.json`` on the lent GPU machines (whose files come back from
+there), else to ``bench/results/<name>.json``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from pathlib import Path
+
+import torch
+
+
+def run_info() -> dict:
+    """Device, library versions and time of this run."""
+    return {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def write_json(name: str, result: dict, path: str | None = None) -> Path:
+    """Write ``result``; returns the path written."""
+    if path:
+        out = Path(path)
+    elif os.environ.get("OUT"):
+        out = Path(os.environ["OUT"]) / f"{name}.json"
+    else:
+        out = Path(__file__).parent / "results" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    return out
