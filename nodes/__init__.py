@@ -4,8 +4,17 @@ from comfy_api.latest import ComfyExtension, io
 
 from .attention_patch import UltraGenAttentionPatch
 from .guidance_encode import UltraGenLowResGuidanceEncode
+from .sigmas import UltraGenConstantShiftSigmas
+from .structure_guidance import UltraGenStructureGuidance
+from .warm_start import UltraGenWarmStartLatent
 
-NODES: list[type[io.ComfyNode]] = [UltraGenAttentionPatch, UltraGenLowResGuidanceEncode]
+NODES: list[type[io.ComfyNode]] = [
+    UltraGenAttentionPatch,
+    UltraGenLowResGuidanceEncode,
+    UltraGenWarmStartLatent,
+    UltraGenStructureGuidance,
+    UltraGenConstantShiftSigmas,
+]
 
 
 class UltraGenExtension(ComfyExtension):

@@ -33,6 +33,17 @@ def constant_shift_sampling(model_config, mu: float):
     return sampling
 
 
+def constant_shift_sigmas(steps: int, mu: float = 1.15, scheduler: str = "simple") -> torch.Tensor:
+    """ComfyUI's own ``scheduler`` for ``steps`` steps, on FLUX sampling with shift ``mu`` at any size."""
+    import comfy.samplers
+
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    if scheduler not in comfy.samplers.SCHEDULER_NAMES:
+        raise ValueError(f"scheduler must be one of {comfy.samplers.SCHEDULER_NAMES}, got {scheduler!r}")
+    return comfy.samplers.calculate_sigmas(constant_shift_sampling(None, mu), scheduler, steps).float()
+
+
 def windowed_memory_estimate(base_model, input_shape, extra_tokens: int = 0) -> float:
     """Bytes a windowed FLUX step needs for a latent batch of ``input_shape`` (B, C, H, W)."""
     dm = base_model.diffusion_model

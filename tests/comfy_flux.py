@@ -70,3 +70,26 @@ def sampler_custom_advanced(model, latent: torch.Tensor, positive, negative, cfg
     sampler = KSamplerSelect().get_sampler("euler")[0]
     sigmas = BasicScheduler().get_sigmas(model, "simple", steps, 1.0)[0]
     return SamplerCustomAdvanced().sample(noise, guider, sampler, sigmas, {"samples": latent})[0]["samples"]
+
+
+def flux_vae(seed: int = 0):
+    """ComfyUI's VAE with the FLUX autoencoder architecture (16 latent channels, 8x) and seeded
+    random weights, loaded the way ComfyUI loads ae.safetensors: from a state dict."""
+    import comfy.sd
+    from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder
+
+    config = dict(
+        double_z=True, z_channels=16, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
+        num_res_blocks=2, attn_resolutions=[], dropout=0.0,
+    )  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for prefix, net in (("encoder.", Encoder(**config)), ("decoder.", Decoder(**config))):
+        for name, p in net.state_dict().items():
+            if p.dim() > 1:  # conv / linear weights: variance-preserving
+                fan_in = p[0].numel()
+                value = torch.randn(p.shape, generator=gen) / fan_in**0.5
+            else:  # norms 1, biases 0
+                value = torch.ones(p.shape) if name.endswith("weight") else torch.zeros(p.shape)
+            state[prefix + name] = value
+    return comfy.sd.VAE(sd=state)

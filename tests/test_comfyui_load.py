@@ -22,6 +22,9 @@ def test_pack_loads_and_logs_its_attention_backend_once(comfyui, caplog):
     for node_id, name in (
         ("UltraGenAttentionPatch", "UltraGen Attention Patch"),
         ("UltraGenLowResGuidanceEncode", "Low-Res Guidance Encode"),
+        ("UltraGenWarmStartLatent", "Warm-Start Latent"),
+        ("UltraGenStructureGuidance", "Structure Guidance"),
+        ("UltraGenConstantShiftSigmas", "Constant-Shift Sigmas"),
     ):
         assert node_id in nodes.NODE_CLASS_MAPPINGS
         assert nodes.NODE_DISPLAY_NAME_MAPPINGS[node_id] == name

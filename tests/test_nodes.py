@@ -19,6 +19,9 @@ def test_node_ids_names_and_tooltips():
     assert {k: n.GET_SCHEMA().display_name for k, n in nodes.items()} == {
         "UltraGenAttentionPatch": "UltraGen Attention Patch",
         "UltraGenLowResGuidanceEncode": "Low-Res Guidance Encode",
+        "UltraGenWarmStartLatent": "Warm-Start Latent",
+        "UltraGenStructureGuidance": "Structure Guidance",
+        "UltraGenConstantShiftSigmas": "Constant-Shift Sigmas",
     }
     for node in nodes.values():
         schema = node.GET_SCHEMA()
