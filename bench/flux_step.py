@@ -26,33 +26,15 @@ from ultragen.comfy_env import find_comfyui, import_comfyui
 
 from results_io import run_info, write_json
 
-FLUX_DEV = dict(
-    image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
-    mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
-    qkv_bias=True, guidance_embed=True,
-)  # fmt: skip
 TEXT = 512
 TARGETS = {4096: 1.3, 8192: 1.4}  # patched step / floor
 
 
 def build_flux_dev():
-    """FLUX.1-dev built by ComfyUI on the GPU, bf16, weights N(0, 0.02) (biases 0)."""
-    import comfy.model_patcher
-    import comfy.supported_models
+    """FLUX.1-dev built by ComfyUI on the GPU, bf16, weights N(0, 0.02)."""
+    from ultragen.patch.random_models import FLUX_DEV, flux_model
 
-    config = comfy.supported_models.Flux(dict(FLUX_DEV))
-    config.set_inference_dtype(torch.bfloat16, None)
-    model = config.get_model({}, device=torch.device("cuda"))
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.diffusion_model.named_parameters():
-            if name.endswith("bias"):
-                p.zero_()
-            elif "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    return comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cuda"), offload_device=torch.device("cpu"))
+    return flux_model(FLUX_DEV, dtype=torch.bfloat16, std=0.02, device=torch.device("cuda"), load_device="cuda")
 
 
 def floor_model(model):

@@ -3,6 +3,7 @@
 from comfy_api.latest import ComfyExtension, io
 
 from .attention_patch import UltraGenAttentionPatch
+from .exact_vae import UltraGenVAEDecodeExact, UltraGenVAEEncodeExact
 from .guidance_encode import UltraGenLowResGuidanceEncode
 from .sigmas import UltraGenConstantShiftSigmas
 from .structure_guidance import UltraGenStructureGuidance
@@ -14,6 +15,8 @@ NODES: list[type[io.ComfyNode]] = [
     UltraGenWarmStartLatent,
     UltraGenStructureGuidance,
     UltraGenConstantShiftSigmas,
+    UltraGenVAEDecodeExact,
+    UltraGenVAEEncodeExact,
 ]
 
 

@@ -22,6 +22,8 @@ def test_node_ids_names_and_tooltips():
         "UltraGenWarmStartLatent": "Warm-Start Latent",
         "UltraGenStructureGuidance": "Structure Guidance",
         "UltraGenConstantShiftSigmas": "Constant-Shift Sigmas",
+        "UltraGenVAEDecodeExact": "VAE Decode (Exact, Low Memory)",
+        "UltraGenVAEEncodeExact": "VAE Encode (Exact, Low Memory)",
     }
     for node in nodes.values():
         schema = node.GET_SCHEMA()

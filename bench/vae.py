@@ -1,0 +1,129 @@
+"""Exact, memory-bounded VAE vs ComfyUI's tiled and full-image VAE, at 4096^2 and 8192^2.
+
+FLUX's autoencoder architecture with random weights (bf16 where the GPU supports it),
+built by the real ComfyUI (``COMFYUI_PATH``). Per size and direction: seconds and peak
+VRAM of the exact path, of ComfyUI's tiled path with the VAEDecodeTiled / VAEEncodeTiled
+node defaults, and of the full-image path where it fits; the largest difference of the
+exact and tiled results to the full one.
+
+    COMFYUI_PATH=/path/to/ComfyUI python bench/vae.py [--sizes 4096 8192] [--full-max 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from ultragen.comfy_env import find_comfyui, import_comfyui
+
+from results_io import run_info, write_json
+
+
+def timed(fn):
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    with torch.inference_mode():  # as ComfyUI's executor runs every node
+        out = fn()
+    torch.cuda.synchronize()
+    return out, time.perf_counter() - t0, torch.cuda.max_memory_allocated() / 2**30
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
+    ap.add_argument("--full-max", type=int, default=4096, help="largest size to also run the full-image path")
+    ap.add_argument("--out", help="JSON path (default: $OUT/vae.json, else bench/results/vae.json)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench/vae.py needs a CUDA GPU")
+    path = find_comfyui()
+    if path is None:
+        sys.exit("bench/vae.py needs ComfyUI: set COMFYUI_PATH=/path/to/ComfyUI")
+    import_comfyui(path, cpu=False)
+    import comfy.model_management as mm
+
+    from ultragen.patch.exact_vae import exact_decode, exact_encode
+    from ultragen.patch.random_models import flux_vae
+
+    vae = flux_vae(seed=0)
+    mm.load_models_gpu([vae.patcher])
+    print(f"VAE dtype {vae.vae_dtype}, device {vae.device}", flush=True)
+    rows = []
+    for pixels in args.sizes:
+        gen = torch.Generator().manual_seed(pixels)
+        z = torch.randn(1, 16, pixels // 8, pixels // 8, generator=gen)
+        row = {"pixels": pixels}
+        exact, row["exact_decode_s"], row["exact_decode_gib"] = timed(lambda z=z: exact_decode(vae, z, offload="never"))
+        _, row["offload_decode_s"], row["offload_decode_gib"] = timed(
+            lambda z=z: exact_decode(vae, z, offload="always")
+        )
+        # VAEDecodeTiled defaults: tile 512 px, overlap 64 px -> latent tiles of 64 with overlap 8.
+        tiled, row["tiled_decode_s"], row["tiled_decode_gib"] = timed(
+            lambda z=z: vae.decode_tiled(z, tile_x=64, tile_y=64, overlap=8)
+        )
+        if pixels <= args.full_max:
+
+            def full_decode(z=z):
+                with torch.inference_mode():
+                    out = vae.first_stage_model.decode(z.to(vae.device, vae.vae_dtype))
+                return vae.process_output(out.float()).movedim(1, -1).cpu()
+
+            full, row["full_decode_s"], row["full_decode_gib"] = timed(full_decode)
+            row["exact_decode_max_diff"] = (exact - full).abs().max().item()
+            row["tiled_decode_max_diff"] = (tiled.cpu() - full).abs().max().item()
+            del full
+        print(f"decode {pixels}: {row}", flush=True)
+        image = exact.clamp(0, 1)
+        del exact, tiled
+        enc, row["exact_encode_s"], row["exact_encode_gib"] = timed(
+            lambda im=image: exact_encode(vae, im, offload="never")
+        )
+        _, row["offload_encode_s"], row["offload_encode_gib"] = timed(
+            lambda im=image: exact_encode(vae, im, offload="always")
+        )
+        tenc, row["tiled_encode_s"], row["tiled_encode_gib"] = timed(
+            lambda im=image: vae.encode_tiled(im, tile_x=512, tile_y=512, overlap=64)
+        )
+        if pixels <= args.full_max:
+
+            def full_encode(im=image):
+                x = vae.process_input(im.movedim(-1, 1)).to(vae.device, vae.vae_dtype)
+                with torch.inference_mode():
+                    return vae.first_stage_model.encode(x).float().cpu()
+
+            fenc, row["full_encode_s"], row["full_encode_gib"] = timed(full_encode)
+            scale = fenc.abs().max().item()
+            row["exact_encode_max_rel_diff"] = (enc.cpu() - fenc).abs().max().item() / scale
+            row["tiled_encode_max_rel_diff"] = (tenc.cpu() - fenc).abs().max().item() / scale
+        print(f"encode {pixels}: {row}", flush=True)
+        rows.append(row)
+        torch.cuda.empty_cache()
+
+    result = {**run_info(), "vae_dtype": str(vae.vae_dtype), "rows": rows}
+    out = write_json("vae", result, args.out)
+    print(f"\nFLUX VAE architecture (random weights, {vae.vae_dtype}) on {result['device']}")
+    print("seconds (peak GPU GiB); largest difference to the full-image result")
+    print(
+        "| size | pass | exact, GPU | exact, offloaded | ComfyUI tiled | full image | exact vs full | tiled vs full |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        for d, diff in (("decode", "max_diff"), ("encode", "max_rel_diff")):
+            full = f"{r[f'full_{d}_s']:.1f} ({r[f'full_{d}_gib']:.1f})" if f"full_{d}_s" in r else "not run"
+            ed, td = r.get(f"exact_{d}_{diff}"), r.get(f"tiled_{d}_{diff}")
+            print(
+                f"| {r['pixels']}² | {d} | {r[f'exact_{d}_s']:.1f} ({r[f'exact_{d}_gib']:.1f}) "
+                f"| {r[f'offload_{d}_s']:.1f} ({r[f'offload_{d}_gib']:.1f}) "
+                f"| {r[f'tiled_{d}_s']:.1f} ({r[f'tiled_{d}_gib']:.1f}) | {full} "
+                f"| {'-' if ed is None else f'{ed:.2e}'} | {'-' if td is None else f'{td:.2e}'} |"
+            )
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Convolutions split into row bands with halos, and group norm over the whole image.
+
+Why: decoding a 4K-8K latent in one piece needs PyTorch temporaries several times the
+size of an activation (norm outputs, convolution workspaces); ComfyUI's tiled decode
+averages overlapping tiles instead, which blurs seams and changes the result. Running
+each layer band by band gives *the same* result with bounded temporaries:
+
+- a 3x3 convolution's output rows [r0, r1) need input rows [r0 - 1, r1 + 1): each band
+  reads one halo row on each side (zeros only at the true image border);
+- group norm uses statistics of the whole image (accumulated band by band in float64),
+  so normalising band by band equals normalising everything at once.
+
+Shapes: (B, C, H, W). ``band_elements`` bounds the elements of one band's temporaries.
+Full tensors may live on another device than the computation (``compute``, e.g. x in
+CPU memory and the bands on the GPU): then only bands and their halos visit the GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_BAND_ELEMENTS = 1 << 26  # ~128 MB of bf16 per temporary
+
+Pre = Callable[[torch.Tensor], torch.Tensor]
+
+
+def band_rows(x: torch.Tensor, channels: int | None = None, band_elements: int = DEFAULT_BAND_ELEMENTS) -> int:
+    """Rows per band so that a band of ``channels`` (default: x's) stays within ``band_elements``."""
+    per_row = x.shape[0] * (channels or x.shape[1]) * x.shape[-1]
+    return max(1, band_elements // max(1, per_row))
+
+
+def group_stats(x: torch.Tensor, groups: int, eps: float, band_elements: int = DEFAULT_BAND_ELEMENTS,
+                compute: torch.device | None = None):  # fmt: skip
+    """(mean, 1 / std) per (batch, group) over the whole image, accumulated band by band in float64."""
+    b, c, h, w = x.shape
+    compute = compute or x.device
+    total = torch.zeros(b, groups, dtype=torch.float64, device=compute)
+    squares = torch.zeros_like(total)
+    step = band_rows(x, band_elements=band_elements)
+    for r0 in range(0, h, step):
+        part = x[:, :, r0 : r0 + step].to(compute).to(torch.float64).reshape(b, groups, -1)
+        total += part.sum(-1)
+        squares += (part * part).sum(-1)
+    n = (c // groups) * h * w
+    mean = total / n
+    var = (squares / n - mean * mean).clamp(min=0)
+    return mean.float(), torch.rsqrt(var.float() + eps)
+
+
+def group_norm_silu(norm: torch.nn.GroupNorm, stats, silu: bool = True) -> Pre:
+    """silu(group_norm(band)) with whole-image ``stats`` and ``norm``'s affine parameters."""
+    mean, rstd = stats
+    groups = norm.num_groups
+
+    def apply(band: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = band.shape
+        x = band.float().reshape(b, groups, c // groups, h, w)
+        x = (x - mean[:, :, None, None, None]) * rstd[:, :, None, None, None]
+        x = x.reshape(b, c, h, w) * norm.weight.float()[None, :, None, None] + norm.bias.float()[None, :, None, None]
+        x = x.to(band.dtype)
+        return F.silu(x) if silu else x
+
+    return apply
+
+
+def _conv_weights(conv: torch.nn.Conv2d, like: torch.Tensor, compute: torch.device):
+    bias = conv.bias.to(compute, like.dtype) if conv.bias is not None else None
+    return conv.weight.to(compute, like.dtype), bias
+
+
+def _empty(x: torch.Tensor, *shape: int) -> torch.Tensor:
+    """A full output tensor where x is kept (pinned when that is CPU memory, for fast copies)."""
+    pin = x.device.type == "cpu" and torch.cuda.is_available()
+    return torch.empty(*shape, dtype=x.dtype, device=x.device, pin_memory=pin)
+
+
+def conv3x3(
+    x: torch.Tensor, conv: torch.nn.Conv2d, pre: Pre | None = None, out: torch.Tensor | None = None,
+    add: torch.Tensor | None = None, band_elements: int = DEFAULT_BAND_ELEMENTS, compute: torch.device | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """``conv(pre(x)) (+ add)`` for a 3x3, stride-1, padding-1 convolution, band by band.
+
+    ``out`` may be ``add`` itself (or x when no later band reads it) to save memory.
+    """
+    compute = compute or x.device
+    weight, bias = _conv_weights(conv, x, compute)
+    b, _, h, w = x.shape
+    if out is None:
+        out = _empty(x, b, weight.shape[0], h, w)
+    step = band_rows(x, max(x.shape[1], weight.shape[0]), band_elements)
+    for r0 in range(0, h, step):
+        r1 = min(h, r0 + step)
+        lo, hi = max(0, r0 - 1), min(h, r1 + 1)
+        band = x[:, :, lo:hi].to(compute, non_blocking=True)
+        if pre is not None:
+            band = pre(band)  # normalise after slicing: the padding rows below stay zero, as in the full conv
+        band = F.pad(band, (1, 1, 1 if r0 == 0 else 0, 1 if r1 == h else 0))
+        result = F.conv2d(band, weight, bias)
+        if add is not None:
+            result = result + add[:, :, r0:r1].to(compute, non_blocking=True)
+        out[:, :, r0:r1] = result.to(out.device)
+    return out
+
+
+def conv1x1(x: torch.Tensor, conv: torch.nn.Conv2d, band_elements: int = DEFAULT_BAND_ELEMENTS,
+            compute: torch.device | None = None) -> torch.Tensor:  # fmt: skip
+    """A pointwise convolution, band by band."""
+    compute = compute or x.device
+    weight, bias = _conv_weights(conv, x, compute)
+    out = _empty(x, x.shape[0], weight.shape[0], *x.shape[2:])
+    step = band_rows(x, max(x.shape[1], weight.shape[0]), band_elements)
+    for r0 in range(0, x.shape[2], step):
+        band = x[:, :, r0 : r0 + step].to(compute, non_blocking=True)
+        out[:, :, r0 : r0 + step] = F.conv2d(band, weight, bias).to(out.device)
+    return out
+
+
+def upsample2_conv3x3(
+    x: torch.Tensor, conv: torch.nn.Conv2d, band_elements: int = DEFAULT_BAND_ELEMENTS,
+    compute: torch.device | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """``conv(nearest_upsample_x2(x))`` band by band, never holding the upsampled image whole."""
+    compute = compute or x.device
+    weight, bias = _conv_weights(conv, x, compute)
+    b, _, h, w = x.shape
+    out = _empty(x, b, weight.shape[0], 2 * h, 2 * w)
+    big = 2 * h
+    step = band_rows(out, max(x.shape[1], weight.shape[0]), band_elements)
+    for r0 in range(0, big, step):
+        r1 = min(big, r0 + step)
+        lo, hi = max(0, r0 - 1), min(big, r1 + 1)  # rows of the upsampled image the band reads
+        src = x[:, :, lo // 2 : (hi + 1) // 2].to(compute, non_blocking=True)
+        up = torch.repeat_interleave(torch.repeat_interleave(src, 2, dim=2), 2, dim=3)
+        up = up[:, :, lo - 2 * (lo // 2) : lo - 2 * (lo // 2) + (hi - lo)]
+        up = F.pad(up, (1, 1, 1 if r0 == 0 else 0, 1 if r1 == big else 0))
+        out[:, :, r0:r1] = F.conv2d(up, weight, bias).to(out.device)
+    return out
+
+
+def pad_conv3x3_stride2(
+    x: torch.Tensor, conv: torch.nn.Conv2d, band_elements: int = DEFAULT_BAND_ELEMENTS,
+    compute: torch.device | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """``conv(pad(x, right 1, bottom 1))`` with stride 2 and no padding (the VAE's Downsample), band by band."""
+    compute = compute or x.device
+    weight, bias = _conv_weights(conv, x, compute)
+    b, _, h, w = x.shape
+    out_h, out_w = (h + 1 - 3) // 2 + 1, (w + 1 - 3) // 2 + 1
+    out = _empty(x, b, weight.shape[0], out_h, out_w)
+    step = max(1, band_rows(x, max(x.shape[1], weight.shape[0]), band_elements) // 2)
+    for o0 in range(0, out_h, step):
+        o1 = min(out_h, o0 + step)
+        lo, hi = 2 * o0, 2 * (o1 - 1) + 3  # input rows, the last possibly the zero pad row
+        band = F.pad(x[:, :, lo : min(h, hi)].to(compute, non_blocking=True), (0, 1, 0, hi - min(h, hi)))
+        out[:, :, o0:o1] = F.conv2d(band, weight, bias, stride=2).to(out.device)
+    return out

@@ -1,0 +1,220 @@
+"""Exact, memory-bounded VAE decode and encode for 4K-8K images.
+
+Why: ComfyUI's full-image VAE decode needs tens of GB at 4096^2 and falls back to tiles on
+OOM; its tiled decode averages three tilings (3x the work, soft seams, a different image).
+This runs ComfyUI's own encoder/decoder modules layer by layer, every convolution and
+group norm through :mod:`core.split_ops` (row bands with halos, whole-image statistics),
+so the result is a full decode's, with temporaries bounded by the band size. Peak memory
+is about two or three full activations of the largest layer.
+
+Layers whose activation is small (the 1/8-resolution middle, with its attention) run as
+they are; everything else is split.
+"""
+
+from __future__ import annotations
+
+import comfy.model_management
+import comfy.utils
+import torch
+from comfy.ldm.modules.diffusionmodules.model import AttnBlock, Decoder, Encoder, ResnetBlock
+
+from ..core import split_ops
+
+# Activations at or below this many elements run through the module itself.
+DIRECT_ELEMENTS = 1 << 24
+OFFLOAD = ("auto", "never", "always")  # keep full activations in CPU memory, streaming bands to the GPU
+
+
+class ExactVAEError(ValueError):
+    """A VAE this path does not know; the message says what to use instead."""
+
+
+class _Runner:
+    """Runs one encoder or decoder, layer by layer, with a progress bar and cancel checks.
+
+    Full activations live on ``storage``; bands are computed on ``compute``.
+    """
+
+    def __init__(self, net: torch.nn.Module, band_elements: int, direct_elements: int, steps: int,
+                 compute: torch.device, storage: torch.device):  # fmt: skip
+        self.net = net
+        self.band = band_elements
+        self.direct = direct_elements
+        self.compute, self.storage = compute, storage
+        self.progress = comfy.utils.ProgressBar(steps)
+        self.split = dict(band_elements=band_elements, compute=compute)
+
+    def _tick(self) -> None:
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        self.progress.update(1)
+
+    def small(self, x: torch.Tensor) -> bool:
+        return x.numel() <= self.direct
+
+    def whole(self, module, x: torch.Tensor) -> torch.Tensor:
+        """Run ``module`` on the whole (small) activation."""
+        return module(x.to(self.compute)).to(self.storage)
+
+    def norm_silu(self, norm, x: torch.Tensor):
+        stats = split_ops.group_stats(x, norm.num_groups, norm.eps, self.band, self.compute)
+        return split_ops.group_norm_silu(norm, stats)
+
+    def resnet(self, block: ResnetBlock, x: torch.Tensor) -> torch.Tensor:
+        if self.small(x):
+            return self.whole(block, x)
+        h = split_ops.conv3x3(x, block.conv1, self.norm_silu(block.norm1, x), **self.split)
+        if block.in_channels != block.out_channels:
+            shortcut = block.conv_shortcut if block.use_conv_shortcut else block.nin_shortcut
+            skip = (split_ops.conv3x3 if block.use_conv_shortcut else split_ops.conv1x1)(x, shortcut, **self.split)
+            del x
+        else:
+            skip = x  # identity: each output band overwrites its own input rows, no longer needed
+        pre = self.norm_silu(block.norm2, h)
+        return split_ops.conv3x3(h, block.conv2, pre, out=skip, add=skip, **self.split)
+
+    def attention(self, block: AttnBlock, x: torch.Tensor) -> torch.Tensor:
+        return self.whole(block, x)  # global by nature; sits at 1/8 resolution
+
+    def stage(self, modules, x: torch.Tensor) -> torch.Tensor:
+        for m in modules:
+            x = self.resnet(m, x) if isinstance(m, ResnetBlock) else self.attention(m, x)
+            self._tick()
+        return x
+
+    def out(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        if self.small(x):
+            x = x.to(self.compute)
+            return net.conv_out(torch.nn.functional.silu(net.norm_out(x)))
+        return split_ops.conv3x3(x, net.conv_out, self.norm_silu(net.norm_out, x), **self.split)
+
+    def conv_in(self, x: torch.Tensor) -> torch.Tensor:
+        if self.small(x):
+            return self.whole(self.net.conv_in, x)
+        return split_ops.conv3x3(x.to(self.storage), self.net.conv_in, **self.split)
+
+    def resample(self, module, split_fn, x: torch.Tensor) -> torch.Tensor:
+        """The up- or downsampling of a level; split when it has a convolution and x is large."""
+        if module.with_conv and not self.small(x):
+            return split_fn(x, module.conv, **self.split)
+        return self.whole(module, x)
+
+
+def _blocks(level) -> list:
+    blocks = []
+    for i, block in enumerate(level.block):
+        blocks.append(block)
+        if len(level.attn) > 0:
+            blocks.append(level.attn[i])
+    return blocks
+
+
+def _check(net: torch.nn.Module, kind: type) -> None:
+    if not isinstance(net, kind) or getattr(net, "give_pre_end", False) or getattr(net, "tanh_out", False):
+        raise ExactVAEError(
+            f"the exact VAE path knows the SD/FLUX-style 2D {kind.__name__}, not {type(net).__name__}; "
+            "use ComfyUI's VAE Decode / VAE Encode for this VAE"
+        )
+
+
+def _storage(compute: torch.device, offload: str, largest_elements: int, dtype: torch.dtype) -> torch.device:
+    """Where full activations live: the GPU while about three of the largest fit, else CPU memory."""
+    if offload not in OFFLOAD:
+        raise ExactVAEError(f"offload must be one of {OFFLOAD}, got {offload!r}")
+    if compute.type == "cpu" or offload == "never":
+        return compute
+    if offload == "always":
+        return torch.device("cpu")
+    need = 3 * largest_elements * torch.tensor([], dtype=dtype).element_size()
+    free = comfy.model_management.get_free_memory(compute)
+    return compute if need < 0.9 * free else torch.device("cpu")
+
+
+def decode_latent(decoder: Decoder, z: torch.Tensor, band_elements: int = split_ops.DEFAULT_BAND_ELEMENTS,
+                  direct_elements: int = DIRECT_ELEMENTS, offload: str = "auto") -> torch.Tensor:  # fmt: skip
+    """``decoder(z)`` for z (B, C, h, w) on the compute device, split into bands where large."""
+    _check(decoder, Decoder)
+    levels = list(reversed(range(decoder.num_resolutions)))
+    steps = 3 + sum(len(_blocks(decoder.up[i])) + (i != 0) for i in levels)
+    area, sizes = z.shape[0] * z.shape[-2] * z.shape[-1], []
+    for i in levels:  # activation sizes, walking the decoder
+        sizes.append(decoder.up[i].block[0].in_channels * area)
+        if i != 0:
+            area *= 4
+            sizes.append(decoder.up[i].block[-1].out_channels * area)  # the upsampled activation
+    storage = _storage(z.device, offload, max(sizes), z.dtype)
+    run = _Runner(decoder, band_elements, direct_elements, steps, z.device, storage)
+    with torch.inference_mode():
+        h = run.conv_in(z)
+        h = run.stage([decoder.mid.block_1, decoder.mid.attn_1, decoder.mid.block_2], h)
+        for i in levels:
+            h = run.stage(_blocks(decoder.up[i]), h)
+            if i != 0:
+                h = run.resample(decoder.up[i].upsample, split_ops.upsample2_conv3x3, h)
+                run._tick()
+        return run.out(h)
+
+
+def encode_pixels(encoder: Encoder, x: torch.Tensor, band_elements: int = split_ops.DEFAULT_BAND_ELEMENTS,
+                  direct_elements: int = DIRECT_ELEMENTS, offload: str = "auto") -> torch.Tensor:  # fmt: skip
+    """``encoder(x)`` for x (B, 3, H, W) in [-1, 1] on the compute device, split into bands where large."""
+    _check(encoder, Encoder)
+    steps = 3 + sum(len(_blocks(encoder.down[i])) + 1 for i in range(encoder.num_resolutions))
+    area, sizes = x.shape[0] * x.shape[-2] * x.shape[-1], []
+    for i in range(encoder.num_resolutions):  # activation sizes, walking the encoder
+        sizes.append(max(encoder.down[i].block[0].in_channels, encoder.down[i].block[-1].out_channels) * area)
+        area //= 4
+    storage = _storage(x.device, offload, max(sizes), x.dtype)
+    run = _Runner(encoder, band_elements, direct_elements, steps, x.device, storage)
+    with torch.inference_mode():
+        h = run.conv_in(x)
+        for i in range(encoder.num_resolutions):
+            h = run.stage(_blocks(encoder.down[i]), h)
+            if i != encoder.num_resolutions - 1:
+                h = run.resample(encoder.down[i].downsample, split_ops.pad_conv3x3_stride2, h)
+                run._tick()
+        h = run.stage([encoder.mid.block_1, encoder.mid.attn_1, encoder.mid.block_2], h)
+        return run.out(h).to(x.device)
+
+
+def _autoencoder(vae):
+    model = vae.first_stage_model
+    if not (hasattr(model, "decoder") and hasattr(model, "encoder")) or vae.latent_dim != 2:
+        raise ExactVAEError(
+            f"the exact VAE path handles image autoencoders with an encoder and decoder, not {type(model).__name__}; "
+            "use ComfyUI's VAE Decode / VAE Encode for this VAE"
+        )
+    return model
+
+
+def exact_decode(vae, samples: torch.Tensor, band_elements: int = split_ops.DEFAULT_BAND_ELEMENTS,
+                 direct_elements: int = DIRECT_ELEMENTS, offload: str = "auto") -> torch.Tensor:  # fmt: skip
+    """What ``vae.decode(samples)`` gives, (B, H, W, 3) in [0, 1], without its memory peak or tiles."""
+    model = _autoencoder(vae)
+    comfy.model_management.load_models_gpu([vae.patcher])
+    images = []
+    for i in range(samples.shape[0]):  # one image at a time: statistics are per image anyway
+        z = samples[i : i + 1].to(vae.device, vae.vae_dtype)
+        if getattr(model, "post_quant_conv", None) is not None:
+            z = model.post_quant_conv(z)
+        out = decode_latent(model.decoder, z, band_elements, direct_elements, offload)
+        images.append(vae.process_output(out.to(vae.output_device).float()))
+    return torch.cat(images).movedim(1, -1)
+
+
+def exact_encode(vae, pixels: torch.Tensor, band_elements: int = split_ops.DEFAULT_BAND_ELEMENTS,
+                 direct_elements: int = DIRECT_ELEMENTS, offload: str = "auto") -> torch.Tensor:  # fmt: skip
+    """What ``vae.encode(pixels)`` gives for (B, H, W, C) images, without its memory peak or tiles."""
+    model = _autoencoder(vae)
+    pixels = vae.vae_encode_crop_pixels(pixels[..., :3]).movedim(-1, 1)
+    comfy.model_management.load_models_gpu([vae.patcher])
+    latents = []
+    for i in range(pixels.shape[0]):
+        x = vae.process_input(pixels[i : i + 1]).to(vae.device, vae.vae_dtype)
+        with torch.inference_mode():
+            h = encode_pixels(model.encoder, x, band_elements, direct_elements, offload)
+            if getattr(model, "quant_conv", None) is not None:
+                h = model.quant_conv(h)
+            z, _ = model.regularization(h)
+        latents.append(z.to(vae.output_device).float())
+    return torch.cat(latents)

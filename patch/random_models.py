@@ -1,0 +1,65 @@
+"""FLUX-architecture models with seeded random weights, built by ComfyUI itself.
+
+Why: no pretrained weights can be downloaded where this pack is developed and tested;
+tests use tiny FLUX-architecture models, benchmarks the full FLUX.1-dev architecture and
+FLUX's autoencoder, all built through ComfyUI's own model classes (never imitations).
+"""
+
+from __future__ import annotations
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import comfy.supported_models
+import torch
+
+FLUX_DEV = dict(
+    image_model="flux", in_channels=16, out_channels=16, vec_in_dim=768, context_in_dim=4096, hidden_size=3072,
+    mlp_ratio=4.0, num_heads=24, depth=19, depth_single_blocks=38, axes_dim=[16, 56, 56], theta=10000, patch_size=2,
+    qkv_bias=True, guidance_embed=True,
+)  # fmt: skip
+TINY_FLUX = dict(FLUX_DEV, vec_in_dim=32, context_in_dim=64, hidden_size=96, num_heads=2, axes_dim=[8, 20, 20])
+FLUX_VAE = dict(
+    double_z=True, z_channels=16, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
+    num_res_blocks=2, attn_resolutions=[], dropout=0.0,
+)  # fmt: skip
+
+
+def flux_model(config: dict, dtype=torch.float32, std: float = 0.05, seed: int = 0, device=None,
+               load_device=None) -> comfy.model_patcher.ModelPatcher:  # fmt: skip
+    """A FLUX ModelPatcher for ``config`` with weights ~ N(0, std) (norm scales 1 where present)."""
+    model_config = comfy.supported_models.Flux(dict(config))
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({}, device=device)
+    gen = torch.Generator(device=device or "cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.diffusion_model.named_parameters():
+            if "norm" in name and name.endswith("scale"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, device=gen.device, dtype=torch.float32) * std)
+    load = torch.device(load_device) if load_device else mm.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=load, offload_device=mm.unet_offload_device())
+
+
+def tiny_flux(seed: int = 0, depth: int = 2, single: int = 2, dtype=torch.float32, device=None):
+    """FLUX with hidden 96, 2 heads of 48, axes [8, 20, 20]: samples on a CPU in seconds."""
+    config = dict(TINY_FLUX, depth=depth, depth_single_blocks=single)
+    return flux_model(config, dtype=dtype, seed=seed, load_device=device)
+
+
+def flux_vae(seed: int = 0):
+    """ComfyUI's VAE with FLUX's autoencoder architecture (16 channels, 8x) and seeded random
+    weights, loaded the way ComfyUI loads ae.safetensors: from a state dict."""
+    import comfy.sd
+    from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder
+
+    gen = torch.Generator().manual_seed(seed)
+    state = {}
+    for prefix, net in (("encoder.", Encoder(**FLUX_VAE)), ("decoder.", Decoder(**FLUX_VAE))):
+        for name, p in net.state_dict().items():
+            if p.dim() > 1:  # conv / linear weights: variance-preserving
+                value = torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5
+            else:  # norms 1, biases 0
+                value = torch.ones(p.shape) if name.endswith("weight") else torch.zeros(p.shape)
+            state[prefix + name] = value
+    return comfy.sd.VAE(sd=state)
