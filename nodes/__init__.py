@@ -5,6 +5,7 @@ from comfy_api.latest import ComfyExtension, io
 from .attention_patch import UltraGenAttentionPatch
 from .exact_vae import UltraGenVAEDecodeExact, UltraGenVAEEncodeExact
 from .guidance_encode import UltraGenLowResGuidanceEncode
+from .recursive_upscale import UltraGenRecursiveUpscale
 from .sigmas import UltraGenConstantShiftSigmas
 from .structure_guidance import UltraGenStructureGuidance
 from .warm_start import UltraGenWarmStartLatent
@@ -17,6 +18,7 @@ NODES: list[type[io.ComfyNode]] = [
     UltraGenConstantShiftSigmas,
     UltraGenVAEDecodeExact,
     UltraGenVAEEncodeExact,
+    UltraGenRecursiveUpscale,
 ]
 
 

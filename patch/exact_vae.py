@@ -36,17 +36,18 @@ class _Runner:
     """
 
     def __init__(self, net: torch.nn.Module, band_elements: int, direct_elements: int, steps: int,
-                 compute: torch.device, storage: torch.device):  # fmt: skip
+                 compute: torch.device, storage: torch.device, progress: bool = True):  # fmt: skip
         self.net = net
         self.band = band_elements
         self.direct = direct_elements
         self.compute, self.storage = compute, storage
-        self.progress = comfy.utils.ProgressBar(steps)
+        self.progress = comfy.utils.ProgressBar(steps) if progress else None
         self.split = dict(band_elements=band_elements, compute=compute)
 
     def _tick(self) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
-        self.progress.update(1)
+        if self.progress is not None:
+            self.progress.update(1)
 
     def small(self, x: torch.Tensor) -> bool:
         return x.numel() <= self.direct
@@ -131,7 +132,8 @@ def _storage(compute: torch.device, offload: str, largest_elements: int, dtype: 
 
 
 def decode_latent(decoder: Decoder, z: torch.Tensor, band_elements: int = split_ops.DEFAULT_BAND_ELEMENTS,
-                  direct_elements: int = DIRECT_ELEMENTS, offload: str = "auto") -> torch.Tensor:  # fmt: skip
+                  direct_elements: int = DIRECT_ELEMENTS, offload: str = "auto",
+                  progress: bool = True) -> torch.Tensor:  # fmt: skip
     """``decoder(z)`` for z (B, C, h, w) on the compute device, split into bands where large."""
     _check(decoder, Decoder)
     levels = list(reversed(range(decoder.num_resolutions)))
@@ -143,7 +145,7 @@ def decode_latent(decoder: Decoder, z: torch.Tensor, band_elements: int = split_
             area *= 4
             sizes.append(decoder.up[i].block[-1].out_channels * area)  # the upsampled activation
     storage = _storage(z.device, offload, max(sizes), z.dtype)
-    run = _Runner(decoder, band_elements, direct_elements, steps, z.device, storage)
+    run = _Runner(decoder, band_elements, direct_elements, steps, z.device, storage, progress)
     with torch.inference_mode():
         h = run.conv_in(z)
         h = run.stage([decoder.mid.block_1, decoder.mid.attn_1, decoder.mid.block_2], h)
@@ -188,8 +190,12 @@ def _autoencoder(vae):
 
 
 def exact_decode(vae, samples: torch.Tensor, band_elements: int = split_ops.DEFAULT_BAND_ELEMENTS,
-                 direct_elements: int = DIRECT_ELEMENTS, offload: str = "auto") -> torch.Tensor:  # fmt: skip
-    """What ``vae.decode(samples)`` gives, (B, H, W, 3) in [0, 1], without its memory peak or tiles."""
+                 direct_elements: int = DIRECT_ELEMENTS, offload: str = "auto",
+                 progress: bool = True) -> torch.Tensor:  # fmt: skip
+    """What ``vae.decode(samples)`` gives, (B, H, W, 3) in [0, 1], without its memory peak or tiles.
+
+    ``progress``: show a progress bar of its own (off when a caller's bar covers the decode).
+    """
     model = _autoencoder(vae)
     comfy.model_management.load_models_gpu([vae.patcher])
     images = []
@@ -197,7 +203,7 @@ def exact_decode(vae, samples: torch.Tensor, band_elements: int = split_ops.DEFA
         z = samples[i : i + 1].to(vae.device, vae.vae_dtype)
         if getattr(model, "post_quant_conv", None) is not None:
             z = model.post_quant_conv(z)
-        out = decode_latent(model.decoder, z, band_elements, direct_elements, offload)
+        out = decode_latent(model.decoder, z, band_elements, direct_elements, offload, progress)
         images.append(vae.process_output(out.to(vae.output_device).float()))
     return torch.cat(images).movedim(1, -1)
 

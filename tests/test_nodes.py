@@ -24,6 +24,7 @@ def test_node_ids_names_and_tooltips():
         "UltraGenConstantShiftSigmas": "Constant-Shift Sigmas",
         "UltraGenVAEDecodeExact": "VAE Decode (Exact, Low Memory)",
         "UltraGenVAEEncodeExact": "VAE Encode (Exact, Low Memory)",
+        "UltraGenRecursiveUpscale": "Recursive Upscale",
     }
     for node in nodes.values():
         schema = node.GET_SCHEMA()

@@ -1,0 +1,74 @@
+"""Node "Recursive Upscale": 1K -> 2K -> 4K -> 8K in stages, each guided by the last."""
+
+from __future__ import annotations
+
+import comfy.samplers
+from comfy_api.latest import io
+
+from ..patch.exact_vae import exact_encode
+from ..patch.recursive_upscale import StageSettings, recursive_upscale
+from ..patch.warm_start import METHODS
+
+D = StageSettings()
+
+
+class UltraGenRecursiveUpscale(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="UltraGenRecursiveUpscale",
+            display_name="Recursive Upscale",
+            category="UltraGen",
+            description=(
+                "Upscales in stages (e.g. 1K -> 2K -> 4K -> 8K). Each stage uses the previous result as low-res "
+                "guidance and as warm start, samples with UltraGen's windowed attention, and decodes with the "
+                "exact low-memory VAE. Chain nodes (one stage each) or set stages; each stage uses seed + its index."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="FLUX.1 (add LoRAs before this node)."),
+                io.Conditioning.Input("positive", tooltip="The prompt."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt (FLUX dev with cfg 1 ignores it)."),
+                io.Vae.Input("vae", tooltip="The FLUX VAE."),
+                io.Latent.Input("latent", optional=True, tooltip="The image to upscale, as a latent (or an image)."),
+                io.Image.Input("image", optional=True, tooltip="The image to upscale (or connect a latent)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seed of the first stage; stage i uses seed + i."),
+                io.Int.Input("stages", default=1, min=1, max=4, tooltip="How many times to upscale."),
+                io.Float.Input("scale", default=D.scale, min=1.25, max=4.0, step=0.25,
+                               tooltip="Size factor per stage (the result is rounded to 16 px)."),
+                io.Int.Input("steps", default=D.steps, min=1, max=200, tooltip="Full schedule length per stage."),
+                io.Int.Input("skip", default=D.skip, min=0, max=199,
+                             tooltip="Steps skipped per stage thanks to the warm start (UltraGen: 10 of 28)."),
+                io.Float.Input("cfg", default=D.cfg, min=0.0, max=20.0, step=0.1,
+                               tooltip="Classifier-free guidance (FLUX dev: 1, with the guidance in the prompt)."),
+                io.Combo.Input("sampler_name", options=list(comfy.samplers.SAMPLER_NAMES), default=D.sampler_name,
+                               tooltip="ComfyUI sampler."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default=D.scheduler,
+                               tooltip="ComfyUI scheduler (FLUX: simple)."),
+                io.Combo.Input("method", options=list(METHODS), default=D.method,
+                               tooltip="How each stage upsamples the previous one (see Warm-Start Latent)."),
+                io.Float.Input("sharpen", default=D.sharpen, min=0.0, max=2.0, step=0.05,
+                               tooltip="Unsharp mask on each upsampled stage (0 = off)."),
+                io.Float.Input("shift_mu", default=D.shift_mu, min=0.0, max=10.0, step=0.01,
+                               tooltip="Constant FLUX shift at every size."),
+                io.Combo.Input("guidance_scope", options=["global", "local"], default=D.guidance_scope,
+                               tooltip="global: every window sees the whole previous stage; local: only its "
+                               "neighbourhood (much faster at 8K)."),
+            ],
+            outputs=[io.Image.Output(display_name="image"), io.Latent.Output(display_name="latent")],
+        )  # fmt: skip
+
+    @classmethod
+    def execute(
+        cls, model, positive, negative, vae, seed, stages, scale, steps, skip, cfg, sampler_name, scheduler, method,
+        sharpen, shift_mu, guidance_scope, latent=None, image=None,
+    ) -> io.NodeOutput:  # fmt: skip
+        if (latent is None) == (image is None):
+            raise ValueError("Recursive Upscale: connect either a latent or an image to upscale, not both")
+        samples = latent["samples"] if latent is not None else exact_encode(vae, image)
+        settings = StageSettings(
+            scale=scale, steps=steps, skip=skip, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,
+            method=method, sharpen=sharpen, shift_mu=shift_mu, guidance_scope=guidance_scope,
+        )  # fmt: skip
+        out, decoded = recursive_upscale(model, positive, negative, vae, samples, stages, settings, seed)
+        return io.NodeOutput(decoded, {"samples": out})

@@ -1,0 +1,114 @@
+"""Recursive upscaling: 1K -> 2K -> 4K -> 8K, each stage guided by the one before.
+
+Why: UltraGen generates ultra-high resolutions recursively: the previous result is both
+the warm start (upsampled, the early steps skipped) and the low-res guidance of the next
+stage. One stage here = guidance from the previous latent, the UltraGen patch, a warm
+start, sampling, and an exact VAE decode (for the preview and the image output).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import comfy.model_management
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+import torch
+
+from .exact_vae import exact_decode
+from .flux_patch import UltraGenFluxPatch
+from .options import Guidance, PatchOptions
+from .warm_start import upsample_latent, warm_start_sigmas
+
+PREVIEW_SIZE = 512
+
+
+class RecursiveUpscaleError(RuntimeError):
+    """A stage that failed; the message names the stage, its size, and the cause."""
+
+
+@dataclass(frozen=True)
+class StageSettings:
+    """How every stage samples; defaults follow UltraGen (28 steps, 10 skipped)."""
+
+    scale: float = 2.0
+    steps: int = 28
+    skip: int = 10
+    cfg: float = 1.0
+    sampler_name: str = "euler"
+    scheduler: str = "simple"
+    method: str = "latent bicubic"
+    sharpen: float = 0.0
+    shift_mu: float = 1.15
+    guidance_scope: str = "global"
+
+    def target(self, samples: torch.Tensor) -> tuple[int, int]:
+        """(width, height) in pixels of the next stage, on the 16-pixel grid FLUX works on."""
+        w, h = samples.shape[-1] * 8, samples.shape[-2] * 8
+        return max(16, round(w * self.scale / 16) * 16), max(16, round(h * self.scale / 16) * 16)
+
+
+def check_settings(settings: StageSettings, stages: int) -> None:
+    if stages < 1:
+        raise ValueError(f"Recursive Upscale needs at least 1 stage, got {stages}")
+    if settings.scale <= 1:
+        raise ValueError(f"scale per stage must be above 1 (it upscales), got {settings.scale}")
+    if settings.sampler_name not in comfy.samplers.SAMPLER_NAMES:
+        raise ValueError(f"sampler must be one of ComfyUI's samplers, got {settings.sampler_name!r}")
+
+
+def run_stage(
+    model, positive, negative, vae, samples: torch.Tensor, settings: StageSettings, seed: int,
+    progress: comfy.utils.ProgressBar, done: int, total: int,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One stage: ``samples`` (VAE latent space) -> (latent, image) at ``settings.scale`` times the size."""
+    width, height = settings.target(samples)
+    guidance = Guidance(samples.detach().cpu().float(), width, height)
+    options = PatchOptions(guidance_scope=settings.guidance_scope, shift_mu=settings.shift_mu)
+    patched = UltraGenFluxPatch(options, guidance=guidance).apply(model)
+    start = upsample_latent(samples, width, height, settings.method, vae, settings.sharpen)
+    sigmas = warm_start_sigmas(settings.steps, settings.skip, 0.0, settings.shift_mu, settings.scheduler)
+    noise = comfy.sample.prepare_noise(start, seed)
+    previewer = latent_preview.get_previewer(patched.load_device, patched.model.latent_format)
+
+    def callback(step, x0, x, steps):
+        comfy.model_management.throw_exception_if_processing_interrupted()  # cancelling works between steps
+        preview = previewer.decode_latent_to_preview_image("JPEG", x0) if previewer else None
+        progress.update_absolute(done + step + 1, total, preview)
+
+    sampler = comfy.samplers.sampler_object(settings.sampler_name)
+    out = comfy.sample.sample_custom(patched, noise, settings.cfg, sampler, sigmas, positive, negative, start,
+                                     callback=callback, disable_pbar=True, seed=seed)  # fmt: skip
+    image = exact_decode(vae, out, progress=False)
+    progress.update_absolute(done + len(sigmas) - 1, total, ("JPEG", _preview(image), PREVIEW_SIZE))
+    return out, image
+
+
+def _preview(image: torch.Tensor):
+    from PIL import Image
+
+    array = (image[0].clamp(0, 1) * 255).to(torch.uint8).cpu().numpy()
+    return Image.fromarray(array)
+
+
+def recursive_upscale(model, positive, negative, vae, samples: torch.Tensor, stages: int, settings: StageSettings,
+                      seed: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Run ``stages`` stages from ``samples``; stage i uses seed + i. Returns the last (latent, image)."""
+    check_settings(settings, stages)
+    per_stage = len(warm_start_sigmas(settings.steps, settings.skip, 0.0, settings.shift_mu, settings.scheduler)) - 1
+    progress = comfy.utils.ProgressBar(stages * per_stage)
+    image = None
+    for i in range(stages):
+        width, height = settings.target(samples)
+        try:
+            samples, image = run_stage(model, positive, negative, vae, samples, settings, seed + i, progress,
+                                       i * per_stage, stages * per_stage)  # fmt: skip
+        except comfy.model_management.InterruptProcessingException:
+            raise
+        except Exception as exc:
+            raise RecursiveUpscaleError(
+                f"Recursive Upscale stage {i + 1} of {stages} ({width}x{height} px) failed: {exc}"
+            ) from exc
+    return samples, image

@@ -1,0 +1,79 @@
+"""Recursive Upscale in the real ComfyUI, on a tiny FLUX and a FLUX-architecture VAE."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.usefixtures("comfy_nodes")
+
+FAST = dict(scale=2.0, steps=4, skip=1, cfg=1.0, sampler_name="euler", scheduler="simple", method="latent bicubic",
+            sharpen=0.0, shift_mu=1.15, guidance_scope="global")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def parts(comfyui):
+    from comfy_flux import conditioning, flux_vae, tiny_flux
+
+    return tiny_flux(seed=7), conditioning(6, 1), conditioning(6, 2), flux_vae(seed=3)
+
+
+def upscale(parts, seed, stages, **inputs):
+    from ultragen.nodes.recursive_upscale import UltraGenRecursiveUpscale
+
+    model, pos, neg, vae = parts
+    return UltraGenRecursiveUpscale.execute(model, pos, neg, vae, seed, stages, **{**FAST, **inputs}).result
+
+
+def test_two_stages_equal_two_chained_single_stage_nodes(parts):
+    low = {"samples": torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(0))}  # 48 x 32 px
+    image2, latent2 = upscale(parts, 5, 2, latent=low)
+    _, mid = upscale(parts, 5, 1, latent=low)
+    image_b, latent_b = upscale(parts, 6, 1, latent=mid)
+    assert latent2["samples"].shape == (1, 16, 16, 24) and image2.shape == (1, 128, 192, 3)
+    assert torch.equal(latent2["samples"], latent_b["samples"])
+    assert torch.equal(image2, image_b)
+    assert torch.isfinite(latent2["samples"]).all()
+
+
+def test_image_input_and_progress(parts, monkeypatch):
+    import comfy.utils
+
+    calls = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda v, t, p, node_id=None: calls.append((v, t, p)))
+    image, latent = upscale(parts, 1, 2, image=torch.rand(1, 32, 48, 3, generator=torch.Generator().manual_seed(1)))
+    assert image.shape == (1, 128, 192, 3)
+    first = next(i for i, (_, t, _) in enumerate(calls) if t == 6)  # after the input image's own encode bar
+    assert {t for _, t, _ in calls[first:]} == {2 * 3}  # then one bar: 2 stages x 3 remaining steps
+    assert [v for v, _, _ in calls][-1] == 6
+    stage_previews = [p for _, _, p in calls if p is not None and p[1].size == (192, 128)]
+    assert len(stage_previews) == 1  # the last stage's decoded image (the first is 96 x 64)
+
+
+def test_errors_name_the_stage(parts):
+    from ultragen.patch.recursive_upscale import RecursiveUpscaleError
+
+    with pytest.raises(ValueError, match="either a latent or an image"):
+        upscale(parts, 0, 1)
+    four_channels = {"samples": torch.randn(1, 4, 4, 6)}
+    with pytest.raises(RecursiveUpscaleError, match=r"stage 1 of 2 \(96x64 px\) failed: .*4 channels"):
+        upscale(parts, 0, 2, latent=four_channels)
+    with pytest.raises(ValueError, match="scale per stage must be above 1"):
+        upscale(parts, 0, 1, latent=four_channels, scale=1.0)
+
+
+def test_cancelling_stops_between_steps(parts, monkeypatch):
+    import comfy.model_management as mm
+
+    calls = {"n": 0}
+
+    def interrupt_on_second_step():
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise mm.InterruptProcessingException()
+
+    monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", interrupt_on_second_step)
+    low = {"samples": torch.randn(1, 16, 4, 6)}
+    with pytest.raises(mm.InterruptProcessingException):
+        upscale(parts, 0, 2, latent=low)
+    assert calls["n"] == 2
