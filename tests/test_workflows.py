@@ -1,0 +1,161 @@
+"""The shipped workflows: they load, validate in ComfyUI, and run end to end in its executor."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("comfy_nodes")
+
+WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+NAMES = ["flux_2k_from_1k", "flux_4k_from_1k", "flux_8k_recursive", "scalediff_4k"]
+MODEL_FILES = {
+    "diffusion_models": ["flux1-dev.safetensors"],
+    "text_encoders": ["clip_l.safetensors", "t5xxl_fp16.safetensors"],
+    "vae": ["ae.safetensors"],
+}
+SIZE_INPUTS = ("width", "height", "target_width", "target_height")
+
+
+@pytest.fixture(scope="module")
+def registry(comfy_nodes):
+    sys.path.insert(0, str(WORKFLOWS))
+    import build
+
+    build.load_node_registry(build.HERE.parent)
+    return build
+
+
+@pytest.fixture
+def model_files(tmp_path):
+    """Empty files with the workflows' model names, so that ComfyUI's validation finds them."""
+    import folder_paths
+
+    for folder, names in MODEL_FILES.items():
+        (tmp_path / folder).mkdir()
+        for name in names:
+            (tmp_path / folder / name).touch()
+        folder_paths.add_model_folder_path(folder, str(tmp_path / folder))
+    return tmp_path
+
+
+def load(name: str):
+    return json.loads((WORKFLOWS / f"{name}.json").read_text()), json.loads(
+        (WORKFLOWS / f"{name}.api.json").read_text()
+    )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_workflow_matches_the_registry_and_its_api_version(registry, name):
+    ui, api = load(name)
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    assert any(n["type"] == "Note" for n in ui["nodes"]), "every workflow explains itself in a Note"
+    converted = {}
+    for n in ui["nodes"]:
+        if n["type"] == "Note":
+            continue
+        inputs_def, outputs_def = registry.definition(n["type"])  # raises if the node type does not exist
+        values = iter(n["widgets_values"])
+        inputs = {}
+        for input_name, _, widget, seed, _ in inputs_def:
+            if widget:
+                inputs[input_name] = next(values)
+                if seed:
+                    assert next(values) in ("fixed", "randomize", "increment", "decrement")
+        assert next(values, None) is None, f"{n['type']}: more widget values than widgets"
+        for socket in n["inputs"]:
+            if socket["link"] is not None:
+                link = next(lk for lk in ui["links"] if lk[0] == socket["link"])
+                source = nodes[link[1]]
+                assert source["outputs"][link[2]]["type"] == socket["type"] == link[5]
+                assert link[3] == n["id"]
+                inputs[socket["name"]] = [str(link[1]), link[2]]
+        assert [o["type"] for o in n["outputs"]] == [t for _, t in outputs_def]
+        converted[str(n["id"])] = {"class_type": n["type"], "inputs": inputs}
+    assert converted == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_api_workflow_passes_comfyuis_validation(registry, model_files, name):
+    import execution
+
+    _, api = load(name)
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("test", api, None))
+    assert valid, (error, node_errors)
+    assert outputs
+
+
+def _small(prompt: dict) -> dict:
+    """The same workflow at 1/16 of the size, with tiny step counts for a CPU."""
+    prompt = json.loads(json.dumps(prompt))
+    for node in prompt.values():
+        inputs = node["inputs"]
+        for key in SIZE_INPUTS:
+            if key in inputs and not isinstance(inputs[key], list):
+                inputs[key] //= 16
+        if node["class_type"] in ("KSampler", "UltraGenWarmStartLatent", "UltraGenRecursiveUpscale"):
+            inputs["steps"] = 4
+            if "skip" in inputs:
+                inputs["skip"] = 1
+        if node["class_type"] == "UltraGenAttentionPatch" and inputs["mode"] == "npa":
+            inputs["window"] = 4
+    return prompt
+
+
+class _Server:
+    """Receives the executor's messages (there is no browser to show them to)."""
+
+    client_id = None
+    last_node_id = None
+
+    def __init__(self):
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_runs_end_to_end_in_comfyuis_executor(registry, model_files, tmp_path, monkeypatch, name):
+    import execution
+    import folder_paths
+
+    import nodes
+
+    from comfy_flux import TinyCLIP, flux_vae, tiny_flux
+
+    class TinyUNETLoader(nodes.UNETLoader):
+        def load_unet(self, unet_name, weight_dtype):
+            return (tiny_flux(seed=1),)
+
+    class TinyDualCLIPLoader(nodes.DualCLIPLoader):
+        def load_clip(self, clip_name1, clip_name2, type, device="default"):
+            return (TinyCLIP(),)
+
+    class TinyVAELoader(nodes.VAELoader):
+        def load_vae(self, vae_name):
+            return (flux_vae(seed=2),)
+
+    for key, cls in (("UNETLoader", TinyUNETLoader), ("DualCLIPLoader", TinyDualCLIPLoader),
+                     ("VAELoader", TinyVAELoader)):  # fmt: skip
+        monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, key, cls)
+    out_dir = tmp_path / "output"
+    out_dir.mkdir()
+    monkeypatch.setattr(folder_paths, "output_directory", str(out_dir))
+
+    _, api = load(name)
+    prompt = _small(api)
+    valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
+    assert valid, (error, node_errors)
+    server = _Server()
+    executor = execution.PromptExecutor(server)
+    executor.execute(prompt, "test", {}, outputs)
+    errors = [m for m in server.messages if m[0] == "execution_error"]
+    assert executor.success, errors
+    saved = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*.png"))
+    prefixes = sorted(n["inputs"]["filename_prefix"] for n in prompt.values() if n["class_type"] == "SaveImage")
+    assert len(saved) == len(prefixes) and all(any(s.startswith(p) for s in saved) for p in prefixes), saved

@@ -1,0 +1,302 @@
+"""Writes the shipped workflows, UI format (drag and drop) and API format, from one description.
+
+Why generated: a UI workflow lists each node's widget values by position (seeds carry an
+extra "control after generate" value); reading every node's inputs from the real node
+registry makes both formats right by construction and keeps them in step.
+
+    COMFYUI_PATH=/path/to/ComfyUI python workflows/build.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+PROMPT = (
+    "a sunlit alpine valley with a wooden chalet, wildflowers in the foreground, snow-capped peaks, "
+    "crisp detail, photograph"
+)
+MODEL_FILES = (
+    "Model files (put them in ComfyUI/models/...): diffusion_models/flux1-dev.safetensors, "
+    "text_encoders/clip_l.safetensors, text_encoders/t5xxl_fp16.safetensors, vae/ae.safetensors."
+)
+
+
+@dataclass(frozen=True)
+class Out:
+    node: int
+    slot: int
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    inputs: dict
+    title: str | None = None
+
+    def __getitem__(self, slot: int) -> Out:
+        return Out(self.id, slot)
+
+
+@dataclass
+class Graph:
+    name: str
+    nodes: list[Node] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def node(self, type_: str, title: str | None = None, **inputs) -> Node:
+        n = Node(len(self.nodes) + 1, type_, inputs, title)
+        self.nodes.append(n)
+        return n
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+
+def definition(type_: str) -> tuple[list[tuple[str, str, bool, bool, object]], list[tuple[str, str]]]:
+    """([(input, type, is_widget, has_seed_control, default)], [(output name, type)]) from the node registry."""
+    import nodes
+
+    cls = nodes.NODE_CLASS_MAPPINGS[type_]
+    spec = cls.INPUT_TYPES()
+    inputs = []
+    for section in ("required", "optional"):
+        for name, entry in spec.get(section, {}).items():
+            kind, opts = entry[0], (entry[1] if len(entry) > 1 else {}) or {}
+            options = list(kind) if isinstance(kind, (list, tuple)) else opts.get("options")
+            kind = "COMBO" if isinstance(kind, (list, tuple)) else str(getattr(kind, "value", kind))
+            widget = kind in WIDGET_TYPES and not opts.get("forceInput", False)
+            default = opts.get("default", options[0] if options else None)
+            inputs.append((name, kind, widget, bool(opts.get("control_after_generate", False)), default))
+    types = [str(getattr(t, "value", t)) for t in cls.RETURN_TYPES]
+    names = list(getattr(cls, "RETURN_NAMES", None) or types)
+    return inputs, list(zip(names, types, strict=True))
+
+
+def complete(n: Node) -> dict:
+    """The node's inputs with every widget it leaves out at the node's own default."""
+    inputs = dict(n.inputs)
+    for name, _, widget, _, default in definition(n.type)[0]:
+        if widget and name not in inputs:
+            inputs[name] = default
+    return inputs
+
+
+def to_api(graph: Graph) -> dict:
+    prompt = {}
+    for n in graph.nodes:
+        inputs = {k: [str(v.node), v.slot] if isinstance(v, Out) else v for k, v in complete(n).items()}
+        prompt[str(n.id)] = {"class_type": n.type, "inputs": inputs, "_meta": {"title": n.title or n.type}}
+    return prompt
+
+
+def _depths(graph: Graph) -> dict[int, int]:
+    depth: dict[int, int] = {}
+    for n in graph.nodes:  # nodes are created after their inputs
+        srcs = [v.node for v in n.inputs.values() if isinstance(v, Out)]
+        depth[n.id] = 1 + max((depth[s] for s in srcs), default=-1)
+    return depth
+
+
+def to_ui(graph: Graph) -> dict:
+    depth = _depths(graph)
+    rows: dict[int, int] = {}
+    links, ui_nodes = [], []
+    outputs: dict[int, list] = {}
+    for n in graph.nodes:
+        inputs_def, outputs_def = definition(n.type)
+        outputs[n.id] = [
+            {"name": name, "type": t, "links": [], "slot_index": i} for i, (name, t) in enumerate(outputs_def)
+        ]
+    for order, n in enumerate(graph.nodes):
+        inputs_def, _ = definition(n.type)
+        sockets, widgets = [], []
+        values = complete(n)
+        for name, kind, widget, seed, _ in inputs_def:
+            value = values.get(name)
+            if widget:
+                if isinstance(value, Out):
+                    raise ValueError(f"{n.type}.{name} is a widget; this builder does not link widgets")
+                widgets.append(value)
+                if seed:
+                    widgets.append("fixed")
+            else:
+                link = None
+                if isinstance(value, Out):
+                    link = len(links) + 1
+                    links.append([link, value.node, value.slot, n.id, len(sockets), kind])
+                    outputs[value.node][value.slot]["links"].append(link)
+                sockets.append({"name": name, "type": kind, "link": link})
+        row = rows.get(depth[n.id], 0)
+        rows[depth[n.id]] = row + 1
+        ui_nodes.append({
+            "id": n.id, "type": n.type, "pos": [40 + 380 * depth[n.id], 40 + 260 * row], "size": [340, 200],
+            "flags": {}, "order": order, "mode": 0, "inputs": sockets, "outputs": outputs[n.id],
+            "properties": {"Node name for S&R": n.type}, "widgets_values": widgets,
+            **({"title": n.title} if n.title else {}),
+        })  # fmt: skip
+    for i, text in enumerate(graph.notes):
+        ui_nodes.append({
+            "id": len(graph.nodes) + 1 + i, "type": "Note", "pos": [40, -300 - 320 * i], "size": [700, 280],
+            "flags": {}, "order": len(ui_nodes), "mode": 0, "inputs": [], "outputs": [],
+            "properties": {}, "widgets_values": [text],
+        })  # fmt: skip
+    return {
+        "last_node_id": len(ui_nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
+        "groups": [], "config": {}, "extra": {"ds": {"scale": 0.6, "offset": [0, 0]}}, "version": 0.4,
+    }  # fmt: skip
+
+
+# -- the workflows --------------------------------------------------------------------------
+
+
+def _base(g: Graph, width: int = 1024, height: int = 1024):
+    """Loaders, prompt, and the 1K FLUX image everything starts from."""
+    model = g.node("UNETLoader", unet_name="flux1-dev.safetensors", weight_dtype="default")
+    clip = g.node("DualCLIPLoader", clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors", type="flux")
+    vae = g.node("VAELoader", vae_name="ae.safetensors")
+    text = g.node("CLIPTextEncode", title="Prompt", text=PROMPT, clip=clip[0])
+    positive = g.node("FluxGuidance", conditioning=text[0], guidance=3.5)
+    negative = g.node("ConditioningZeroOut", conditioning=text[0])
+    empty = g.node("EmptyLatentImage", width=width, height=height, batch_size=1)
+    low = g.node("KSampler", title="Low-res 1K", model=model[0], seed=42, steps=28, cfg=1.0, sampler_name="euler",
+                 scheduler="simple", positive=positive[0], negative=negative[0], latent_image=empty[0],
+                 denoise=1.0)  # fmt: skip
+    preview = g.node("VAEDecode", samples=low[0], vae=vae[0])
+    g.node("SaveImage", images=preview[0], filename_prefix="ultragen/1k")
+    return model, positive, negative, vae, low
+
+
+def _ultragen_stage(g: Graph, model, positive, vae, latent, size: int, scope: str, seed: int, prefix: str):
+    """Low-res guidance + warm start + windowed attention + sampling + exact decode."""
+    guidance = g.node("UltraGenLowResGuidanceEncode", target_width=size, target_height=size, latent=latent)
+    patched = g.node("UltraGenAttentionPatch", model=model[0], guidance=guidance[0], guidance_lora="none",
+                     lora_strength=1.0, mode="ultragen", window=16, neighbour_radius=1, token_order="window-first",
+                     guidance_scope=scope, guidance_radius=1, guidance_tokens="noised", ntk_factor=10.0,
+                     constant_shift=True, shift_mu=1.15, backend="auto")  # fmt: skip
+    warm = g.node("UltraGenWarmStartLatent", latent=latent, target_width=size, target_height=size,
+                  method="latent bicubic", sharpen=0.0, steps=28, skip=10, start_sigma=0.0, shift_mu=1.15,
+                  scheduler="simple")  # fmt: skip
+    noise = g.node("RandomNoise", noise_seed=seed)
+    guider = g.node("BasicGuider", model=patched[0], conditioning=positive[0])
+    sampler = g.node("KSamplerSelect", sampler_name="euler")
+    sampled = g.node("SamplerCustomAdvanced", noise=noise[0], guider=guider[0], sampler=sampler[0],
+                     sigmas=warm[1], latent_image=warm[0])  # fmt: skip
+    image = g.node("UltraGenVAEDecodeExact", samples=sampled[0], vae=vae[0], offload="auto")
+    g.node("SaveImage", images=image[0], filename_prefix=prefix)
+    return sampled
+
+
+def flux_from_1k(size: int) -> Graph:
+    g = Graph(f"flux_{size // 1024}k_from_1k")
+    model, positive, _, vae, low = _base(g)
+    _ultragen_stage(g, model, positive, vae, low[0], size, "global", 43, f"ultragen/{size // 1024}k")
+    g.note(
+        f"UltraGen: FLUX at {size}x{size} from a 1024x1024 image.\n\n"
+        "1. The KSampler makes the 1K image as usual (change the prompt and seed there).\n"
+        "2. Low-Res Guidance Encode turns it into guidance: every 256-px window of the big image can see the "
+        "whole small one, which keeps one composition.\n"
+        "3. UltraGen Attention Patch makes FLUX attend in windows (fast at high resolution).\n"
+        "4. Warm-Start Latent upsamples the 1K latent and skips 10 of 28 steps; SamplerCustomAdvanced runs "
+        "the other 18 and adds the noise itself.\n"
+        "5. VAE Decode (Exact, Low Memory) decodes without tiles or seams.\n\n"
+        "Knobs: skip (more = closer to the 1K image, faster), guidance_scope (local = faster, at 8K), window.\n"
+        f"{MODEL_FILES}"
+    )
+    return g
+
+
+def flux_8k_recursive() -> Graph:
+    g = Graph("flux_8k_recursive")
+    model, positive, negative, vae, low = _base(g)
+    latent = low[0]
+    for size, seed, scope in ((2048, 43, "global"), (4096, 44, "global"), (8192, 45, "local")):
+        stage = g.node("UltraGenRecursiveUpscale", title=f"Upscale to {size // 1024}K", model=model[0],
+                       positive=positive[0], negative=negative[0], vae=vae[0], latent=latent, seed=seed, stages=1,
+                       scale=2.0, steps=28, skip=10, cfg=1.0, sampler_name="euler", scheduler="simple",
+                       method="latent bicubic", sharpen=0.0, shift_mu=1.15, guidance_scope=scope)  # fmt: skip
+        g.node("SaveImage", images=stage[0], filename_prefix=f"ultragen/{size // 1024}k")
+        latent = stage[1]
+    g.note(
+        "UltraGen recursive: 1K -> 2K -> 4K -> 8K. Each Recursive Upscale node doubles the size, using the "
+        "previous image as guidance and as its starting point (10 of 28 steps skipped), and saves its stage.\n"
+        "The 8K stage uses local guidance (each window sees the guidance around it), much faster at 8K.\n"
+        "Set stages > 1 on one node to do several doublings in one node instead.\n"
+        "Needs: 8K takes ~55 GB of GPU memory in bf16 (H100/H200 class); 4K ~30 GB.\n"
+        f"{MODEL_FILES}"
+    )
+    return g
+
+
+def scalediff_4k() -> Graph:
+    g = Graph("scalediff_4k")
+    model, positive, _, vae, low = _base(g)
+    latent = low[0]
+    for size, seed in ((2048, 43), (4096, 44)):
+        warm = g.node("UltraGenWarmStartLatent", title=f"LFM to {size // 1024}K", latent=latent, target_width=size,
+                      target_height=size, method="LFM mix", sharpen=0.0, steps=30, skip=0, start_sigma=0.6,
+                      shift_mu=1.15, scheduler="simple", vae=vae[0])  # fmt: skip
+        npa = g.node("UltraGenAttentionPatch", model=model[0], guidance_lora="none", lora_strength=1.0, mode="npa",
+                     window=16, neighbour_radius=1, token_order="window-first", guidance_scope="global",
+                     guidance_radius=1, guidance_tokens="noised", ntk_factor=1.0, constant_shift=True, shift_mu=1.15,
+                     backend="auto")  # fmt: skip
+        guided = g.node("UltraGenStructureGuidance", model=npa[0], reference=warm[0], strength=1.0, schedule="sigma")
+        noise = g.node("RandomNoise", noise_seed=seed)
+        guider = g.node("BasicGuider", model=guided[0], conditioning=positive[0])
+        sampler = g.node("KSamplerSelect", sampler_name="euler")
+        sampled = g.node("SamplerCustomAdvanced", noise=noise[0], guider=guider[0], sampler=sampler[0],
+                         sigmas=warm[1], latent_image=warm[0])  # fmt: skip
+        image = g.node("UltraGenVAEDecodeExact", samples=sampled[0], vae=vae[0], offload="auto")
+        g.node("SaveImage", images=image[0], filename_prefix=f"scalediff/{size // 1024}k")
+        latent = sampled[0]
+    g.note(
+        "ScaleDiff (training-free): 1K -> 2K -> 4K. Each stage mixes frequencies of the latent- and RGB-upsampled "
+        "image (LFM), restarts at noise 0.6, samples with Neighborhood Patch Attention (npa), and keeps the "
+        "structure of the upsampled image with Structure Guidance.\n"
+        f"{MODEL_FILES}"
+    )
+    return g
+
+
+WORKFLOWS = {
+    "flux_2k_from_1k": lambda: flux_from_1k(2048),
+    "flux_4k_from_1k": lambda: flux_from_1k(4096),
+    "flux_8k_recursive": flux_8k_recursive,
+    "scalediff_4k": scalediff_4k,
+}
+
+
+def load_node_registry(pack_root: Path) -> None:
+    """ComfyUI's core and extra nodes, and this pack's, as a running ComfyUI would have them (once)."""
+    import nodes
+
+    if "FluxGuidance" not in nodes.NODE_CLASS_MAPPINGS:  # comfy_extras not loaded yet
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    if "UltraGenAttentionPatch" not in nodes.NODE_CLASS_MAPPINGS:
+        asyncio.run(nodes.load_custom_node(str(pack_root)))
+
+
+def main() -> None:
+    sys.path.insert(0, str(HERE.parent.parent))
+    from ultragen.comfy_env import PACK_ROOT, find_comfyui, import_comfyui
+
+    path = find_comfyui()
+    if path is None:
+        sys.exit("workflows/build.py needs ComfyUI: set COMFYUI_PATH=/path/to/ComfyUI")
+    import_comfyui(path, cpu=True)
+    load_node_registry(PACK_ROOT)
+    for name, build in WORKFLOWS.items():
+        graph = build()
+        (HERE / f"{name}.json").write_text(json.dumps(to_ui(graph), indent=2) + "\n")
+        (HERE / f"{name}.api.json").write_text(json.dumps(to_api(graph), indent=2) + "\n")
+        print(f"wrote workflows/{name}.json and {name}.api.json ({len(graph.nodes)} nodes)")
+
+
+if __name__ == "__main__":
+    main()
