@@ -67,9 +67,11 @@ def group_norm_silu(norm: torch.nn.GroupNorm, stats, silu: bool = True) -> Pre:
     return apply
 
 
-def _conv_weights(conv: torch.nn.Conv2d, like: torch.Tensor, compute: torch.device):
-    bias = conv.bias.to(compute, like.dtype) if conv.bias is not None else None
-    return conv.weight.to(compute, like.dtype), bias
+def _prepare(x: torch.Tensor, conv: torch.nn.Conv2d, compute: torch.device | None):
+    """(compute device, weight, bias) for running ``conv`` on bands of x."""
+    compute = compute or x.device
+    bias = conv.bias.to(compute, x.dtype) if conv.bias is not None else None
+    return compute, conv.weight.to(compute, x.dtype), bias
 
 
 def _empty(x: torch.Tensor, *shape: int) -> torch.Tensor:
@@ -86,8 +88,7 @@ def conv3x3(
 
     ``out`` may be ``add`` itself (or x when no later band reads it) to save memory.
     """
-    compute = compute or x.device
-    weight, bias = _conv_weights(conv, x, compute)
+    compute, weight, bias = _prepare(x, conv, compute)
     b, _, h, w = x.shape
     if out is None:
         out = _empty(x, b, weight.shape[0], h, w)
@@ -109,8 +110,7 @@ def conv3x3(
 def conv1x1(x: torch.Tensor, conv: torch.nn.Conv2d, band_elements: int = DEFAULT_BAND_ELEMENTS,
             compute: torch.device | None = None) -> torch.Tensor:  # fmt: skip
     """A pointwise convolution, band by band."""
-    compute = compute or x.device
-    weight, bias = _conv_weights(conv, x, compute)
+    compute, weight, bias = _prepare(x, conv, compute)
     out = _empty(x, x.shape[0], weight.shape[0], *x.shape[2:])
     step = band_rows(x, max(x.shape[1], weight.shape[0]), band_elements)
     for r0 in range(0, x.shape[2], step):
@@ -124,8 +124,7 @@ def upsample2_conv3x3(
     compute: torch.device | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """``conv(nearest_upsample_x2(x))`` band by band, never holding the upsampled image whole."""
-    compute = compute or x.device
-    weight, bias = _conv_weights(conv, x, compute)
+    compute, weight, bias = _prepare(x, conv, compute)
     b, _, h, w = x.shape
     out = _empty(x, b, weight.shape[0], 2 * h, 2 * w)
     big = 2 * h
@@ -146,8 +145,7 @@ def pad_conv3x3_stride2(
     compute: torch.device | None = None,
 ) -> torch.Tensor:  # fmt: skip
     """``conv(pad(x, right 1, bottom 1))`` with stride 2 and no padding (the VAE's Downsample), band by band."""
-    compute = compute or x.device
-    weight, bias = _conv_weights(conv, x, compute)
+    compute, weight, bias = _prepare(x, conv, compute)
     b, _, h, w = x.shape
     out_h, out_w = (h + 1 - 3) // 2 + 1, (w + 1 - 3) // 2 + 1
     out = _empty(x, b, weight.shape[0], out_h, out_w)

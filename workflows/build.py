@@ -173,13 +173,18 @@ def _base(g: Graph, width: int = 1024, height: int = 1024):
     return model, positive, negative, vae, low
 
 
+def _attention_patch(g: Graph, model, **options):
+    """UltraGen Attention Patch with the papers' defaults, overridden by ``options``."""
+    defaults = dict(guidance_lora="none", lora_strength=1.0, mode="ultragen", window=16, neighbour_radius=1,
+                    token_order="window-first", guidance_scope="global", guidance_radius=1, guidance_tokens="noised",
+                    ntk_factor=10.0, constant_shift=True, shift_mu=1.15, backend="auto")  # fmt: skip
+    return g.node("UltraGenAttentionPatch", model=model[0], **{**defaults, **options})
+
+
 def _ultragen_stage(g: Graph, model, positive, vae, latent, size: int, scope: str, seed: int, prefix: str):
     """Low-res guidance + warm start + windowed attention + sampling + exact decode."""
     guidance = g.node("UltraGenLowResGuidanceEncode", target_width=size, target_height=size, latent=latent)
-    patched = g.node("UltraGenAttentionPatch", model=model[0], guidance=guidance[0], guidance_lora="none",
-                     lora_strength=1.0, mode="ultragen", window=16, neighbour_radius=1, token_order="window-first",
-                     guidance_scope=scope, guidance_radius=1, guidance_tokens="noised", ntk_factor=10.0,
-                     constant_shift=True, shift_mu=1.15, backend="auto")  # fmt: skip
+    patched = _attention_patch(g, model, guidance=guidance[0], guidance_scope=scope)
     warm = g.node("UltraGenWarmStartLatent", latent=latent, target_width=size, target_height=size,
                   method="latent bicubic", sharpen=0.0, steps=28, skip=10, start_sigma=0.0, shift_mu=1.15,
                   scheduler="simple")  # fmt: skip
@@ -242,10 +247,7 @@ def scalediff_4k() -> Graph:
         warm = g.node("UltraGenWarmStartLatent", title=f"LFM to {size // 1024}K", latent=latent, target_width=size,
                       target_height=size, method="LFM mix", sharpen=0.0, steps=30, skip=0, start_sigma=0.6,
                       shift_mu=1.15, scheduler="simple", vae=vae[0])  # fmt: skip
-        npa = g.node("UltraGenAttentionPatch", model=model[0], guidance_lora="none", lora_strength=1.0, mode="npa",
-                     window=16, neighbour_radius=1, token_order="window-first", guidance_scope="global",
-                     guidance_radius=1, guidance_tokens="noised", ntk_factor=1.0, constant_shift=True, shift_mu=1.15,
-                     backend="auto")  # fmt: skip
+        npa = _attention_patch(g, model, mode="npa", ntk_factor=1.0)
         guided = g.node("UltraGenStructureGuidance", model=npa[0], reference=warm[0], strength=1.0, schedule="sigma")
         noise = g.node("RandomNoise", noise_seed=seed)
         guider = g.node("BasicGuider", model=guided[0], conditioning=positive[0])
