@@ -188,8 +188,13 @@ def _ultragen_stage(g: Graph, model, positive, vae, latent, size: int, scope: st
     warm = g.node("UltraGenWarmStartLatent", latent=latent, target_width=size, target_height=size,
                   method="latent bicubic", sharpen=0.0, steps=28, skip=10, start_sigma=0.0, shift_mu=1.15,
                   scheduler="simple")  # fmt: skip
+    return _sample_and_save(g, patched, positive, vae, warm, seed, prefix)
+
+
+def _sample_and_save(g: Graph, model, positive, vae, warm, seed: int, prefix: str):
+    """SamplerCustomAdvanced on a warm start (its latent and sigmas), exact decode, save."""
     noise = g.node("RandomNoise", noise_seed=seed)
-    guider = g.node("BasicGuider", model=patched[0], conditioning=positive[0])
+    guider = g.node("BasicGuider", model=model[0], conditioning=positive[0])
     sampler = g.node("KSamplerSelect", sampler_name="euler")
     sampled = g.node("SamplerCustomAdvanced", noise=noise[0], guider=guider[0], sampler=sampler[0],
                      sigmas=warm[1], latent_image=warm[0])  # fmt: skip
@@ -249,14 +254,7 @@ def scalediff_4k() -> Graph:
                       shift_mu=1.15, scheduler="simple", vae=vae[0])  # fmt: skip
         npa = _attention_patch(g, model, mode="npa", ntk_factor=1.0)
         guided = g.node("UltraGenStructureGuidance", model=npa[0], reference=warm[0], strength=1.0, schedule="sigma")
-        noise = g.node("RandomNoise", noise_seed=seed)
-        guider = g.node("BasicGuider", model=guided[0], conditioning=positive[0])
-        sampler = g.node("KSamplerSelect", sampler_name="euler")
-        sampled = g.node("SamplerCustomAdvanced", noise=noise[0], guider=guider[0], sampler=sampler[0],
-                         sigmas=warm[1], latent_image=warm[0])  # fmt: skip
-        image = g.node("UltraGenVAEDecodeExact", samples=sampled[0], vae=vae[0], offload="auto")
-        g.node("SaveImage", images=image[0], filename_prefix=f"scalediff/{size // 1024}k")
-        latent = sampled[0]
+        latent = _sample_and_save(g, guided, positive, vae, warm, seed, f"scalediff/{size // 1024}k")[0]
     g.note(
         "ScaleDiff (training-free): 1K -> 2K -> 4K. Each stage mixes frequencies of the latent- and RGB-upsampled "
         "image (LFM), restarts at noise 0.6, samples with Neighborhood Patch Attention (npa), and keeps the "
