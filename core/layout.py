@@ -115,15 +115,6 @@ class Layout:
     def guidance(self) -> GuidanceSegment | None:
         return next((s for s in self.segments if isinstance(s, GuidanceSegment)), None)
 
-    def segment_range(self, segment_type: type) -> tuple[int, int] | None:
-        """(start, stop) of the segment of that type in the sequence, or None."""
-        start = 0
-        for seg in self.segments:
-            if isinstance(seg, segment_type):
-                return start, start + _segment_len(seg)
-            start += _segment_len(seg)
-        return None
-
     def guidance_order(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Raster index (in the guidance grid) of each guidance token in sequence order."""
         g = self.guidance

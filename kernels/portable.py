@@ -17,11 +17,18 @@ from .schedule import BlockSchedule, unpack_bits
 _GATHER_ELEMENTS = 1 << 26
 
 
-def _row_slots(schedule: BlockSchedule) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query block, its tiles padded to a common width.
+def _row_slots(schedule: BlockSchedule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per query block, its tiles padded to a common width; built once per schedule.
 
-    Returns key blocks (rows, width) with -1 padding and pattern ids (-1 for full tiles).
+    Returns key blocks (rows, width) with -1 padding, pattern ids (-1 for full tiles) and
+    the partial masks unpacked to bool (patterns, block_m, block_n), or None.
     """
+    if "portable" not in schedule.derived:
+        schedule.derived["portable"] = _build_row_slots(schedule)
+    return schedule.derived["portable"]
+
+
+def _build_row_slots(schedule: BlockSchedule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     s = schedule
     rows = s.num_q_blocks
     n_full = (s.full_ptr[1:] - s.full_ptr[:-1]).long()
@@ -38,7 +45,8 @@ def _row_slots(schedule: BlockSchedule) -> tuple[torch.Tensor, torch.Tensor]:
     c = torch.arange(r.numel(), device=s.device) - s.part_ptr[:-1].long()[r] + n_full[r]
     blocks[r, c] = s.part_idx.long()
     pattern[r, c] = s.part_pattern.long()
-    return blocks, pattern
+    masks = unpack_bits(s.patterns, s.block_n) if s.patterns.numel() else None
+    return blocks, pattern, masks
 
 
 def portable_block_sparse_attention(
@@ -49,9 +57,8 @@ def portable_block_sparse_attention(
     kv_len = k.shape[2]
     bm, bn = schedule.block_m, schedule.block_n
     n_q = schedule.num_q_blocks
-    blocks, pattern = _row_slots(schedule)
+    blocks, pattern, patterns = _row_slots(schedule)
     width = blocks.shape[1]
-    patterns = unpack_bits(schedule.patterns, bn) if schedule.patterns.numel() else None
 
     q_pad = F.pad(q, (0, 0, 0, n_q * bm - q_len)).view(batch, heads, n_q, bm, dim)
     out = torch.empty_like(q_pad)

@@ -90,14 +90,6 @@ class BlockSchedule:
         """Allowed pairs over all pairs."""
         return self.allowed_pairs / float(self.q_len * self.kv_len)
 
-    def describe(self) -> str:
-        tiles = self.num_q_blocks * self.num_kv_blocks
-        return (
-            f"{self.block_m}x{self.block_n} tiles: {self.num_full} full + {self.num_partial} partial "
-            f"of {tiles} ({(self.num_full + self.num_partial) / tiles:.2%} visited), "
-            f"{self.patterns.shape[0]} distinct partial masks, density {self.density:.2%}"
-        )
-
 
 class SparsityPattern(Protocol):
     """What the attention backends need from a layout: its length and its schedules."""

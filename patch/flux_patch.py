@@ -23,6 +23,7 @@ Sequence seen by attention: [text | image (window-first) | references | guidance
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from einops import rearrange
 
 from ..core import GuidanceSegment, ImageSegment, Layout, ReferenceSegment, TextSegment
 from ..core.guidance import guidance_ids, noised
-from ..core.token_order import WindowOrder, window_first_order
+from ..core.token_order import WindowOrder, to_raster, to_window_first, window_first_order
 from ..kernels import sparse_attention
 from .guidance_lora import LoRALayer, check_fits, guidance_rows_forward
 from .options import Guidance, PatchOptions, UltraGenPatchError
@@ -47,12 +48,29 @@ KEY = "ultragen"
 log = logging.getLogger("UltraGen")
 
 
+@dataclass(frozen=True)
+class _Grid:
+    """What every call at one image size shares; built once per size and device.
+
+    Guidance tokens are kept clean and as noise separately (float32, sequence order):
+    patchifying is a rearrangement, so noising the tokens equals patchifying the noised latent.
+    """
+
+    order: WindowOrder
+    image_ids: torch.Tensor  # (n_img, 3) float32, window-first order
+    guidance_grid: tuple[int, int] | None = None
+    guidance_clean: torch.Tensor | None = None  # (Bg, n_guid, C * p * p)
+    guidance_noise: torch.Tensor | None = None
+    guidance_ids: torch.Tensor | None = None  # (n_guid, 3) float32
+
+
 @dataclass
 class _Call:
     """What one model call looks like, shared by the hooks of that call."""
 
     grid: tuple[int, int]
     order: WindowOrder
+    image_ids: torch.Tensor
     n_ref: int
     guidance_grid: tuple[int, int] | None
     guidance_tokens: torch.Tensor | None  # (B, n_guid, C * p * p), sequence order, not yet embedded
@@ -99,7 +117,7 @@ class UltraGenFluxPatch:
         self._call: _Call | None = None
         self._previous_override = None
         self._warned: set[str] = set()
-        self._noise: dict = {}
+        self._grids: dict = {}
         self._layouts: dict = {}
         self._rng = random.Random(options.seed)
 
@@ -197,31 +215,52 @@ class UltraGenFluxPatch:
             self._call = None
         # _forward laid the window-first tokens out as if they were raster: undo that once.
         tokens = rearrange(out, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=p, pw=p)
-        tokens = tokens.index_select(1, call.order.inverse.to(tokens.device))
+        tokens = to_raster(tokens, call.order)
         out = rearrange(tokens, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=call.grid[0], w=call.grid[1], ph=p, pw=p)
         return out[:, :, :h_orig, :w_orig]
 
     def _prepare_call(self, dm, x, timestep, ref_latents) -> _Call:
         p = dm.patch_size
-        grid = (x.shape[-2] // p, x.shape[-1] // p)
-        o = self.options
-        order = window_first_order(
-            grid[0], grid[1], (o.window, o.window), "hilbert" if o.token_order == "hilbert" else "raster", x.device
-        )
+        size = (x.shape[-2] // p, x.shape[-1] // p)
+        grid = self._grid(dm, size, x)
         n_ref = sum(-(-r.shape[-2] // p) * -(-r.shape[-1] // p) for r in ref_latents or [])
-        call = _Call(grid=grid, order=order, n_ref=n_ref, guidance_grid=None, guidance_tokens=None, guidance_ids=None)
+        call = _Call(
+            grid=size, order=grid.order, image_ids=grid.image_ids, n_ref=n_ref,
+            guidance_grid=grid.guidance_grid, guidance_tokens=None, guidance_ids=grid.guidance_ids,
+        )  # fmt: skip
+        o = self.options
         if o.mode == "npa" and o.npa_jitter:
             steps = list(range(0, o.npa_patch, max(1, min(8, o.npa_patch))))  # few offsets: schedules stay cached
             call.npa_offset = (self._rng.choice(steps), self._rng.choice(steps))
-        if self.guidance is not None:
-            self._prepare_guidance(dm, call, x, timestep)
+        if grid.guidance_clean is not None:
+            batch = x.shape[0]
+            tokens = comfy.utils.repeat_to_batch_size(grid.guidance_clean, batch)
+            if o.guidance_tokens == "noised":
+                noise = comfy.utils.repeat_to_batch_size(grid.guidance_noise, batch)
+                tokens = noised(tokens, noise, timestep.float().reshape(-1))
+            call.guidance_tokens = tokens.to(x.dtype)
         return call
 
-    def _prepare_guidance(self, dm, call: _Call, x, timestep) -> None:
+    def _grid(self, dm, size: tuple[int, int], x: torch.Tensor) -> _Grid:
+        """The shared state of calls at this image size (built on the first call of a sampling run)."""
+        key = (size, x.device)
+        if key in self._grids:
+            return self._grids[key]
+        order = window_first_order(size[0], size[1], self._window(), self._curve(), x.device)
+        image_ids = torch.zeros(order.perm.numel(), 3, dtype=torch.float32, device=x.device)
+        image_ids[:, 1], image_ids[:, 2] = order.y, order.x
+        grid = _Grid(order=order, image_ids=image_ids)
+        if self.guidance is not None:
+            grid = self._with_guidance(dm, grid, size, x)
+        if len(self._grids) > 8:
+            self._grids.clear()
+        self._grids[key] = grid
+        return grid
+
+    def _with_guidance(self, dm, grid: _Grid, size: tuple[int, int], x: torch.Tensor) -> _Grid:
         g = self.guidance
-        p = dm.patch_size
-        gh, gw = g.grid(p)
-        if gh > call.grid[0] or gw > call.grid[1]:
+        gh, gw = g.grid(dm.patch_size)
+        if gh > size[0] or gw > size[1]:
             raise UltraGenPatchError(
                 f"the guidance ({g.latent.shape[-1] * 8}x{g.latent.shape[-2] * 8} px) is larger than the image being "
                 f"sampled ({x.shape[-1] * 8}x{x.shape[-2] * 8} px); guidance must be the low-res image: encode a "
@@ -235,28 +274,16 @@ class UltraGenFluxPatch:
                 f"at {x.shape[-1] * 8}x{x.shape[-2] * 8} px; guidance positions are scaled to the sampled size.",
             )
         latent = self._base_model.process_latent_in(g.latent.to(x.device, torch.float32))
-        if self.options.guidance_tokens == "noised":
-            noise = self._guidance_noise(latent)
-            sigma = timestep.float().reshape(-1)
-            latent = comfy.utils.repeat_to_batch_size(latent, x.shape[0])
-            latent = noised(latent, comfy.utils.repeat_to_batch_size(noise, x.shape[0]), sigma)
-        latent = comfy.utils.repeat_to_batch_size(latent, x.shape[0]).to(x.dtype)
-        tokens, _ = dm.process_img(latent)
-        layout = Layout(
-            (ImageSegment(call.grid[0], call.grid[1], self._window(), self._curve()), GuidanceSegment(gh, gw))
-        )
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(self.options.seed)).to(x.device)
+        layout = Layout((ImageSegment(size[0], size[1], self._window(), self._curve()), GuidanceSegment(gh, gw)))
         perm = layout.guidance_order(x.device)
-        call.guidance_grid = (gh, gw)
-        call.guidance_tokens = tokens.index_select(1, perm)
-        call.guidance_ids = guidance_ids((gh, gw), call.grid, x.device).index_select(0, perm)
-
-    def _guidance_noise(self, latent: torch.Tensor) -> torch.Tensor:
-        """Fixed noise for the guidance latent (seeded: every step and every run sees the same)."""
-        key = (tuple(latent.shape), latent.device)
-        if key not in self._noise:
-            gen = torch.Generator().manual_seed(self.options.seed)
-            self._noise[key] = torch.randn(latent.shape, generator=gen).to(latent.device)
-        return self._noise[key]
+        return dataclasses.replace(
+            grid,
+            guidance_grid=(gh, gw),
+            guidance_clean=dm.process_img(latent)[0].index_select(1, perm),
+            guidance_noise=dm.process_img(noise)[0].index_select(1, perm),
+            guidance_ids=guidance_ids((gh, gw), size, x.device).index_select(0, perm),
+        )
 
     def _window(self) -> tuple[int, int]:
         return (self.options.window, self.options.window)
@@ -266,7 +293,6 @@ class UltraGenFluxPatch:
 
     def _permute_control(self, control: dict, call: _Call) -> dict | None:
         """ControlNet residuals in window-first order; None (dense call) if one does not fit."""
-        perm = call.order.perm
         out = {}
         for key, value in control.items():
             if not isinstance(value, (list, tuple)):
@@ -281,7 +307,7 @@ class UltraGenFluxPatch:
                         f"{call.n_img}; those calls use dense attention.",
                     )
                     return None
-                items.append(None if t is None else t.index_select(1, perm.to(t.device)))
+                items.append(None if t is None else to_window_first(t, call.order))
             out[key] = items
         return out
 
@@ -292,11 +318,8 @@ class UltraGenFluxPatch:
             return args
         img, img_ids, txt, txt_ids = args["img"], args["img_ids"], args["txt"], args["txt_ids"]
         n = call.n_img
-        perm = call.order.perm.to(img.device)
-        image_ids = torch.zeros(n, 3, dtype=torch.float32, device=img.device)
-        image_ids[:, 1], image_ids[:, 2] = call.order.y, call.order.x
-        parts = [img[:, :n].index_select(1, perm), img[:, n:]]
-        id_parts = [image_ids.expand(img.shape[0], -1, -1), img_ids[:, n:].float()]
+        parts = [to_window_first(img[:, :n], call.order), img[:, n:]]
+        id_parts = [call.image_ids.expand(img.shape[0], -1, -1), img_ids[:, n:].float()]
         if call.guidance_tokens is not None:
             dm = self._base_model.diffusion_model
             tokens = call.guidance_tokens.to(img.dtype)
