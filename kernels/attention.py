@@ -36,7 +36,7 @@ def triton_usable(device: torch.device, dtype: torch.dtype | None = None, head_d
     return None
 
 
-def flex_usable(device: torch.device, head_dim: int | None = None) -> str | None:
+def flex_usable(device: torch.device, head_dim: int | None = None, grad: bool = False) -> str | None:
     if not flex.available():
         return "this PyTorch has no flex_attention"
     if head_dim is not None and (head_dim < 16 or head_dim & (head_dim - 1)):
@@ -45,13 +45,26 @@ def flex_usable(device: torch.device, head_dim: int | None = None) -> str | None
         return "compiled flex_attention on CUDA needs Triton"
     if device.type not in ("cuda", "cpu"):
         return f"flex_attention does not run on {device.type}"
+    if grad and device.type != "cuda":
+        return "flex_attention has no backward pass on the CPU"
     return None
 
 
-def choose_backend(device: torch.device | str, dtype: torch.dtype | None = None, head_dim: int | None = None) -> str:
-    """The fastest backend available for these inputs: triton, else flex on CUDA, else portable."""
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will differentiate through attention of these inputs (training)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def choose_backend(
+    device: torch.device | str, dtype: torch.dtype | None = None, head_dim: int | None = None, grad: bool = False
+) -> str:
+    """The fastest backend available for these inputs: triton, else flex on CUDA, else portable.
+
+    ``grad``: the result will be differentiated; the Triton kernel is forward-only, so
+    training takes flex (whose compiled kernels have a backward) or portable SDPA.
+    """
     device = torch.device(device)
-    if device.type == "cuda" and triton_usable(device, dtype, head_dim) is None:
+    if device.type == "cuda" and not grad and triton_usable(device, dtype, head_dim) is None:
         return "triton"
     if device.type == "cuda" and flex_usable(device, head_dim) is None:
         return "flex"
@@ -89,16 +102,20 @@ def sparse_attention(
     ``scale`` defaults to 1 / sqrt(D). ``backend`` is one of :data:`BACKENDS`.
     ``out``: optional (B, H, L, D)-shaped view to write into (e.g. a (B, L, H, D) buffer
     transposed, the layout ComfyUI wants); the Triton kernel writes it directly.
+    When autograd will differentiate the result (training), ``auto`` skips the forward-only
+    Triton kernel.
     """
     if backend not in BACKENDS:
         raise AttentionInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_qkv(q, k, v, pattern.seq_len)
     head_dim = q.shape[-1]
     scale = head_dim**-0.5 if scale is None else float(scale)
+    grad = needs_grad(q, k, v)
     if backend == "auto":
-        backend = choose_backend(q.device, q.dtype, head_dim)
+        backend = choose_backend(q.device, q.dtype, head_dim, grad)
     if backend == "triton":
-        reason = triton_usable(q.device, q.dtype, head_dim)
+        reason = "the Triton kernel is forward-only (no backward for training)" if grad else None
+        reason = reason or triton_usable(q.device, q.dtype, head_dim)
         if reason:
             raise AttentionInputError(f"backend 'triton' cannot run here: {reason}; use 'auto', 'flex' or 'portable'")
         cfg = triton_block_sparse.launch_config(head_dim, q.device)
@@ -107,11 +124,11 @@ def sparse_attention(
             q, k, v, schedule, scale, out, num_warps=cfg.num_warps, num_stages=cfg.num_stages, kv_tma=cfg.kv_tma
         )
     if backend == "flex":
-        reason = flex_usable(q.device, head_dim)
+        reason = flex_usable(q.device, head_dim, grad)
         if reason:
             raise AttentionInputError(f"backend 'flex' cannot run here: {reason}; use 'auto' or 'portable'")
         schedule = pattern.block_schedule(flex.BLOCK, flex.BLOCK, q.device)
-        result = flex.flex_block_sparse_attention(q, k, v, schedule, scale)
+        result = flex.flex_block_sparse_attention(q, k, v, schedule, scale, backward=grad)
     else:
         schedule = pattern.block_schedule(128, 128, q.device)
         result = portable.portable_block_sparse_attention(q, k, v, schedule, scale)

@@ -43,9 +43,14 @@ def _padded(ptr: torch.Tensor, idx: torch.Tensor, width: int) -> tuple[torch.Ten
     return counts.to(torch.int32)[None, None], dense[None, None]
 
 
-def block_mask(schedule: BlockSchedule) -> BlockMask:
-    """The flex BlockMask of a schedule; built once and kept with the schedule."""
-    if "flex" not in schedule.derived:
+def block_mask(schedule: BlockSchedule, backward: bool = False) -> BlockMask:
+    """The flex BlockMask of a schedule; built once and kept with the schedule.
+
+    ``backward``: also build the transposed (key-major) index that flex's backward pass
+    reads; inference skips it.
+    """
+    key = "flex_backward" if backward else "flex"
+    if key not in schedule.derived:
         predicate, q_last, kv_len = schedule.predicate, schedule.q_len - 1, schedule.kv_len
 
         def mask_mod(b, h, q_idx, kv_idx):
@@ -58,8 +63,8 @@ def block_mask(schedule: BlockSchedule) -> BlockMask:
         if "seq_lengths" in params:
             extra["seq_lengths"] = (schedule.q_len, schedule.kv_len)
         if "compute_q_blocks" in params:
-            extra["compute_q_blocks"] = False  # inference only: no transposed (backward) index
-        schedule.derived["flex"] = BlockMask.from_kv_blocks(
+            extra["compute_q_blocks"] = backward
+        schedule.derived[key] = BlockMask.from_kv_blocks(
             part_num,
             part_idx,
             full_num,
@@ -68,7 +73,7 @@ def block_mask(schedule: BlockSchedule) -> BlockMask:
             mask_mod=mask_mod,
             **extra,
         )
-    return schedule.derived["flex"]
+    return schedule.derived[key]
 
 
 @functools.lru_cache(maxsize=1)
@@ -83,10 +88,12 @@ def flex_block_sparse_attention(
     schedule: BlockSchedule,
     scale: float,
     compiled: bool = True,
+    backward: bool = False,
 ) -> torch.Tensor:
     """q, k, v (B, H, L, D) -> (B, H, L, D). ``compiled=False`` runs flex eagerly (tests only:
-    eager flex materialises the whole score matrix)."""
+    eager flex materialises the whole score matrix); ``backward``: the result will be
+    differentiated."""
     if flex_attention is None:
         raise RuntimeError("this PyTorch has no flex_attention (needs 2.5 or newer)")
     fn = _compiled() if compiled else flex_attention
-    return fn(q, k, v, block_mask=block_mask(schedule), scale=scale)
+    return fn(q, k, v, block_mask=block_mask(schedule, backward), scale=scale)

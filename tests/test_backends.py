@@ -131,3 +131,33 @@ def test_bad_inputs_name_what_differs(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(AttentionInputError, match="needs a CUDA device.*use 'auto'"):
             sparse_attention(q, k, v, layout, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["portable", "flex"])
+@pytest.mark.parametrize("name", ["guidance-global", "guidance-local", "partial-border-windows"])
+def test_gradients_match_dense_reference(backend, name):
+    # Training the guidance LoRA differentiates through attention: d out / d (q, k, v) must be
+    # the masked attention's, taken by autograd through the dense reference.
+    if backend == "flex" and DEVICE != "cuda":
+        pytest.skip("flex_attention has no backward on the CPU; checked on the GPU")
+    layout = NAMED[name]
+    q, k, v = (t.requires_grad_() for t in qkv(layout, batch=1, heads=2, seed=3))
+    weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    (sparse_attention(q, k, v, layout, backend=backend) * weight).sum().backward()
+    qr, kr, vr = (t.detach().cpu().requires_grad_() for t in (q, k, v))
+    (masked_attention(qr, kr, vr, dense_mask(layout)) * weight.cpu()).sum().backward()
+    for got, want in ((q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):
+        assert (got.cpu() - want).abs().max().item() <= 1e-4
+
+
+def test_auto_skips_the_forward_only_kernel_when_training():
+    assert choose_backend("cuda", torch.bfloat16, 128, grad=True) in ("flex", "portable")
+    layout = NAMED["guidance-global"]
+    q, k, v = (t.requires_grad_() for t in qkv(layout, batch=1, heads=1))
+    with pytest.raises(AttentionInputError, match="forward-only"):
+        sparse_attention(q, k, v, layout, backend="triton")
+    if DEVICE == "cpu":
+        with pytest.raises(AttentionInputError, match="no backward pass on the CPU"):
+            sparse_attention(q, k, v, layout, backend="flex")
+    with torch.no_grad():  # inference inputs that happen to require grad still take the kernel
+        sparse_attention(q, k, v, layout, backend="triton")
