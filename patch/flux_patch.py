@@ -39,7 +39,7 @@ from ..core import GuidanceSegment, ImageSegment, Layout, ReferenceSegment, Text
 from ..core.guidance import guidance_ids, noised
 from ..core.token_order import WindowOrder, to_raster, to_window_first, window_first_order
 from ..kernels import sparse_attention
-from .guidance_lora import LoRALayer, check_fits, guidance_rows_forward
+from ..core.guidance_lora import LoRALayer, check_fits, guidance_rows_forward
 from .options import Guidance, PatchOptions, UltraGenPatchError
 from .rope_ntk import NTKEmbedND
 from .sampling import constant_shift_sampling, memory_estimate_wrapper
@@ -117,6 +117,8 @@ class UltraGenFluxPatch:
         self._call: _Call | None = None
         self._previous_override = None
         self._warned: set[str] = set()
+        self._noise_seed = options.seed
+        self.embedding_guidance = False  # True while img_in embeds the guidance tokens (training LoRA reads it)
         self._grids: dict = {}
         self._layouts: dict = {}
         self._rng = random.Random(options.seed)
@@ -161,6 +163,16 @@ class UltraGenFluxPatch:
                 forward = guidance_rows_forward(dm.get_submodule(path), layer, self._guidance_rows, self.lora_strength)
                 m.add_object_patch(f"diffusion_model.{path}.forward", forward)
         return m
+
+    def set_guidance(self, guidance: Guidance | None, noise_seed: int | None = None) -> None:
+        """Guide the following calls with ``guidance`` (training: a new one per batch).
+
+        ``noise_seed`` reseeds the noise the guidance tokens are noised with ("noised" mode).
+        """
+        self.guidance = guidance
+        if noise_seed is not None:
+            self._noise_seed = noise_seed
+        self._grids.clear()
 
     def _check_guidance_channels(self, dm) -> None:
         channels = dm.img_in.weight.shape[1] // (dm.patch_size * dm.patch_size)
@@ -274,7 +286,7 @@ class UltraGenFluxPatch:
                 f"at {x.shape[-1] * 8}x{x.shape[-2] * 8} px; guidance positions are scaled to the sampled size.",
             )
         latent = self._base_model.process_latent_in(g.latent.to(x.device, torch.float32))
-        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(self.options.seed)).to(x.device)
+        noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(self._noise_seed)).to(x.device)
         layout = Layout((ImageSegment(size[0], size[1], self._window(), self._curve()), GuidanceSegment(gh, gw)))
         perm = layout.guidance_order(x.device)
         return dataclasses.replace(
@@ -323,7 +335,11 @@ class UltraGenFluxPatch:
         if call.guidance_tokens is not None:
             dm = self._base_model.diffusion_model
             tokens = call.guidance_tokens.to(img.dtype)
-            embedded = dm.img_in(tokens)
+            self.embedding_guidance = True
+            try:
+                embedded = dm.img_in(tokens)
+            finally:
+                self.embedding_guidance = False
             if "img_in" in self.lora:
                 embedded = embedded + self.lora["img_in"].delta(tokens, self.lora_strength).to(embedded.dtype)
             parts.append(embedded)
