@@ -37,9 +37,9 @@ from einops import rearrange
 
 from ..core import GuidanceSegment, ImageSegment, Layout, ReferenceSegment, TextSegment
 from ..core.guidance import guidance_ids, noised
+from ..core.guidance_lora import LoRALayer, check_fits, guidance_rows_forward
 from ..core.token_order import WindowOrder, to_raster, to_window_first, window_first_order
 from ..kernels import sparse_attention
-from ..core.guidance_lora import LoRALayer, check_fits, guidance_rows_forward
 from .options import Guidance, PatchOptions, UltraGenPatchError
 from .rope_ntk import NTKEmbedND
 from .sampling import constant_shift_sampling, memory_estimate_wrapper

@@ -203,8 +203,8 @@ def test_zero_lora_equals_no_lora(flux, tmp_path):
 
 
 def test_lora_changes_only_guidance_rows(flux, tmp_path):
-    from ultragen.patch import load_guidance_lora
     from ultragen.core.guidance_lora import guidance_rows_forward
+    from ultragen.patch import load_guidance_lora
 
     from comfy_flux import denoise
 

@@ -29,7 +29,7 @@ from typing import Literal
 import comfy.model_management
 import comfy.patcher_extension
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
 from ..core.flow_matching import FLUX_MU_1024, flow_matching_loss, noised_latent, training_sigmas
@@ -136,8 +136,9 @@ class GuidanceLoRATrainer:
         def double(i):
             def replace(args, extra):
                 def run(img, txt, vec, pe):
-                    return dm.double_blocks[i](img=img, txt=txt.clone(), vec=vec, pe=pe, attn_mask=args.get("attn_mask"),
-                                               transformer_options=args["transformer_options"])  # fmt: skip
+                    block = dm.double_blocks[i]
+                    mask, options = args.get("attn_mask"), args["transformer_options"]
+                    return block(img=img, txt=txt.clone(), vec=vec, pe=pe, attn_mask=mask, transformer_options=options)
 
                 img, txt = checkpoint(run, args["img"], args["txt"], args["vec"], args["pe"], use_reentrant=False)
                 return {"img": img, "txt": txt}
@@ -261,9 +262,8 @@ class GuidanceLoRATrainer:
         if differ:
             listed = ", ".join(f"{k} {old!r} (now {new!r})" for k, (new, old) in differ.items())
             raise TrainingError(f"the saved run was trained with {listed}; resume with the same settings")
-        from safetensors.torch import load_file
-
-        load_lora_tensors(self.dm, load_file(str(self.output_dir / "checkpoints" / f"step_{state['step']:06d}.safetensors")))
+        saved = self.output_dir / "checkpoints" / f"step_{state['step']:06d}.safetensors"
+        load_lora_tensors(self.dm, load_file(str(saved)))
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         return self.step
