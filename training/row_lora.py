@@ -112,18 +112,22 @@ def inject_guidance_lora(
     rank: int = 16,
     alpha: float = 16,
     dtype: torch.dtype = torch.float32,
+    seed: int = 0,
 ) -> list[str]:
     """Add trainable guidance-row LoRA layers to ``diffusion_model`` in place (peft).
 
     Base weights are frozen; the adapters are float32 by default (the base may be bf16).
-    Returns the adapted layer paths.
+    peft's initialisation (``lora_A`` random, ``lora_B`` zero) draws from ``seed``, not from
+    the global generator, so equal settings start equal. Returns the adapted layer paths.
     """
     if targets not in TARGETS:
         raise ValueError(f"targets must be one of {sorted(TARGETS)}, got {targets!r}")
     pattern = "^(?:" + "|".join(TARGETS[targets]) + ")$"
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=pattern, lora_dropout=0.0, init_lora_weights=True)
     config._register_custom_module({torch.nn.Linear: _layer_cls(rows, targets)})
-    inject_adapter_in_model(config, diffusion_model, adapter_name=ADAPTER)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        inject_adapter_in_model(config, diffusion_model, adapter_name=ADAPTER)
     layers = []
     for name, module in diffusion_model.named_modules():
         if isinstance(module, PeftLoraLinear):

@@ -120,7 +120,7 @@ class GuidanceLoRATrainer:
         )
         self.dm = self.model.model.diffusion_model
         self.rows = GuidanceRows(embedding=lambda: self.patch.embedding_guidance)
-        self.layers = inject_guidance_lora(self.dm, self.rows, s.targets, s.rank, s.alpha)
+        self.layers = inject_guidance_lora(self.dm, self.rows, s.targets, s.rank, s.alpha, seed=s.seed)
         self.params = [p for p in self.dm.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=s.learning_rate, weight_decay=s.weight_decay)
         self.step = 0
