@@ -53,9 +53,9 @@ def dataset(tmp_path_factory, vae):
 
 
 def trainer(dataset, out, vae=None, **kw):
-    from comfy_flux import tiny_flux
-
     from ultragen.training.trainer import GuidanceLoRATrainer
+
+    from comfy_flux import tiny_flux
 
     return GuidanceLoRATrainer(
         tiny_flux(), dataset, out, settings(**kw), decode=vae.decode if vae else None, device=torch.device("cpu")
@@ -85,9 +85,9 @@ def test_loss_falls(dataset, tmp_path, targets):
 def test_saved_lora_is_what_the_patch_applies(dataset, tmp_path):
     """The node's inference LoRA (patch object patches, core LoRALayer) reproduces the trained
     model's prediction, and the file changes only the guidance rows."""
-    from comfy_flux import denoise, tiny_flux
-
     from ultragen.patch import Guidance, PatchOptions, UltraGenFluxPatch, load_guidance_lora
+
+    from comfy_flux import denoise, tiny_flux
 
     t = trainer(dataset, tmp_path, targets="all", steps=8)
     t.train()
@@ -189,10 +189,11 @@ def test_command_line_end_to_end(tmp_path, comfyui, vae, monkeypatch):
     """ultragen-train on files: FLUX's VAE file and precomputed text embeddings; then --resume
     adds steps. The FLUX loader is swapped for the tiny model inside this test only (ComfyUI
     detects FLUX.1's full width from any FLUX checkpoint)."""
-    from comfy_flux import tiny_flux
     from safetensors.torch import save_file
 
     from ultragen.training import cli
+
+    from comfy_flux import tiny_flux
 
     loaded = []
     monkeypatch.setattr(cli, "load_flux_model", lambda path, dtype: loaded.append(path) or tiny_flux())

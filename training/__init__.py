@@ -1,0 +1,1 @@
+"""Guidance LoRA training (peft) for the UltraGen patch: ``ultragen-train``."""

@@ -29,7 +29,8 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ultragen-train",
         description="Train the UltraGen guidance LoRA (peft) on FLUX with the UltraGen attention layout. Writes "
-        "OUTPUT_DIR/guidance_lora.safetensors: copy it to ComfyUI/models/loras and pick it in UltraGen Attention Patch.",
+        "OUTPUT_DIR/guidance_lora.safetensors: copy it to ComfyUI/models/loras and pick it in UltraGen Attention "
+        "Patch.",
     )
     p.add_argument("--checkpoint", required=True, type=Path, help="FLUX.1 diffusion model (ComfyUI .safetensors)")
     p.add_argument("--data", required=True, type=Path, help="folder of ~1K+ px images with .txt captions")
