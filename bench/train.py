@@ -1,0 +1,100 @@
+"""Guidance LoRA training speed and memory: full FLUX.1-dev architecture, random weights, 1024^2.
+
+The trainer of ``ultragen-train`` (peft guidance-row LoRA, rank/alpha 16, UltraGen layout,
+bf16, gradient checkpointing), batch 1 at 1024^2 with guidance at 256^2, on a synthetic
+cached dataset (random latents, 512 T5 tokens): optimizer steps per second after the
+first (compiling) steps, and peak GPU memory. The issue's bar: batch 1 fits in 80 GB.
+
+    COMFYUI_PATH=/path/to/ComfyUI python bench/train.py [--steps 8] [--targets qkv all]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ultragen.comfy_env import find_comfyui, import_comfyui
+
+from results_io import run_info, write_json
+
+
+def synthetic_cache(folder: Path, count: int = 4, size: int = 1024, ratio: int = 4) -> list[Path]:
+    files = []
+    for i in range(count):
+        g = torch.Generator().manual_seed(i)
+        tensors = {
+            "latent": torch.randn(16, size // 8, size // 8, generator=g),
+            "guidance": torch.randn(16, size // 8 // ratio, size // 8 // ratio, generator=g),
+            "context": torch.randn(512, 4096, generator=g),
+            "pooled": torch.randn(768, generator=g),
+        }
+        files.append(folder / f"{i}.safetensors")
+        save_file(tensors, str(files[-1]))
+    return files
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps (after 2 warm-up steps)")
+    ap.add_argument("--targets", nargs="+", default=["qkv", "all"])
+    ap.add_argument("--out", help="JSON path (default: $OUT/train.json, else bench/results/train.json)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench/train.py needs a CUDA GPU")
+    path = find_comfyui()
+    if path is None:
+        sys.exit("bench/train.py needs ComfyUI: set COMFYUI_PATH=/path/to/ComfyUI")
+    import_comfyui(path, cpu=False)
+
+    from ultragen.patch.random_models import FLUX_DEV, flux_model
+    from ultragen.training.dataset import CachedDataset
+    from ultragen.training.trainer import GuidanceLoRATrainer, TrainSettings
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset = CachedDataset(synthetic_cache(Path(tmp)))
+        for targets in args.targets:
+            model = flux_model(
+                FLUX_DEV, dtype=torch.bfloat16, std=0.02, device=torch.device("cuda"), load_device="cuda"
+            )
+            settings = TrainSettings(steps=2 + args.steps, grad_accum=1, targets=targets, save_every=0, sample_every=0)
+            trainer = GuidanceLoRATrainer(model, dataset, Path(tmp) / targets, settings, device=torch.device("cuda"))
+            torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            trainer.train(until=2)
+            torch.cuda.synchronize()
+            warmup = time.perf_counter() - start
+            start = time.perf_counter()
+            loss = trainer.train()
+            torch.cuda.synchronize()
+            seconds = (time.perf_counter() - start) / args.steps
+            params = sum(p.numel() for p in trainer.params)
+            row = {
+                "targets": targets, "lora_params": params, "adapted_layers": len(trainer.layers),
+                "warmup_s": warmup, "step_s": seconds, "it_per_s": 1 / seconds,
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30, "last_loss": loss,
+            }  # fmt: skip
+            print(row, flush=True)
+            rows.append(row)
+            del trainer, model
+            torch.cuda.empty_cache()
+    result = {**run_info(), "size": 1024, "guidance": 256, "batch": 1, "rows": rows}
+    out = write_json("train", result, args.out)
+    print(f"\nGuidance LoRA training, FLUX.1-dev architecture (random bf16 weights), 1024² + 256² guidance, batch 1, "
+          f"gradient checkpointing, on {result['device']}")  # fmt: skip
+    print("| targets | LoRA params | it/s | s/step | peak GiB | first 2 steps (compile) s |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['targets']} | {r['lora_params'] / 1e6:.1f} M | {r['it_per_s']:.2f} | {r['step_s']:.2f} "
+              f"| {r['peak_gib']:.1f} | {r['warmup_s']:.0f} |")  # fmt: skip
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
