@@ -60,11 +60,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         dataset = CachedDataset(synthetic_cache(Path(tmp)))
         for targets in args.targets:
-            model = flux_model(
-                FLUX_DEV, dtype=torch.bfloat16, std=0.02, device=torch.device("cuda"), load_device="cuda"
-            )
+            cuda = torch.device("cuda")
+            model = flux_model(FLUX_DEV, dtype=torch.bfloat16, std=0.02, device=cuda, load_device=cuda)
             settings = TrainSettings(steps=2 + args.steps, grad_accum=1, targets=targets, save_every=0, sample_every=0)
-            trainer = GuidanceLoRATrainer(model, dataset, Path(tmp) / targets, settings, device=torch.device("cuda"))
+            trainer = GuidanceLoRATrainer(model, dataset, Path(tmp) / targets, settings, device=cuda)
             torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             trainer.train(until=2)
