@@ -6,7 +6,7 @@ style LoRAs the user loads keep working unchanged). Guidance tokens always sit a
 end of the image stream (double blocks) and of the joint sequence (single blocks), so
 "guidance rows" are the last ``n`` rows of each layer's input.
 
-File format (safetensors; what ``train_guidance_lora`` writes, see the README):
+File format (safetensors; what ``ultragen-train`` writes, see the README):
 ``<layer>.lora_A.weight`` (rank, in_features), ``<layer>.lora_B.weight`` (rows, rank),
 optional ``<layer>.alpha`` (scalar; default rank). ``<layer>`` is a ComfyUI module path of
 the FLUX diffusion model, optionally prefixed by ``diffusion_model.`` or

@@ -35,8 +35,8 @@ class UltraGenAttentionPatch(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "guidance_lora", options=[NO_LORA] + folder_paths.get_filename_list("loras"), default=NO_LORA,
-                    tooltip="Optional guidance LoRA from models/loras (trained for UltraGen). It changes only the "
-                    "guidance tokens, so your style LoRAs keep working.",
+                    tooltip="Optional guidance LoRA from models/loras (trained with ultragen-train). It changes only "
+                    "the guidance tokens, so your style LoRAs keep working.",
                 ),
                 io.Float.Input(
                     "lora_strength", default=1.0, min=-4.0, max=4.0, step=0.05,
