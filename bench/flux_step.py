@@ -17,14 +17,11 @@ Prints a table (seconds per step, peak VRAM) and writes JSON.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import torch
 
-from ultragen.comfy_env import find_comfyui, import_comfyui
-
-from results_io import run_info, write_json
+from results_io import comfyui_on_gpu, run_info, write_json
 
 TEXT = 512
 TARGETS = {4096: 1.3, 8192: 1.4}  # patched step / floor
@@ -154,12 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", help="JSON path (default: $OUT/flux_step.json, else bench/results/flux_step.json)")
     ap.add_argument("--memory-trace", type=int, metavar="PIXELS", help="peak memory per stage at this size, then stop")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench/flux_step.py needs a CUDA GPU")
-    path = find_comfyui(args.comfyui)
-    if path is None:
-        sys.exit("bench/flux_step.py needs ComfyUI: set COMFYUI_PATH=/path/to/ComfyUI")
-    import_comfyui(path, cpu=False)
+    comfyui_on_gpu("flux_step.py", args.comfyui)
 
     model = build_flux_dev()
     print(f"model built: {gib()}", flush=True)

@@ -14,6 +14,20 @@ from pathlib import Path
 import torch
 
 
+def comfyui_on_gpu(script: str, explicit: str | None = None) -> None:
+    """Exit with a message unless there is a CUDA GPU and a ComfyUI; then import ComfyUI for the GPU."""
+    import sys
+
+    from ultragen.comfy_env import find_comfyui, import_comfyui
+
+    if not torch.cuda.is_available():
+        sys.exit(f"bench/{script} needs a CUDA GPU")
+    path = find_comfyui(explicit)
+    if path is None:
+        sys.exit(f"bench/{script} needs ComfyUI: set COMFYUI_PATH=/path/to/ComfyUI")
+    import_comfyui(path, cpu=False)
+
+
 def run_info() -> dict:
     """Device, library versions and time of this run."""
     return {

@@ -11,7 +11,6 @@ first (compiling) steps, and peak GPU memory. The issue's bar: batch 1 fits in 8
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,9 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ultragen.comfy_env import find_comfyui, import_comfyui
-
-from results_io import run_info, write_json
+from results_io import comfyui_on_gpu, run_info, write_json
 
 
 def synthetic_cache(folder: Path, count: int = 4, size: int = 1024, ratio: int = 4) -> list[Path]:
@@ -45,12 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--targets", nargs="+", default=["qkv", "all"])
     ap.add_argument("--out", help="JSON path (default: $OUT/train.json, else bench/results/train.json)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench/train.py needs a CUDA GPU")
-    path = find_comfyui()
-    if path is None:
-        sys.exit("bench/train.py needs ComfyUI: set COMFYUI_PATH=/path/to/ComfyUI")
-    import_comfyui(path, cpu=False)
+    comfyui_on_gpu("train.py")
 
     from ultragen.patch.random_models import FLUX_DEV, flux_model
     from ultragen.training.dataset import CachedDataset

@@ -12,14 +12,11 @@ exact and tiled results to the full one.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 import torch
 
-from ultragen.comfy_env import find_comfyui, import_comfyui
-
-from results_io import run_info, write_json
+from results_io import comfyui_on_gpu, run_info, write_json
 
 
 def timed(fn):
@@ -40,12 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-offload", action="store_true", help="do not time offloaded mode (slow at 8192^2)")
     ap.add_argument("--out", help="JSON path (default: $OUT/vae.json, else bench/results/vae.json)")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        sys.exit("bench/vae.py needs a CUDA GPU")
-    path = find_comfyui()
-    if path is None:
-        sys.exit("bench/vae.py needs ComfyUI: set COMFYUI_PATH=/path/to/ComfyUI")
-    import_comfyui(path, cpu=False)
+    comfyui_on_gpu("vae.py")
     import comfy.model_management as mm
 
     from ultragen.patch.exact_vae import exact_decode, exact_encode

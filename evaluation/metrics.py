@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+from ..image_files import IMAGE_SUFFIXES, images_in, rgb_tensor
+
 INCEPTION_SIZE = 299
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS}"
@@ -35,7 +36,7 @@ def image_files(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise EvaluationError(f"image folder not found: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    files = images_in(folder)
     if not files:
         raise EvaluationError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
     return files
@@ -46,9 +47,7 @@ def read_image(path: Path) -> torch.Tensor:
     from PIL import Image
 
     with Image.open(path) as im:
-        im = im.convert("RGB")
-        data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-        return data.view(im.height, im.width, 3).permute(2, 0, 1).contiguous()
+        return rgb_tensor(im).permute(2, 0, 1).contiguous()
 
 
 def prompts_for(files: list[Path], prompts_file: Path | None = None) -> list[str]:

@@ -120,6 +120,7 @@ class UltraGenFluxPatch:
         self._noise_seed = options.seed
         self.embedding_guidance = False  # True while img_in embeds the guidance tokens (training LoRA reads it)
         self._grids: dict = {}
+        self._image_grids: dict = {}  # the guidance-free part of _grids
         self._layouts: dict = {}
         self._rng = random.Random(options.seed)
 
@@ -254,20 +255,23 @@ class UltraGenFluxPatch:
         return call
 
     def _grid(self, dm, size: tuple[int, int], x: torch.Tensor) -> _Grid:
-        """The shared state of calls at this image size (built on the first call of a sampling run)."""
+        """The shared state of calls at this image size (built on the first call of a sampling run).
+
+        The image part (order, ids) outlives :meth:`set_guidance`; the guidance part is rebuilt.
+        """
         key = (size, x.device)
-        if key in self._grids:
-            return self._grids[key]
-        order = window_first_order(size[0], size[1], self._window(), self._curve(), x.device)
-        image_ids = torch.zeros(order.perm.numel(), 3, dtype=torch.float32, device=x.device)
-        image_ids[:, 1], image_ids[:, 2] = order.y, order.x
-        grid = _Grid(order=order, image_ids=image_ids)
-        if self.guidance is not None:
-            grid = self._with_guidance(dm, grid, size, x)
-        if len(self._grids) > 8:
-            self._grids.clear()
-        self._grids[key] = grid
-        return grid
+        if key not in self._grids:
+            if len(self._grids) > 8:
+                self._grids.clear()
+                self._image_grids.clear()
+            grid = self._image_grids.get(key)
+            if grid is None:
+                order = window_first_order(size[0], size[1], self._window(), self._curve(), x.device)
+                image_ids = torch.zeros(order.perm.numel(), 3, dtype=torch.float32, device=x.device)
+                image_ids[:, 1], image_ids[:, 2] = order.y, order.x
+                grid = self._image_grids[key] = _Grid(order=order, image_ids=image_ids)
+            self._grids[key] = grid if self.guidance is None else self._with_guidance(dm, grid, size, x)
+        return self._grids[key]
 
     def _with_guidance(self, dm, grid: _Grid, size: tuple[int, int], x: torch.Tensor) -> _Grid:
         g = self.guidance

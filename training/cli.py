@@ -14,6 +14,7 @@ Example (run with ComfyUI's Python; the pack installed with ``pip install -e .[t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -66,14 +67,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _settings(args):
+    """TrainSettings from the options named like its fields (the parser takes its defaults from there)."""
     from .trainer import TrainSettings
 
-    return TrainSettings(
-        steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, learning_rate=args.learning_rate,
-        rank=args.rank, alpha=args.alpha, targets=args.targets, size=args.size, ratio=args.ratio, window=args.window,
-        ntk_factor=args.ntk_factor, gradient_checkpointing=not args.no_gradient_checkpointing, backend=args.backend,
-        save_every=args.save_every, sample_every=args.sample_every, sample_steps=args.sample_steps, seed=args.seed,
-    )  # fmt: skip
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings) if hasattr(args, f.name)}
+    return TrainSettings(**given, gradient_checkpointing=not args.no_gradient_checkpointing)
 
 
 def load_flux_model(path: Path, dtype: torch.dtype):

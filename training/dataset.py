@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+from ..image_files import IMAGE_SUFFIXES, images_in, rgb_tensor
+
 CACHE_DIR = ".ultragen_cache"
 
 EncodeImage = Callable[[torch.Tensor], torch.Tensor]  # (1, H, W, 3) in [0, 1] -> (1, C, H/8, W/8)
@@ -44,7 +45,7 @@ def scan_folder(folder: Path) -> list[Item]:
     if not folder.is_dir():
         raise DatasetError(f"training folder not found: {folder}")
     items, missing = [], []
-    for image in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+    for image in images_in(folder):
         text, emb = image.with_suffix(".txt"), image.with_suffix(".safetensors")
         if emb.is_file():
             items.append(Item(image, None, emb))
@@ -74,10 +75,7 @@ def load_crops(path: Path, size: int, ratio: int) -> tuple[torch.Tensor, torch.T
         high = square.resize((size, size), Image.Resampling.LANCZOS)
         low = square.resize((size // ratio, size // ratio), Image.Resampling.LANCZOS)
 
-    def tensor(img) -> torch.Tensor:
-        return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(1, img.height, img.width, 3) / 255.0
-
-    return tensor(high), tensor(low)
+    return rgb_tensor(high)[None] / 255.0, rgb_tensor(low)[None] / 255.0
 
 
 def _embeddings(item: Item, encode_text: EncodeText | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -106,9 +106,7 @@ class GuidanceLoRATrainer:
         self.decode = decode
         self.device = device or comfy.model_management.get_torch_device()
         options = PatchOptions(window=s.window, ntk_factor=s.ntk_factor, constant_shift=False, backend=s.backend)
-        self.patch = UltraGenFluxPatch(options)
-        first = dataset.example(0)
-        self.patch.guidance = Guidance(first.guidance, s.size, s.size)
+        self.patch = UltraGenFluxPatch(options, Guidance(dataset.example(0).guidance, s.size, s.size))
         self.model = self.patch.apply(model)
         if s.gradient_checkpointing:
             self._checkpoint_blocks()
@@ -174,16 +172,17 @@ class GuidanceLoRATrainer:
         )
 
     def _guide(self, example: Example, noise_seed: int) -> None:
-        s = self.settings
-        self.patch.set_guidance(Guidance(example.guidance, s.size, s.size), noise_seed)
-        gh, gw = example.guidance.shape[-2] // 2, example.guidance.shape[-1] // 2
+        guidance = Guidance(example.guidance, self.settings.size, self.settings.size)
+        self.patch.set_guidance(guidance, noise_seed)
+        gh, gw = guidance.grid(self.dm.patch_size)
         self.rows.count = gh * gw
 
-    def loss(self, i: int) -> torch.Tensor:
-        """The flow-matching loss of micro-batch ``i`` (its example, sigma and noise seeded by i)."""
+    def loss(self, i: int, seed: int | None = None) -> torch.Tensor:
+        """The flow-matching loss of micro-batch ``i`` (its example, sigma and noise seeded by i and
+        ``seed``, default the run's)."""
         s = self.settings
         example = self.dataset.batch(i, s.batch_size)
-        gen = _seeded(s.seed, i)
+        gen = _seeded(s.seed if seed is None else seed, i)
         x0 = self.model.model.process_latent_in(example.latent.float())
         noise = torch.randn(x0.shape, generator=gen)
         sigma = training_sigmas(x0.shape[0], s.mu, gen)
@@ -194,12 +193,7 @@ class GuidanceLoRATrainer:
     @torch.no_grad()
     def validation_loss(self, count: int = 4, seed: int = 12345) -> float:
         """Mean loss over ``count`` fixed micro-batches (same examples, sigmas and noise every time)."""
-        s = self.settings
-        saved, s.seed = s.seed, seed
-        try:
-            return sum(self.loss(i).item() for i in range(count)) / count
-        finally:
-            s.seed = saved
+        return sum(self.loss(i, seed).item() for i in range(count)) / count
 
     # -- the loop ----------------------------------------------------------------------------
     def train(self, until: int | None = None, progress: Callable | None = None) -> float:
@@ -272,7 +266,7 @@ class GuidanceLoRATrainer:
     def save_sample(self, index: int = 0) -> Path:
         """Sample dataset example ``index``'s caption with its own guidance (Euler, constant shift) and save it."""
         s = self.settings
-        example = self.dataset.batch(0, 1) if index == 0 else self.dataset.example(index)
+        example = self.dataset.example(index)
         self._guide(example, noise_seed=s.seed)
         sigmas = constant_shift_sigmas(s.sample_steps, s.mu)
         x = torch.randn(example.latent.shape, generator=_seeded(s.seed, -1)).to(self.device)
