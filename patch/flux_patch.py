@@ -14,9 +14,12 @@ user stacks — style LoRAs, ControlNets, Sage attention, caches — working. Pe
    embedded guidance tokens with positions scaled onto the high-res grid;
 3. an attention override sends all 19 double and 38 single blocks through the
    block-sparse backend, on the layout of this call (the text length is whatever the
-   sequence leaves: CFG batches pad cond and uncond to a common length);
-4. object patches: NTK-scaled RoPE, constant-shift sampling, and the guidance LoRA on
-   the ``forward`` of the layers it names (guidance rows only).
+   sequence leaves: CFG batches pad cond and uncond to a common length); it also applies
+   RoPE, in one low-memory pass, since the rotary-table embedder hands the table to it
+   instead of to ComfyUI (whose rotation makes float32 copies of q and k);
+4. object patches: the rotary-table embedder (NTK-scaled), constant-shift sampling, the
+   single blocks' MLP activation computed in place (the step's memory peak), and the
+   guidance LoRA on the ``forward`` of the layers it names (guidance rows only).
 
 Sequence seen by attention: [text | image (window-first) | references | guidance].
 """
@@ -40,8 +43,10 @@ from ..core.guidance import guidance_ids, noised
 from ..core.guidance_lora import LoRALayer, check_fits, guidance_rows_forward
 from ..core.token_order import WindowOrder, to_raster, to_window_first, window_first_order
 from ..kernels import sparse_attention
+from ..kernels.rope import apply_rope
 from .options import Guidance, PatchOptions, UltraGenPatchError
-from .rope_ntk import NTKEmbedND
+from .inplace_gelu import inplace_gelu_patches
+from .rotary_table import RotaryTable
 from .sampling import constant_shift_sampling, memory_estimate_wrapper
 
 KEY = "ultragen"
@@ -76,6 +81,7 @@ class _Call:
     guidance_tokens: torch.Tensor | None  # (B, n_guid, C * p * p), sequence order, not yet embedded
     guidance_ids: torch.Tensor | None  # (n_guid, 3) float32, sequence order
     npa_offset: tuple[int, int] = (0, 0)
+    rotary_table: torch.Tensor | None = None  # (B, 1, L, D / 2, 2, 2): RoPE for this call's sequence
 
     @property
     def n_img(self) -> int:
@@ -151,10 +157,13 @@ class UltraGenFluxPatch:
         m.add_wrapper_with_key(
             comfy.patcher_extension.WrappersMP.PREPARE_SAMPLING, KEY, memory_estimate_wrapper(self._extra_tokens)
         )
-        if self.options.ntk_factor != 1:
-            # get_model_object: the shared model may hold another clone's embedder right now.
-            embedder = model.get_model_object("diffusion_model.pe_embedder")
-            m.add_object_patch("diffusion_model.pe_embedder", NTKEmbedND(embedder, self.options.ntk_factor))
+        # get_model_object: the shared model may hold another clone's objects right now.
+        embedder = model.get_model_object("diffusion_model.pe_embedder")
+        m.add_object_patch(
+            "diffusion_model.pe_embedder", RotaryTable(embedder, self.options.ntk_factor, self._take_rotary_table)
+        )
+        for path, module in inplace_gelu_patches(dm, model.get_model_object).items():
+            m.add_object_patch(path, module)
         if self.options.constant_shift:
             m.add_object_patch(
                 "model_sampling", constant_shift_sampling(model.model.model_config, self.options.shift_mu)
@@ -182,6 +191,13 @@ class UltraGenFluxPatch:
                 f"the guidance latent has {self.guidance.latent.shape[1]} channels but this model takes {channels}; "
                 "encode the guidance with this model's VAE"
             )
+
+    def _take_rotary_table(self, table: torch.Tensor) -> bool:
+        """Keep this forward's RoPE table for the attention override (only in calls this patch prepared)."""
+        if self._call is None:
+            return False
+        self._call.rotary_table = table
+        return True
 
     def _guidance_rows(self) -> int:
         return 0 if self._call is None else self._call.n_guid
@@ -354,6 +370,9 @@ class UltraGenFluxPatch:
     def _attention(self, func, *args, **kwargs):
         call = (kwargs.get("transformer_options") or {}).get(KEY)
         q, k, v = args[:3]
+        if call is not None and call.rotary_table is not None:
+            q, k = self._rotate(q, k, call.rotary_table, kwargs)
+            args = (q, k, v, *args[3:])
         if call is None or kwargs.get("mask") is not None or not kwargs.get("skip_reshape") or q.dim() != 4:
             return self._fallback(func, args, kwargs)
         batch, heads, length, dim = q.shape
@@ -366,6 +385,17 @@ class UltraGenFluxPatch:
         if kwargs.get("skip_output_reshape"):
             return buf.transpose(1, 2)
         return buf.view(batch, length, heads * dim)
+
+    @staticmethod
+    def _rotate(q, k, table, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE on q and k, which FLUX's attention left unrotated because the table came here."""
+        if not kwargs.get("skip_reshape") or q.dim() != 4 or q.shape[2] != table.shape[2]:
+            raise UltraGenPatchError(
+                f"UltraGen: an attention call of shape {tuple(q.shape)} reached the patch in a forward whose "
+                f"positions cover {table.shape[2]} tokens; another node replaces FLUX's blocks in a way UltraGen "
+                "cannot follow. Remove that node, or UltraGen Attention Patch, from this model."
+            )
+        return apply_rope(q, k, table)
 
     def _fallback(self, func, args, kwargs):
         if self._previous_override is not None:
