@@ -5,8 +5,11 @@ bf16 weights, run by the real ComfyUI (``COMFYUI_PATH``) through the same hooks 
 sampling. Four ways, in one process:
 
 - floor: attention replaced by a copy of V — everything except attention, the least any
-  attention scheme can cost;
-- UltraGen, global guidance (ratio 4) and local guidance (radius 1), default options;
+  attention scheme can cost (ComfyUI still applies RoPE to q and k before the copy);
+- floor without RoPE: the same with RoPE skipped too — the least when RoPE is counted as
+  part of attention (the patch applies RoPE itself, in one pass, inside its attention);
+- UltraGen with default options (local guidance, ratio 4, radius 1 window) and with
+  global guidance;
 - dense: ComfyUI's own attention (PyTorch SDPA).
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/flux_step.py [--sizes 2048 4096 8192]
@@ -43,6 +46,20 @@ def floor_model(model):
         return v.transpose(1, 2).reshape(b, length, h * d)
 
     m.model_options["transformer_options"]["optimized_attention_override"] = copy_of_v
+    return m
+
+
+class NoRotaryTable(torch.nn.Module):
+    """A pe_embedder that returns no table: FLUX's attention then rotates nothing."""
+
+    def forward(self, ids):
+        return None
+
+
+def floor_without_rope_model(model):
+    """The floor with RoPE skipped as well."""
+    m = floor_model(model)
+    m.add_object_patch("diffusion_model.pe_embedder", NoRotaryTable())
     return m
 
 
@@ -171,8 +188,9 @@ def main(argv: list[str] | None = None) -> None:
         y = torch.randn(1, 768, device="cuda", dtype=torch.bfloat16, generator=gen)
         configs = {
             "floor": floor_model(model),
-            "ultragen-global": ultragen_model(model, pixels, "global"),
+            "floor-no-rope": floor_without_rope_model(model),
             "ultragen-local": ultragen_model(model, pixels, "local"),
+            "ultragen-global": ultragen_model(model, pixels, "global"),
             "dense": model,
         }
         row = {"pixels": pixels}
@@ -196,19 +214,20 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"\nOne FLUX.1-dev step (random bf16 weights, batch 1, {TEXT} text tokens) on {device}: s (peak GiB)")
     print(
-        "| size | floor | UltraGen global | UltraGen local | dense | global / floor | local / floor | dense / global |"
+        "| size | floor | floor without RoPE | UltraGen (local guidance, default) | UltraGen, global guidance | dense "
+        "| local / floor | global / floor | local / floor w/o RoPE | dense / local |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        f, g, lo, d = (r[k] for k in ("floor", "ultragen-global", "ultragen-local", "dense"))
+        f, f0, lo, g, d = (r[k] for k in ("floor", "floor-no-rope", "ultragen-local", "ultragen-global", "dense"))
+        cells = " | ".join(f"{c['s']:.2f} ({c['peak_gib']:.1f})" for c in (f, f0, lo, g, d))
         print(
-            f"| {r['pixels']}² | {f['s']:.2f} ({f['peak_gib']:.1f}) | {g['s']:.2f} ({g['peak_gib']:.1f}) "
-            f"| {lo['s']:.2f} ({lo['peak_gib']:.1f}) | {d['s']:.2f} ({d['peak_gib']:.1f}) "
-            f"| {g['s'] / f['s']:.2f}x | {lo['s'] / f['s']:.2f}x | {d['s'] / g['s']:.1f}x |"
+            f"| {r['pixels']}² | {cells} | {lo['s'] / f['s']:.2f}x | {g['s'] / f['s']:.2f}x "
+            f"| {lo['s'] / f0['s']:.2f}x | {d['s'] / lo['s']:.1f}x |"
         )
     for r in rows:
         if r["pixels"] in TARGETS:
-            for scope in ("global", "local"):
+            for scope in ("local", "global"):
                 p = r[f"ultragen-{scope}"]
                 ratio = p["s"] / r["floor"]["s"]
                 dense_peak = r["dense"]["peak_gib"]

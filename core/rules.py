@@ -70,7 +70,7 @@ class AttentionRules:
     npa_patch: int = 32
     npa_window: int = 64
     npa_offset: tuple[int, int] = (0, 0)
-    guidance_scope: Literal["global", "local"] = "global"
+    guidance_scope: Literal["global", "local"] = "local"
     guidance_radius: int = 1
     guidance_sees: Literal["global", "local"] = "global"
     guidance_self_radius: int = 2

@@ -75,43 +75,50 @@ def _rotate_chunked(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
+    def _rotate_tile(src, dst, live, c00, c01, c10, c11, BLOCK_L: tl.constexpr, DP: tl.constexpr):
+        """dst = the (BLOCK_L, DP) tile at src with each channel pair multiplied by its 2x2 table entry."""
+        x = tl.load(src, mask=live, other=0.0)
+        x0, x1 = tl.split(x.to(tl.float32).reshape(BLOCK_L, DP // 2, 2))
+        out = tl.join(c00 * x0 + c01 * x1, c10 * x0 + c11 * x1).reshape(BLOCK_L, DP)
+        tl.store(dst, out.to(dst.dtype.element_ty), mask=live)
+
+    @triton.jit
     def _rope_kernel(
         q_ptr, k_ptr, pe_ptr, qo_ptr, ko_ptr,
-        L, H,
+        L,
         sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, spe_b, spe_l, so_b, so_h, so_l,
-        HALF_D: tl.constexpr, PAIRS: tl.constexpr, BLOCK_L: tl.constexpr,
+        D: tl.constexpr, DP: tl.constexpr, HEADS: tl.constexpr, BLOCK_L: tl.constexpr,
     ):  # fmt: skip
-        """One program per (token block, batch): load the table tile once, rotate every head of q and k."""
-        pid_l = tl.program_id(0)
-        b = tl.program_id(1)
-        tokens = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-        pairs = tl.arange(0, PAIRS)  # HALF_D rounded up to a power of two
-        live = (tokens < L)[:, None] & (pairs < HALF_D)[None, :]
-        # pe[b, 0, l, i, r, c] at spe_b * b + spe_l * l + 4 i + 2 r + c (the last three dims are contiguous).
-        table = pe_ptr + b * spe_b + tokens[:, None] * spe_l + pairs[None, :] * 4
-        c00 = tl.load(table + 0, mask=live, other=0.0)
-        c01 = tl.load(table + 1, mask=live, other=0.0)
-        c10 = tl.load(table + 2, mask=live, other=0.0)
-        c11 = tl.load(table + 3, mask=live, other=0.0)
-        even = tokens[:, None] * sq_l + pairs[None, :] * 2
-        even_k = tokens[:, None] * sk_l + pairs[None, :] * 2
-        even_o = tokens[:, None] * so_l + pairs[None, :] * 2
-        for h in range(H):
-            src = q_ptr + b * sq_b + h * sq_h + even
-            dst = qo_ptr + b * so_b + h * so_h + even_o
-            x0 = tl.load(src, mask=live, other=0.0).to(tl.float32)
-            x1 = tl.load(src + 1, mask=live, other=0.0).to(tl.float32)
-            tl.store(dst, (c00 * x0 + c01 * x1).to(qo_ptr.dtype.element_ty), mask=live)
-            tl.store(dst + 1, (c10 * x0 + c11 * x1).to(qo_ptr.dtype.element_ty), mask=live)
-            src = k_ptr + b * sk_b + h * sk_h + even_k
-            dst = ko_ptr + b * so_b + h * so_h + even_o
-            x0 = tl.load(src, mask=live, other=0.0).to(tl.float32)
-            x1 = tl.load(src + 1, mask=live, other=0.0).to(tl.float32)
-            tl.store(dst, (c00 * x0 + c01 * x1).to(ko_ptr.dtype.element_ty), mask=live)
-            tl.store(dst + 1, (c10 * x0 + c11 * x1).to(ko_ptr.dtype.element_ty), mask=live)
+        """One program per (HEADS heads, token block, batch): whole-row tile loads, the table tile reused."""
+        h0 = tl.program_id(0) * HEADS
+        tokens = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+        b = tl.program_id(2)
+        cols = tl.arange(0, DP)  # D rounded up to a power of two
+        live = (tokens < L)[:, None] & (cols < D)[None, :]
+        # pe[b, 0, l, i, r, c] lies at spe_b * b + spe_l * l + 4 i + 2 r + c: a row of 2 D floats per token.
+        entries = tl.arange(0, 2 * DP)
+        table = tl.load(
+            pe_ptr + b * spe_b + tokens[:, None] * spe_l + entries[None, :],
+            mask=(tokens < L)[:, None] & (entries < 2 * D)[None, :],
+            other=0.0,
+        ).reshape(BLOCK_L, DP // 2, 2, 2)
+        by_c0, by_c1 = tl.split(table)  # (BLOCK_L, D / 2, 2) over r, for c = 0 and c = 1
+        c00, c10 = tl.split(by_c0)
+        c01, c11 = tl.split(by_c1)
+        out_offsets = b * so_b + tokens[:, None] * so_l + cols[None, :]
+        for i in tl.static_range(HEADS):
+            h = h0 + i
+            src = q_ptr + b * sq_b + h * sq_h + tokens[:, None] * sq_l + cols[None, :]
+            _rotate_tile(src, qo_ptr + h * so_h + out_offsets, live, c00, c01, c10, c11, BLOCK_L, DP)
+            src = k_ptr + b * sk_b + h * sk_h + tokens[:, None] * sk_l + cols[None, :]
+            _rotate_tile(src, ko_ptr + h * so_h + out_offsets, live, c00, c01, c10, c11, BLOCK_L, DP)
 
 
-def _rope_triton(q: torch.Tensor, k: torch.Tensor, pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_triton(
+    q: torch.Tensor, k: torch.Tensor, pe: torch.Tensor, heads_per_program: int = 8, block_l: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the kernel; the defaults were fastest on an H200 at 8192^2 (24 heads x 128: 1.8 ms for q and k,
+    against 25.6 ms for ComfyUI's rotation; 4 or 8 heads a program and 16-32 tokens a block within 5%)."""
     b, h, length, dim = q.shape
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -122,13 +129,13 @@ def _rope_triton(q: torch.Tensor, k: torch.Tensor, pe: torch.Tensor) -> tuple[to
         pe = pe.contiguous()
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    block_l = 32 if dim <= 128 else 16
-    grid = (triton.cdiv(length, block_l), b)
+    heads = next(n for n in (heads_per_program, 4, 2, 1) if h % n == 0)
+    grid = (h // heads, triton.cdiv(length, block_l), b)  # heads vary fastest: a table tile is read from L2
     _rope_kernel[grid](
-        q, k, pe, q_out, k_out, length, h,
+        q, k, pe, q_out, k_out, length,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         pe.stride(0) if pe.shape[0] > 1 else 0, pe.stride(2),
         q_out.stride(0), q_out.stride(1), q_out.stride(2),
-        HALF_D=dim // 2, PAIRS=triton.next_power_of_2(dim // 2), BLOCK_L=block_l, num_warps=4,
+        D=dim, DP=triton.next_power_of_2(dim), HEADS=heads, BLOCK_L=block_l, num_warps=4,
     )  # fmt: skip
     return q_out, k_out

@@ -52,8 +52,9 @@ class UltraGenRecursiveUpscale(io.ComfyNode):
                 io.Float.Input("shift_mu", default=D.shift_mu, min=0.0, max=10.0, step=0.01,
                                tooltip="Constant FLUX shift at every size."),
                 io.Combo.Input("guidance_scope", options=["global", "local"], default=D.guidance_scope,
-                               tooltip="global: every window sees the whole previous stage; local: only its "
-                               "neighbourhood (much faster at 8K)."),
+                               tooltip="local: each window sees the previous stage around its own area (the "
+                               "authors' choice); global: the whole previous stage (steps ~15% longer at 4K, "
+                               "~70% at 8K)."),
             ],
             outputs=[io.Image.Output(display_name="image"), io.Latent.Output(display_name="latent")],
         )  # fmt: skip

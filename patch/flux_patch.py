@@ -44,8 +44,8 @@ from ..core.guidance_lora import LoRALayer, check_fits, guidance_rows_forward
 from ..core.token_order import WindowOrder, to_raster, to_window_first, window_first_order
 from ..kernels import sparse_attention
 from ..kernels.rope import apply_rope
-from .options import Guidance, PatchOptions, UltraGenPatchError
 from .inplace_gelu import inplace_gelu_patches
+from .options import Guidance, PatchOptions, UltraGenPatchError
 from .rotary_table import RotaryTable
 from .sampling import constant_shift_sampling, memory_estimate_wrapper
 
@@ -142,6 +142,11 @@ class UltraGenFluxPatch:
             raise UltraGenPatchError(
                 f"UltraGen Attention Patch needs a FLUX model, but this MODEL is {type(dm).__name__}; "
                 "load FLUX.1 (dev, schnell, Kontext) with Load Diffusion Model or Load Checkpoint"
+            )
+        if isinstance(model.get_model_object("diffusion_model.pe_embedder"), RotaryTable):
+            raise UltraGenPatchError(
+                "this MODEL is already patched by UltraGen Attention Patch; connect the model from before that "
+                "node (Recursive Upscale applies the patch itself)"
             )
         self._base_model = model.model
         if self.guidance is not None:

@@ -44,7 +44,7 @@ class PatchOptions:
     window: int = 16
     neighbour_radius: int = 1
     token_order: Literal["window-first", "hilbert"] = "window-first"
-    guidance_scope: Literal["global", "local"] = "global"
+    guidance_scope: Literal["global", "local"] = "local"
     guidance_radius: int = 1
     guidance_tokens: Literal["noised", "clean"] = "noised"
     text_sees: Literal["context", "all"] = "context"

@@ -42,7 +42,7 @@ class StageSettings:
     method: str = "latent bicubic"
     sharpen: float = 0.0
     shift_mu: float = 1.15
-    guidance_scope: str = "global"
+    guidance_scope: str = "local"
 
     def target(self, samples: torch.Tensor) -> tuple[int, int]:
         """(width, height) in pixels of the next stage, on the 16-pixel grid FLUX works on."""

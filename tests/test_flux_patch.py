@@ -105,6 +105,7 @@ def test_rope_is_applied_once_by_the_patch_and_never_by_comfyui_attention(flux, 
     the patch rotates q and k itself. The identity test above shows the rotation is right; this shows
     where it happens, and that unpatched calls (attention masks) keep ComfyUI's own."""
     import comfy.ldm.flux.layers as layers
+
     from comfy_flux import denoise
 
     tables = []
@@ -192,10 +193,10 @@ def test_image_ids_stay_exact_past_256_tokens_in_bf16(comfyui):
 
     model = tiny_flux(seed=1, depth=1, single=1, dtype=torch.bfloat16)
     m, seen = _record_post_input(patched(model, window=16, ntk_factor=1.0, constant_shift=False))
-    x = torch.randn(1, 16, 4, 600, dtype=torch.bfloat16)
-    denoise(
-        m, x, 0.5, torch.randn(1, 5, CONTEXT_DIM, dtype=torch.bfloat16), torch.randn(1, VEC_DIM, dtype=torch.bfloat16)
-    )
+    x, ctx, y = (torch.randn(*shape, dtype=torch.bfloat16).to(device()) for shape in (
+        (1, 16, 4, 600), (1, 5, CONTEXT_DIM), (1, VEC_DIM)
+    ))  # fmt: skip
+    denoise(m, x, 0.5, ctx, y)
     cols = seen["img_ids"][0, :, 2]
     assert cols.dtype == torch.float32
     assert sorted(set(cols.tolist())) == [float(c) for c in range(300)]  # bf16 would merge 257 into 256
@@ -427,3 +428,6 @@ def test_bad_inputs_are_explained(flux, tmp_path):
 
     with pytest.raises(UltraGenPatchError, match="backend must be one of"):
         patched(flux, backend="cuda")
+
+    with pytest.raises(UltraGenPatchError, match="already patched by UltraGen Attention Patch"):
+        patched(patched(flux))

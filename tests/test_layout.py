@@ -67,8 +67,10 @@ def test_one_window_without_guidance_is_dense():
 
 
 def test_window_aligned_layout_needs_no_element_masks():
-    # The benchmark's shape in miniature: 16x16 windows, 128-multiple text and guidance.
-    layout = Layout((TextSegment(128), ImageSegment(64, 64), GuidanceSegment(16, 16)))
+    # The benchmark's shape in miniature: 16x16 windows, 128-multiple text and guidance, global guidance.
+    layout = Layout(
+        (TextSegment(128), ImageSegment(64, 64), GuidanceSegment(16, 16)), AttentionRules(guidance_scope="global")
+    )
     s = layout.block_schedule(128, 64)
     assert s.num_partial == 0
     per_window_keys = 9 * 256 + 128 + 256  # 3x3 windows + text + guidance

@@ -15,7 +15,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def angles(batch, length, dim, seed):
-    return torch.rand(batch, 1, length, dim // 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 7
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, 1, length, dim // 2, generator=gen, dtype=torch.float64) * 7
 
 
 def flux_table(theta: torch.Tensor) -> torch.Tensor:

@@ -176,7 +176,7 @@ def _base(g: Graph, width: int = 1024, height: int = 1024):
 def _attention_patch(g: Graph, model, **options):
     """UltraGen Attention Patch with the papers' defaults, overridden by ``options``."""
     defaults = dict(guidance_lora="none", lora_strength=1.0, mode="ultragen", window=16, neighbour_radius=1,
-                    token_order="window-first", guidance_scope="global", guidance_radius=1, guidance_tokens="noised",
+                    token_order="window-first", guidance_scope="local", guidance_radius=1, guidance_tokens="noised",
                     ntk_factor=10.0, constant_shift=True, shift_mu=1.15, backend="auto")  # fmt: skip
     return g.node("UltraGenAttentionPatch", model=model[0], **{**defaults, **options})
 
@@ -206,17 +206,18 @@ def _sample_and_save(g: Graph, model, positive, vae, warm, seed: int, prefix: st
 def flux_from_1k(size: int) -> Graph:
     g = Graph(f"flux_{size // 1024}k_from_1k")
     model, positive, _, vae, low = _base(g)
-    _ultragen_stage(g, model, positive, vae, low[0], size, "global", 43, f"ultragen/{size // 1024}k")
+    _ultragen_stage(g, model, positive, vae, low[0], size, "local", 43, f"ultragen/{size // 1024}k")
     g.note(
         f"UltraGen: FLUX at {size}x{size} from a 1024x1024 image.\n\n"
         "1. The KSampler makes the 1K image as usual (change the prompt and seed there).\n"
-        "2. Low-Res Guidance Encode turns it into guidance: every 256-px window of the big image can see the "
-        "whole small one, which keeps one composition.\n"
+        "2. Low-Res Guidance Encode turns it into guidance: every 256-px window of the big image sees the "
+        "matching part of the small one and the parts around it, which keeps one composition.\n"
         "3. UltraGen Attention Patch makes FLUX attend in windows (fast at high resolution).\n"
         "4. Warm-Start Latent upsamples the 1K latent and skips 10 of 28 steps; SamplerCustomAdvanced runs "
         "the other 18 and adds the noise itself.\n"
         "5. VAE Decode (Exact, Low Memory) decodes without tiles or seams.\n\n"
-        "Knobs: skip (more = closer to the 1K image, faster), guidance_scope (local = faster, at 8K), window.\n"
+        "Knobs: skip (more = closer to the 1K image, faster), guidance_scope (global = every window sees the "
+        "whole small image: more context, slower), window.\n"
         f"{MODEL_FILES}"
     )
     return g
@@ -226,7 +227,7 @@ def flux_8k_recursive() -> Graph:
     g = Graph("flux_8k_recursive")
     model, positive, negative, vae, low = _base(g)
     latent = low[0]
-    for size, seed, scope in ((2048, 43, "global"), (4096, 44, "global"), (8192, 45, "local")):
+    for size, seed, scope in ((2048, 43, "local"), (4096, 44, "local"), (8192, 45, "local")):
         stage = g.node("UltraGenRecursiveUpscale", title=f"Upscale to {size // 1024}K", model=model[0],
                        positive=positive[0], negative=negative[0], vae=vae[0], latent=latent, seed=seed, stages=1,
                        scale=2.0, steps=28, skip=10, cfg=1.0, sampler_name="euler", scheduler="simple",
@@ -236,7 +237,8 @@ def flux_8k_recursive() -> Graph:
     g.note(
         "UltraGen recursive: 1K -> 2K -> 4K -> 8K. Each Recursive Upscale node doubles the size, using the "
         "previous image as guidance and as its starting point (10 of 28 steps skipped), and saves its stage.\n"
-        "The 8K stage uses local guidance (each window sees the guidance around it), much faster at 8K.\n"
+        "Each window sees the previous stage around its own area (local guidance, as in the authors' code); "
+        "global guidance is possible but much slower at 8K.\n"
         "Set stages > 1 on one node to do several doublings in one node instead.\n"
         "Needs: 8K takes ~55 GB of GPU memory in bf16 (H100/H200 class); 4K ~30 GB.\n"
         f"{MODEL_FILES}"
