@@ -22,7 +22,8 @@ class UltraGenAttentionPatch(io.ComfyNode):
             category="UltraGen",
             description=(
                 "Makes FLUX fast and coherent at 2K-8K: every 256-px window attends to its neighbours, the prompt "
-                "and a low-res guidance copy of the whole image, instead of to every other pixel. Connect the "
+                "and the matching part of a low-res guidance copy of the image (which itself sees the whole "
+                "picture), instead of to every other pixel. Connect the "
                 "guidance from Low-Res Guidance Encode. The model is patched in place; other LoRAs and patches "
                 "keep working."
             ),

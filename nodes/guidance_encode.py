@@ -17,8 +17,9 @@ class UltraGenLowResGuidanceEncode(io.ComfyNode):
             category="UltraGen",
             description=(
                 "Turns a low-resolution image (or its latent) into guidance for UltraGen Attention Patch: a small "
-                "copy of the whole picture that every high-res window can look at, so the big image keeps one "
-                "composition. The papers use a guidance 4x smaller than the target (e.g. 1024 px for 4096 px)."
+                "copy of the whole picture that the high-res windows look at (each at its own area), so the big "
+                "image keeps one composition. The papers use a guidance 4x smaller than the target (e.g. 1024 px "
+                "for 4096 px)."
             ),
             inputs=[
                 io.Int.Input(
