@@ -17,9 +17,11 @@ import math
 import comfy.model_sampling
 import torch
 
-# Peak activation bytes per token per hidden unit of a windowed FLUX step (bf16), with margin;
-# from bench/flux_step.py (peak VRAM minus weights) on an H200.
-ACTIVATION_BYTES_PER_TOKEN_UNIT = 24
+# Peak activation bytes per token per hidden unit of a windowed FLUX step (bf16), with margin:
+# bench/flux_step.py measured 36.4 (peak VRAM minus weights, at 4096^2 and 8192^2 alike; H200,
+# 2026-11-28). ComfyUI keeps this much free when it decides how many weights to load, so an
+# underestimate would fully load FLUX on, e.g., a 48-GB card at 8K and then run out of memory.
+ACTIVATION_BYTES_PER_TOKEN_UNIT = 40
 
 
 def constant_shift_sampling(model_config, mu: float):

@@ -380,7 +380,7 @@ def test_memory_estimate_is_windowed_during_prepare_sampling(flux):
     wrappers = model.get_all_wrappers(pe.WrappersMP.PREPARE_SAMPLING)
     original = flux.model.memory_required(shape)
     assert pe.WrapperExecutor.new_executor(prepare, wrappers).execute(model, shape, {}, model_options={}) == "prepared"
-    # By hand: 2 x (256 x 256 image + 512 text + 32 x 32 guidance) tokens x 96 units x 24 bytes x 2 (float32)
+    # By hand: 2 x (256 x 256 image + 512 text + 32 x 32 guidance) tokens x 96 units x the bytes x 2 (float32)
     assert seen["estimate"] == pytest.approx(2 * (65536 + 512 + 1024) * 96 * ACTIVATION_BYTES_PER_TOKEN_UNIT * 2)
     assert seen["estimate"] < original
     assert "memory_required" not in flux.model.__dict__  # restored after the call
