@@ -1,0 +1,66 @@
+"""GELU (tanh approximation) written in place over a row-strided view.
+
+Why: FLUX's single blocks apply GELU to ``mlp``, a column slice of ``linear1``'s output
+((B, L, 4 * hidden) with a row stride of 7 * hidden). PyTorch's elementwise kernels take a
+slow, index-computing path on such views: 10.3 ms in place (9.2 ms out of place) against
+3.7 ms for a contiguous tensor, at 8192^2 on an H200. This kernel walks the rows in tiles
+at contiguous speed and writes the result over its input, so the activation needs no
+memory of its own (see ``patch/inplace_gelu.py``).
+
+Values: ``x * sigmoid(2u)`` with ``u = sqrt(2 / pi) * (x + 0.044715 x^3)``, which equals
+PyTorch's ``0.5 x (1 + tanh(u))``; computed in float32, so bf16 results agree with
+PyTorch's to within one rounding step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - machines without Triton
+    triton = None
+    tl = None
+
+SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
+
+
+def row_layout(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """(rows, columns, row stride) when x's leading dims fold into one row index over unit-stride rows, else None."""
+    if x.dim() < 2 or x.stride(-1) != 1:
+        return None
+    for i in range(x.dim() - 2):
+        if x.shape[i] > 1 and x.stride(i) != x.stride(i + 1) * x.shape[i + 1]:
+            return None
+    return x.numel() // x.shape[-1], x.shape[-1], x.stride(-2)
+
+
+def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
+    """``x = gelu(x, approximate="tanh")`` in place; returns x. No autograd."""
+    layout = row_layout(x)
+    on_triton = triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1")
+    if layout is None or not on_triton or x.numel() == 0:
+        return torch.ops.aten.gelu_(x, approximate="tanh")
+    rows, cols, row_stride = layout
+    block_r, block_c = 4, 1024
+    grid = (triton.cdiv(cols, block_c), triton.cdiv(rows, block_r))
+    _gelu_tanh_rows[grid](x, rows, cols, row_stride, SQRT_2_OVER_PI, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    return x
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gelu_tanh_rows(x_ptr, rows, cols, row_stride, k_beta, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """One program per (BLOCK_R rows, BLOCK_C columns) tile, read and written in place."""
+        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+        live = (r < rows)[:, None] & (c < cols)[None, :]
+        ptrs = x_ptr + r[:, None].to(tl.int64) * row_stride + c[None, :]
+        x = tl.load(ptrs, mask=live, other=0.0).to(tl.float32)
+        u = k_beta * (x + 0.044715 * (x * x * x))
+        tl.store(ptrs, (x * tl.sigmoid(2.0 * u)).to(x_ptr.dtype.element_ty), mask=live)
