@@ -33,11 +33,15 @@ def test_gelu_in_place_is_within_one_bf16_rounding_of_pytorch():
         pytest.skip("Triton's interpreter truncates float32 -> bf16 (GPUs round to nearest); checked on the GPU")
     x = fused_rows(2, 300, 4096, 1024, torch.bfloat16)
     exact = torch.nn.functional.gelu(x.double(), approximate="tanh")
-    expected = torch.nn.GELU(approximate="tanh")(x)
+    pytorch = torch.nn.GELU(approximate="tanh")(x).double()
     gelu_tanh_(x)
-    ulp = exact.abs().clamp_min(2**-126) * 2**-7
-    assert ((x.double() - exact).abs() <= ulp).all()
-    assert (x != expected).float().mean().item() < 0.01
+    step = exact.abs() * 2**-7  # one bf16 rounding step (at most)
+    # Below 1e-6 in magnitude (x under about -5) both float32 formulas lose relative accuracy:
+    # PyTorch's 0.5 x (1 + tanh(u)) cancels, the GPU's fast exp in the sigmoid is approximate.
+    ours = (x.double() - exact).abs() - step
+    assert (ours <= 1e-6).all(), f"worst excess {ours.max().item():.3g}"
+    theirs = (pytorch - exact).abs() - step
+    assert (theirs <= 1e-6).all() and ((x.double() - pytorch).abs() <= 2 * step + 1e-6).all()
 
 
 def test_views_that_do_not_fold_into_rows_use_pytorch():
