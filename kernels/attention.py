@@ -8,26 +8,21 @@ schedule for that backend's tile shape.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import flex, portable, triton_block_sparse
 from .checks import AttentionInputError, check_qkv
 from .schedule import SparsityPattern
+from .triton_env import interpreting
 
 BACKENDS = ("auto", "triton", "flex", "portable")
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def triton_usable(device: torch.device, dtype: torch.dtype | None = None, head_dim: int | None = None) -> str | None:
     """None if the Triton kernel can run these inputs, else the reason it cannot."""
     if not triton_block_sparse.available():
         return "Triton is not installed"
-    if device.type != "cuda" and not _interpreting():
+    if device.type != "cuda" and not interpreting():
         return f"the Triton kernel needs a CUDA device (got {device.type})"
     if dtype is not None and dtype not in triton_block_sparse.SUPPORTED_DTYPES:
         return f"the Triton kernel takes float16, bfloat16 or float32 (got {dtype})"

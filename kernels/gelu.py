@@ -16,7 +16,6 @@ exact value, and differs from PyTorch's only by PyTorch's own error there (below
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -41,12 +40,18 @@ def row_layout(x: torch.Tensor) -> tuple[int, int, int] | None:
 
 
 def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
-    """``x = gelu(x, approximate="tanh")`` in place; returns x. No autograd."""
-    layout = row_layout(x)
-    on_triton = triton is not None and (x.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1")
-    if layout is None or not on_triton or x.numel() == 0:
+    """``x = gelu(x, approximate="tanh")`` in place; returns x. No autograd.
+
+    The Triton kernel on CUDA; elsewhere PyTorch's own in-place GELU (the same values bit for bit).
+    """
+    if triton is None or not x.is_cuda or row_layout(x) is None or x.numel() == 0:
         return torch.ops.aten.gelu_(x, approximate="tanh")
-    rows, cols, row_stride = layout
+    return triton_gelu_tanh_(x)
+
+
+def triton_gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
+    """The Triton kernel itself (CUDA, or Triton's CPU interpreter); x must fold into rows (:func:`row_layout`)."""
+    rows, cols, row_stride = row_layout(x)
     block_r, block_c = 4, 1024
     grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))  # rows on axis 0: up to 2^31 - 1 programs
     _gelu_tanh_rows[grid](x, rows, cols, row_stride, SQRT_2_OVER_PI, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)

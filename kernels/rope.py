@@ -15,8 +15,6 @@ as FLUX's ``EmbedND`` makes it: pair i of a token becomes
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 try:
@@ -25,6 +23,8 @@ try:
 except ImportError:  # pragma: no cover - machines without Triton
     triton = None
     tl = None
+
+from .triton_env import triton_runs_on
 
 CHUNK_TOKENS = 4096  # float32 temporaries of the portable path: this many tokens at a time
 
@@ -51,7 +51,7 @@ def apply_rope(q: torch.Tensor, k: torch.Tensor, pe: torch.Tensor) -> tuple[torc
     differentiable = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or pe.requires_grad)
     if differentiable:
         return _rotate(q, pe), _rotate(k, pe)
-    if triton is not None and (q.is_cuda or os.environ.get("TRITON_INTERPRET", "0") == "1"):
+    if triton_runs_on(q.device):
         return _rope_triton(q, k, pe)
     return _rotate_chunked(q, pe), _rotate_chunked(k, pe)
 

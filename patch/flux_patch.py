@@ -29,7 +29,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
-from dataclasses import dataclass
 
 import comfy.ldm.flux.model
 import comfy.patcher_extension
@@ -41,9 +40,10 @@ from einops import rearrange
 from ..core import GuidanceSegment, ImageSegment, Layout, ReferenceSegment, TextSegment
 from ..core.guidance import guidance_ids, noised
 from ..core.guidance_lora import LoRALayer, check_fits, guidance_rows_forward
-from ..core.token_order import WindowOrder, to_raster, to_window_first, window_first_order
+from ..core.token_order import to_raster, to_window_first, window_first_order
 from ..kernels import sparse_attention
 from ..kernels.rope import apply_rope
+from .call_state import CallState, HandOver, SizeState
 from .inplace_gelu import inplace_gelu_patches
 from .options import Guidance, PatchOptions, UltraGenPatchError
 from .rotary_table import RotaryTable
@@ -51,57 +51,6 @@ from .sampling import constant_shift_sampling, memory_estimate_wrapper
 
 KEY = "ultragen"
 log = logging.getLogger("UltraGen")
-
-
-@dataclass(frozen=True)
-class _Grid:
-    """What every call at one image size shares; built once per size and device.
-
-    Guidance tokens are kept clean and as noise separately (float32, sequence order):
-    patchifying is a rearrangement, so noising the tokens equals patchifying the noised latent.
-    """
-
-    order: WindowOrder
-    image_ids: torch.Tensor  # (n_img, 3) float32, window-first order
-    guidance_grid: tuple[int, int] | None = None
-    guidance_clean: torch.Tensor | None = None  # (Bg, n_guid, C * p * p)
-    guidance_noise: torch.Tensor | None = None
-    guidance_ids: torch.Tensor | None = None  # (n_guid, 3) float32
-
-
-@dataclass
-class _Call:
-    """What one model call looks like, shared by the hooks of that call."""
-
-    grid: tuple[int, int]
-    order: WindowOrder
-    image_ids: torch.Tensor
-    n_ref: int
-    guidance_grid: tuple[int, int] | None
-    guidance_tokens: torch.Tensor | None  # (B, n_guid, C * p * p), sequence order, not yet embedded
-    guidance_ids: torch.Tensor | None  # (n_guid, 3) float32, sequence order
-    npa_offset: tuple[int, int] = (0, 0)
-    rotary_table: torch.Tensor | None = None  # (B, 1, L, D / 2, 2, 2): RoPE for this call's sequence
-
-    @property
-    def n_img(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
-    def n_guid(self) -> int:
-        return 0 if self.guidance_grid is None else self.guidance_grid[0] * self.guidance_grid[1]
-
-
-class _HandOver(dict):
-    """A dict whose values leave it when read.
-
-    ComfyUI's ``forward_orig`` keeps the dict a post_input patch returns in a local
-    variable for the whole forward; a plain dict would pin the initial hidden states
-    (1.6 GiB at 8192^2) through all 57 blocks. forward_orig reads each key once.
-    """
-
-    def __getitem__(self, key):
-        return self.pop(key)
 
 
 class UltraGenFluxPatch:
@@ -120,7 +69,7 @@ class UltraGenFluxPatch:
         self.guidance = guidance
         self.lora = lora or {}
         self.lora_strength = lora_strength
-        self._call: _Call | None = None
+        self._call: CallState | None = None
         self._previous_override = None
         self._warned: set[str] = set()
         self._noise_seed = options.seed
@@ -253,12 +202,12 @@ class UltraGenFluxPatch:
         out = rearrange(tokens, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=call.grid[0], w=call.grid[1], ph=p, pw=p)
         return out[:, :, :h_orig, :w_orig]
 
-    def _prepare_call(self, dm, x, timestep, ref_latents) -> _Call:
+    def _prepare_call(self, dm, x, timestep, ref_latents) -> CallState:
         p = dm.patch_size
         size = (x.shape[-2] // p, x.shape[-1] // p)
         grid = self._grid(dm, size, x)
         n_ref = sum(-(-r.shape[-2] // p) * -(-r.shape[-1] // p) for r in ref_latents or [])
-        call = _Call(
+        call = CallState(
             grid=size, order=grid.order, image_ids=grid.image_ids, n_ref=n_ref,
             guidance_grid=grid.guidance_grid, guidance_tokens=None, guidance_ids=grid.guidance_ids,
         )  # fmt: skip
@@ -275,7 +224,7 @@ class UltraGenFluxPatch:
             call.guidance_tokens = tokens.to(x.dtype)
         return call
 
-    def _grid(self, dm, size: tuple[int, int], x: torch.Tensor) -> _Grid:
+    def _grid(self, dm, size: tuple[int, int], x: torch.Tensor) -> SizeState:
         """The shared state of calls at this image size (built on the first call of a sampling run).
 
         The image part (order, ids) outlives :meth:`set_guidance`; the guidance part is rebuilt.
@@ -290,11 +239,11 @@ class UltraGenFluxPatch:
                 order = window_first_order(size[0], size[1], self._window(), self._curve(), x.device)
                 image_ids = torch.zeros(order.perm.numel(), 3, dtype=torch.float32, device=x.device)
                 image_ids[:, 1], image_ids[:, 2] = order.y, order.x
-                grid = self._image_grids[key] = _Grid(order=order, image_ids=image_ids)
+                grid = self._image_grids[key] = SizeState(order=order, image_ids=image_ids)
             self._grids[key] = grid if self.guidance is None else self._with_guidance(dm, grid, size, x)
         return self._grids[key]
 
-    def _with_guidance(self, dm, grid: _Grid, size: tuple[int, int], x: torch.Tensor) -> _Grid:
+    def _with_guidance(self, dm, grid: SizeState, size: tuple[int, int], x: torch.Tensor) -> SizeState:
         g = self.guidance
         gh, gw = g.grid(dm.patch_size)
         if gh > size[0] or gw > size[1]:
@@ -328,7 +277,7 @@ class UltraGenFluxPatch:
     def _curve(self) -> str:
         return "hilbert" if self.options.token_order == "hilbert" else "raster"
 
-    def _permute_control(self, control: dict, call: _Call) -> dict | None:
+    def _permute_control(self, control: dict, call: CallState) -> dict | None:
         """ControlNet residuals in window-first order; None (dense call) if one does not fit."""
         out = {}
         for key, value in control.items():
@@ -369,7 +318,7 @@ class UltraGenFluxPatch:
                 embedded = embedded + self.lora["img_in"].delta(tokens, self.lora_strength).to(embedded.dtype)
             parts.append(embedded)
             id_parts.append(call.guidance_ids.expand(img.shape[0], -1, -1))
-        return _HandOver(img=torch.cat(parts, 1), txt=txt, img_ids=torch.cat(id_parts, 1), txt_ids=txt_ids.float())
+        return HandOver(img=torch.cat(parts, 1), txt=txt, img_ids=torch.cat(id_parts, 1), txt_ids=txt_ids.float())
 
     # -- 3. the attention override ----------------------------------------------------------
     def _attention(self, func, *args, **kwargs):
@@ -407,7 +356,7 @@ class UltraGenFluxPatch:
             return self._previous_override(func, *args, **kwargs)
         return func(*args, **kwargs)
 
-    def _layout(self, call: _Call, text_len: int) -> Layout:
+    def _layout(self, call: CallState, text_len: int) -> Layout:
         key = (text_len, call.grid, call.n_ref, call.guidance_grid, call.npa_offset)
         layout = self._layouts.get(key)
         if layout is None:

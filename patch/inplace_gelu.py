@@ -4,9 +4,9 @@ Why: a FLUX single block runs ``linear2(cat(attn, mlp_act(mlp)))`` where ``mlp``
 of ``linear1``'s output that nothing reads afterwards. ``nn.GELU`` writes a new tensor of
 four hidden widths (6.4 GiB at 8192^2) while that output, q, k and the attention output
 are all alive: the step's peak memory. Writing the activation into ``mlp`` itself removes
-that tensor: on CUDA through ``kernels.gelu`` (PyTorch is slow on this strided view; the
-values agree with ``nn.GELU`` to within one bf16 rounding step), elsewhere through PyTorch's
-own in-place GELU (the same values bit for bit). With autograd recording (training) the
+that tensor through ``kernels.gelu.gelu_tanh_``: a Triton kernel on CUDA (PyTorch is slow on
+this strided view; the values agree with ``nn.GELU`` to within one bf16 rounding step),
+PyTorch's own in-place GELU elsewhere (the same values bit for bit). With autograd recording (training) the
 original module runs, since the backward pass needs the activation's input.
 """
 
@@ -28,7 +28,7 @@ class InPlaceGELU(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return self.original(x)
-        if self.approximate == "tanh" and x.is_cuda:
+        if self.approximate == "tanh":
             return gelu_tanh_(x)
         return torch.ops.aten.gelu_(x, approximate=self.approximate)
 

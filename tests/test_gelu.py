@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ultragen.kernels import gelu
-from ultragen.kernels.gelu import gelu_tanh_, row_layout
+from ultragen.kernels.gelu import gelu_tanh_, row_layout, triton_gelu_tanh_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -22,7 +22,7 @@ def test_gelu_in_place_matches_pytorch_in_float32(batch, tokens, width, start):
     x = fused_rows(batch, tokens, width, start, torch.float32)
     base = x._base.clone()
     expected = torch.nn.GELU(approximate="tanh")(x)
-    out = gelu_tanh_(x)
+    out = triton_gelu_tanh_(x)  # the kernel, also under Triton's CPU interpreter
     assert out.data_ptr() == x.data_ptr()
     assert (x - expected).abs().max().item() <= 2e-6 * max(1.0, expected.abs().max().item())
     assert torch.equal(x._base[:, :, :start], base[:, :, :start])  # the columns before the slice are untouched
@@ -34,7 +34,7 @@ def test_gelu_in_place_is_within_one_bf16_rounding_of_pytorch():
     x = fused_rows(2, 300, 4096, 1024, torch.bfloat16)
     exact = torch.nn.functional.gelu(x.double(), approximate="tanh")
     pytorch = torch.nn.GELU(approximate="tanh")(x).double()
-    gelu_tanh_(x)
+    gelu_tanh_(x)  # the kernel on CUDA
     step = exact.abs() * 2**-7  # one bf16 rounding step (at most)
     # Below 1e-6 in magnitude (x under about -5) both float32 formulas lose relative accuracy:
     # PyTorch's 0.5 x (1 + tanh(u)) cancels, the GPU's fast exp in the sigmoid is approximate.
