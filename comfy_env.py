@@ -1,17 +1,23 @@
 """Using ComfyUI from outside ComfyUI: tests, benchmarks and command-line tools.
 
 Why: inside ComfyUI the pack is imported by ComfyUI itself. Everything else (pytest,
-``bench/``, training) must find a ComfyUI checkout, put it on ``sys.path`` and import it
-with its argument parser primed (``--cpu`` where there is no GPU), exactly once.
+``bench/``, ``ultragen-train``) must find a ComfyUI checkout, put it on ``sys.path`` and
+import it with its argument parser primed (``--cpu`` where there is no GPU), exactly once,
+and say plainly what is missing when that fails.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
 
 PACK_ROOT = Path(__file__).resolve().parent
+
+
+class ComfyUINotUsable(ImportError):
+    """A ComfyUI was found but cannot be imported in this Python; the message says what to install."""
 
 
 def find_comfyui(explicit: str | os.PathLike | None = None) -> Path | None:
@@ -24,16 +30,29 @@ def find_comfyui(explicit: str | os.PathLike | None = None) -> Path | None:
     return None
 
 
-def import_comfyui(path: str | os.PathLike, cpu: bool) -> None:
-    """Put ComfyUI at ``path`` on sys.path and import its core once (``cpu``: no GPU use)."""
+def import_comfyui(path: str | os.PathLike, cpu: bool, also: tuple[str, ...] = ()) -> None:
+    """Put ComfyUI at ``path`` on sys.path and import its core once (``cpu``: no GPU use), then
+    the modules named in ``also`` (e.g. ``comfy.sd``, which needs all of ComfyUI's requirements).
+
+    Raises :class:`ComfyUINotUsable` naming the missing module when ComfyUI's requirements
+    are not installed in this Python.
+    """
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    argv, sys.argv = sys.argv, ["main.py"] + (["--cpu"] if cpu else [])
     try:
-        import comfy.cli_args  # noqa: F401  (parses sys.argv once)
-        import comfy.model_management  # noqa: F401
-    finally:
-        sys.argv = argv
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        argv, sys.argv = sys.argv, ["main.py"] + (["--cpu"] if cpu else [])
+        try:
+            import comfy.cli_args  # noqa: F401  (parses sys.argv once)
+            import comfy.model_management  # noqa: F401
+        finally:
+            sys.argv = argv
+        for module in also:
+            importlib.import_module(module)
+    except ImportError as exc:
+        raise ComfyUINotUsable(
+            f"ComfyUI at {path} does not import in this Python ({exc}): install its requirements here, "
+            f"e.g. `{sys.executable} -m pip install torch torchvision -r {Path(path) / 'requirements.txt'}`"
+        ) from exc

@@ -200,11 +200,13 @@ def exact_decode(vae, samples: torch.Tensor, band_elements: int = split_ops.DEFA
     comfy.model_management.load_models_gpu([vae.patcher])
     images = []
     for i in range(samples.shape[0]):  # one image at a time: statistics are per image anyway
-        z = samples[i : i + 1].to(vae.device, vae.vae_dtype)
-        if getattr(model, "post_quant_conv", None) is not None:
-            z = model.post_quant_conv(z)
-        out = decode_latent(model.decoder, z, band_elements, direct_elements, offload, progress)
-        images.append(vae.process_output(out.to(vae.output_device).float()))
+        # inference mode as in ComfyUI's executor: VAE.process_output works in place (ComfyUI 0.29)
+        with torch.inference_mode():
+            z = samples[i : i + 1].to(vae.device, vae.vae_dtype)
+            if getattr(model, "post_quant_conv", None) is not None:
+                z = model.post_quant_conv(z)
+            out = decode_latent(model.decoder, z, band_elements, direct_elements, offload, progress)
+            images.append(vae.process_output(out.to(vae.output_device).float()))
     return torch.cat(images).movedim(1, -1)
 
 

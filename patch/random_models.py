@@ -7,6 +7,7 @@ FLUX's autoencoder, all built through ComfyUI's own model classes (never imitati
 
 from __future__ import annotations
 
+import comfy.ldm.flux.model
 import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.supported_models
@@ -27,7 +28,10 @@ FLUX_VAE = dict(
 def flux_model(config: dict, dtype=torch.float32, std: float = 0.05, seed: int = 0, device=None,
                load_device=None) -> comfy.model_patcher.ModelPatcher:  # fmt: skip
     """A FLUX ModelPatcher for ``config`` with weights ~ N(0, std) (norm scales 1 where present)."""
-    model_config = comfy.supported_models.Flux(dict(config))
+    config = dict(config)
+    if "txt_ids_dims" in comfy.ldm.flux.model.FluxParams.__dataclass_fields__:  # required in newer ComfyUI (0.29)
+        config.setdefault("txt_ids_dims", [])  # FLUX.1: text tokens sit at position 0 on every axis
+    model_config = comfy.supported_models.Flux(config)
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({}, device=device)
     gen = torch.Generator(device=device or "cpu").manual_seed(seed)

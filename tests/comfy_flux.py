@@ -49,6 +49,17 @@ def sampler_custom_advanced(model, latent: torch.Tensor, positive, negative, cfg
     return SamplerCustomAdvanced().sample(noise, guider, sampler, sigmas, {"samples": latent})[0]["samples"]
 
 
+def prompt_executor(server):
+    """ComfyUI's PromptExecutor, given the cache settings its ``main.py`` would give (0.29 reads them)."""
+    import inspect
+
+    import execution
+
+    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
+        return execution.PromptExecutor(server, cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0})
+    return execution.PromptExecutor(server)
+
+
 class TinyCLIP:
     """Stands in for FLUX's text encoders (CLIP-L + T5): seeded embeddings of the tiny model's sizes."""
 

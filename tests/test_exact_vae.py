@@ -7,7 +7,7 @@ import torch
 
 from ultragen.core import split_ops
 
-pytestmark = pytest.mark.usefixtures("comfy_nodes")
+pytestmark = pytest.mark.usefixtures("comfyui")
 
 TINY_BANDS = 4096  # forces bands of a row or two everywhere: every halo path runs
 

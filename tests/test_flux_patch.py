@@ -333,7 +333,7 @@ def test_source_patcher_is_unchanged_and_object_patches_are_undone(flux, tmp_pat
 
 
 @pytest.mark.parametrize("run", ["ksampler", "sampler_custom_advanced"])
-def test_sampling_with_cfg_uneven_text_batch_and_odd_size(flux, run, comfy_nodes):
+def test_sampling_with_cfg_uneven_text_batch_and_odd_size(flux, run):
     import comfy_flux
 
     sample = getattr(comfy_flux, run)
@@ -348,7 +348,7 @@ def test_sampling_with_cfg_uneven_text_batch_and_odd_size(flux, run, comfy_nodes
     assert (same - ref).abs().max().item() <= 1e-4
 
 
-def test_npa_mode_and_kontext_references_sample(flux, comfy_nodes):
+def test_npa_mode_and_kontext_references_sample(flux):
     import comfy_flux
 
     latent = torch.zeros(1, 16, 24, 20)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = pytest.mark.usefixtures("comfy_nodes")  # V3 nodes import comfy_api, which needs all of ComfyUI
+pytestmark = pytest.mark.usefixtures("comfyui")
 
 
 def _nodes():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = pytest.mark.usefixtures("comfy_nodes")
+pytestmark = pytest.mark.usefixtures("comfyui")
 
 FAST = dict(scale=2.0, steps=4, skip=1, cfg=1.0, sampler_name="euler", scheduler="simple", method="latent bicubic",
             sharpen=0.0, shift_mu=1.15, guidance_scope="global")  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytestmark = pytest.mark.usefixtures("comfy_nodes")
+pytestmark = pytest.mark.usefixtures("comfyui")
 
 
 @pytest.fixture(scope="module")

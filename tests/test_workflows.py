@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.usefixtures("comfy_nodes")
+pytestmark = pytest.mark.usefixtures("comfyui")
 
 WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
 NAMES = ["flux_2k_from_1k", "flux_4k_from_1k", "flux_8k_recursive", "scalediff_4k"]
@@ -22,7 +22,7 @@ SIZE_INPUTS = ("width", "height", "target_width", "target_height")
 
 
 @pytest.fixture(scope="module")
-def registry(comfy_nodes):
+def registry(comfyui):
     sys.path.insert(0, str(WORKFLOWS))
     import build
 
@@ -74,7 +74,9 @@ def test_ui_workflow_matches_the_registry_and_its_api_version(registry, name):
                 assert source["outputs"][link[2]]["type"] == socket["type"] == link[5]
                 assert link[3] == n["id"]
                 inputs[socket["name"]] = [str(link[1]), link[2]]
-        assert [o["type"] for o in n["outputs"]] == [t for _, t in outputs_def]
+        # The files are written against the oldest ComfyUI we support; a newer one may append outputs
+        # to a node (0.29's SaveImage returns its IMAGE), which a loaded workflow simply leaves unconnected.
+        assert [o["type"] for o in n["outputs"]] == [t for _, t in outputs_def][: len(n["outputs"])]
         converted[str(n["id"])] = {"class_type": n["type"], "inputs": inputs}
     assert converted == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
 
@@ -126,7 +128,7 @@ def test_workflow_runs_end_to_end_in_comfyuis_executor(registry, model_files, tm
 
     import nodes
 
-    from comfy_flux import TinyCLIP, flux_vae, tiny_flux
+    from comfy_flux import TinyCLIP, flux_vae, prompt_executor, tiny_flux
 
     class TinyUNETLoader(nodes.UNETLoader):
         def load_unet(self, unet_name, weight_dtype):
@@ -152,7 +154,7 @@ def test_workflow_runs_end_to_end_in_comfyuis_executor(registry, model_files, tm
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
     assert valid, (error, node_errors)
     server = _Server()
-    executor = execution.PromptExecutor(server)
+    executor = prompt_executor(server)
     executor.execute(prompt, "test", {}, outputs)
     errors = [m for m in server.messages if m[0] == "execution_error"]
     assert executor.success, errors

@@ -127,8 +127,9 @@ class GuidanceLoRATrainer:
     def _checkpoint_blocks(self) -> None:
         """Recompute each block in backward. The block is looked up by index here: ComfyUI's
         ``original_block`` closes over its loop variable, which names the last block by the
-        time backward recomputes. Blocks add their residuals in place (``txt +=``, ``x +=``),
-        so each gets a copy of the stream it updates: checkpoint keeps the original."""
+        time backward recomputes. Blocks add their residuals in place (``txt +=``, ``x +=``, and
+        ``img +=`` in ComfyUI 0.29), so each gets a copy of the streams it updates: checkpoint
+        keeps the originals for the recomputation."""
         dm = self.model.get_model_object("diffusion_model")
 
         def double(i):
@@ -136,7 +137,8 @@ class GuidanceLoRATrainer:
                 def run(img, txt, vec, pe):
                     block = dm.double_blocks[i]
                     mask, options = args.get("attn_mask"), args["transformer_options"]
-                    return block(img=img, txt=txt.clone(), vec=vec, pe=pe, attn_mask=mask, transformer_options=options)
+                    return block(img=img.clone(), txt=txt.clone(), vec=vec, pe=pe, attn_mask=mask,
+                                 transformer_options=options)
 
                 img, txt = checkpoint(run, args["img"], args["txt"], args["vec"], args["pe"], use_reentrant=False)
                 return {"img": img, "txt": txt}
