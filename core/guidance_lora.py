@@ -33,6 +33,7 @@ GUIDANCE_LAYERS = (
 )
 _LAYER_RE = re.compile("^(?:" + "|".join(GUIDANCE_LAYERS) + ")$")
 _PREFIXES = ("base_model.model.", "diffusion_model.", "model.diffusion_model.")
+_REDO = "re-export the LoRA from its training run, or retrain it with ultragen-train"
 
 
 class GuidanceLoRAError(ValueError):
@@ -86,6 +87,12 @@ def load_guidance_lora(path: str | Path) -> dict[str, LoRALayer]:
 
 
 def parse_guidance_lora(tensors: dict[str, torch.Tensor], name: str = "guidance LoRA") -> dict[str, LoRALayer]:
+    """Check ``tensors`` (a file's content; ``name`` names it in errors) and group them into layers.
+
+    Raises :class:`GuidanceLoRAError` naming the file, the layer and the problem for anything the
+    patch could not apply or would turn into a broken image: unknown layers, missing halves,
+    mismatched shapes, rank 0, an alpha that is not one number, NaN or Inf values.
+    """
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         layer, suffix = _layer_name(key)
@@ -108,8 +115,22 @@ def parse_guidance_lora(tensors: dict[str, torch.Tensor], name: str = "guidance 
                 "expected (rank, in) and (out, rank)"
             )
         rank = down.shape[0]
-        alpha = float(p[".alpha"].item()) if ".alpha" in p else float(rank)
-        layers[layer] = LoRALayer(down=down, up=up, scale=alpha / rank)
+        if rank == 0:
+            raise GuidanceLoRAError(f"{name}: layer {layer!r} has rank 0 (lora_A has no rows); {_REDO}")
+        alpha = p[".alpha"].float() if ".alpha" in p else torch.tensor(float(rank))
+        if alpha.numel() != 1:
+            raise GuidanceLoRAError(
+                f"{name}: layer {layer!r} has an alpha of shape {tuple(alpha.shape)}, but alpha must be a single "
+                f"number; {_REDO}"
+            )
+        for what, tensor in (("lora_A", down), ("lora_B", up), ("alpha", alpha)):
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise GuidanceLoRAError(
+                    f"{name}: layer {layer!r} has {bad} non-finite value(s) (NaN or Inf) in {what}, which would make "
+                    f"the image non-finite; {_REDO}"
+                )
+        layers[layer] = LoRALayer(down=down, up=up, scale=float(alpha.item()) / rank)
     return layers
 
 
