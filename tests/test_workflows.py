@@ -1,17 +1,24 @@
-"""The shipped workflows: they load, validate in ComfyUI, and run end to end in its executor."""
+"""The shipped workflows: ComfyUI's template browser offers them, they load, validate in ComfyUI,
+and run end to end in its executor."""
 
 from __future__ import annotations
 
 import asyncio
+import glob
+import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 pytestmark = pytest.mark.usefixtures("comfyui")
 
-WORKFLOWS = Path(__file__).resolve().parents[1] / "workflows"
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = ROOT / "workflows"  # build.py, and the API files in api/
+UI_DIR = ROOT / "example_workflows"  # what ComfyUI's template browser lists
+API_DIR = WORKFLOWS / "api"
 NAMES = ["flux_2k_from_1k", "flux_4k_from_1k", "flux_8k_recursive", "scalediff_4k"]
 MODEL_FILES = {
     "diffusion_models": ["flux1-dev.safetensors"],
@@ -44,9 +51,108 @@ def model_files(tmp_path):
 
 
 def load(name: str):
-    return json.loads((WORKFLOWS / f"{name}.json").read_text()), json.loads(
-        (WORKFLOWS / f"{name}.api.json").read_text()
+    return json.loads((UI_DIR / f"{name}.json").read_text()), json.loads((API_DIR / f"{name}.api.json").read_text())
+
+
+def is_ui_workflow(data) -> bool:
+    """What the frontend needs to open a file as a workflow: the UI format's version and node list."""
+    return (
+        isinstance(data, dict) and isinstance(data.get("version"), (int, float)) and isinstance(data.get("nodes"), list)
     )
+
+
+def is_api_workflow(data) -> bool:
+    """ComfyUI's API format: node id -> {"class_type", "inputs"}."""
+    return (
+        isinstance(data, dict)
+        and bool(data)
+        and all(isinstance(v, dict) and "class_type" in v and "inputs" in v for v in data.values())
+    )
+
+
+def _comfyui_utils_package(monkeypatch) -> None:
+    """Make ``utils`` ComfyUI's top-level package, as in a running ComfyUI.
+
+    ComfyUI's main.py imports ``utils`` before nodes.py puts ``comfy/`` first on sys.path; imported
+    from a test, ``import utils`` can instead find ``comfy/utils.py``, and ``app.custom_node_manager``
+    (``from utils.json_util import ...``) fails to import.
+    """
+    import folder_paths
+
+    current = sys.modules.get("utils")
+    if current is not None and hasattr(current, "__path__"):
+        return
+    package = Path(folder_paths.base_path) / "utils"
+    spec = importlib.util.spec_from_file_location(
+        "utils", package / "__init__.py", submodule_search_locations=[str(package)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "utils", module)
+    spec.loader.exec_module(module)
+
+
+def _template_browser(tmp_path, monkeypatch, module: str):
+    """ComfyUI's own template routes for this pack installed as ``custom_nodes/<module>``: the
+    files its scan matched, what ``/workflow_templates`` lists, and what the browser gets when it
+    opens each listed name (status, body)."""
+    import folder_paths
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    _comfyui_utils_package(monkeypatch)
+    from app import custom_node_manager
+
+    custom_nodes = tmp_path / "custom_nodes"
+    custom_nodes.mkdir()
+    (custom_nodes / module).symlink_to(ROOT, target_is_directory=True)
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "custom_nodes", ([str(custom_nodes)], set()))
+    matched: list[str] = []
+
+    def recording_glob(pattern, *args, **kwargs):
+        found = glob.glob(pattern, *args, **kwargs)
+        matched.extend(found)
+        return found
+
+    monkeypatch.setattr(custom_node_manager, "glob", SimpleNamespace(glob=recording_glob))
+    routes = web.RouteTableDef()
+    app = web.Application()
+    custom_node_manager.CustomNodeManager().add_routes(routes, app, [(module, str(custom_nodes / module))])
+    app.add_routes(routes)
+
+    async def browse():
+        async with TestClient(TestServer(app)) as client:
+            listing = await (await client.get("/workflow_templates")).json()
+            opened = {}
+            for name in listing.get(module, []):
+                response = await client.get(f"/api/workflow_templates/{module}/{name}.json")
+                opened[name] = (response.status, await response.text())
+            return listing, opened
+
+    listing, opened = asyncio.run(browse())
+    return [Path(f) for f in matched], listing, opened
+
+
+def test_template_browser_lists_and_opens_every_ui_workflow(comfyui, tmp_path, monkeypatch):
+    module = "ComfyUI-UltraGen"
+    _, listing, opened = _template_browser(tmp_path, monkeypatch, module)
+    assert sorted(listing.get(module, [])) == sorted(NAMES), listing
+    for name, (status, body) in opened.items():  # what the browser gets when it opens each listed name
+        assert status == 200, (name, status)
+        assert is_ui_workflow(json.loads(body)), name
+        assert body == (UI_DIR / f"{name}.json").read_text()
+
+
+def test_no_api_file_where_the_template_scan_looks(comfyui, tmp_path, monkeypatch):
+    matched, _, _ = _template_browser(tmp_path, monkeypatch, "ComfyUI-UltraGen")
+    assert matched
+    for f in matched:  # every file ComfyUI's scan lists, in whichever of its folders it found it
+        data = json.loads(f.read_text())
+        assert not is_api_workflow(data), f"{f}: an API-format file where the template browser lists it"
+        assert is_ui_workflow(data), f"{f}: the template browser would fail to open it"
+    api_files = sorted(API_DIR.glob("*.json"))
+    assert [f.name for f in api_files] == sorted(f"{name}.api.json" for name in NAMES)
+    assert all(is_api_workflow(json.loads(f.read_text())) for f in api_files)
+    assert not {f.resolve() for f in api_files} & {f.resolve() for f in matched}
 
 
 @pytest.mark.parametrize("name", NAMES)

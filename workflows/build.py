@@ -1,5 +1,11 @@
 """Writes the shipped workflows, UI format (drag and drop) and API format, from one description.
 
+Where: the UI files go to ``example_workflows/`` at the pack's root, the folder ComfyUI's
+template browser lists (it offers every ``*.json`` directly in a pack's ``example_workflows``,
+``example``, ``examples``, ``workflow`` or ``workflows`` folder, and opens each as a UI
+workflow); the API files go to ``workflows/api/``, a folder it does not scan. Generate them
+against the oldest ComfyUI the pack supports (see ``patch/host.py``).
+
 Why generated: a UI workflow lists each node's widget values by position (seeds carry an
 extra "control after generate" value); reading every node's inputs from the real node
 registry makes both formats right by construction and keeps them in step.
@@ -16,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+UI_DIR = HERE.parent / "example_workflows"  # scanned by ComfyUI's template browser
+API_DIR = HERE / "api"  # not scanned: ComfyUI could not open these as templates
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 PROMPT = (
     "a sunlit alpine valley with a wooden chalet, wildflowers in the foreground, snow-capped peaks, "
@@ -293,11 +301,13 @@ def main() -> None:
         sys.exit("workflows/build.py needs ComfyUI: set COMFYUI_PATH=/path/to/ComfyUI")
     import_comfyui(path, cpu=True)
     load_node_registry(PACK_ROOT)
+    UI_DIR.mkdir(exist_ok=True)
+    API_DIR.mkdir(exist_ok=True)
     for name, build in WORKFLOWS.items():
         graph = build()
-        (HERE / f"{name}.json").write_text(json.dumps(to_ui(graph), indent=2) + "\n")
-        (HERE / f"{name}.api.json").write_text(json.dumps(to_api(graph), indent=2) + "\n")
-        print(f"wrote workflows/{name}.json and {name}.api.json ({len(graph.nodes)} nodes)")
+        (UI_DIR / f"{name}.json").write_text(json.dumps(to_ui(graph), indent=2) + "\n")
+        (API_DIR / f"{name}.api.json").write_text(json.dumps(to_api(graph), indent=2) + "\n")
+        print(f"wrote example_workflows/{name}.json and workflows/api/{name}.api.json ({len(graph.nodes)} nodes)")
 
 
 if __name__ == "__main__":
