@@ -16,16 +16,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
-from ..comfy_env import find_comfyui, import_comfyui
+# Nothing imported here may import ComfyUI: ``main`` imports it first, with its own arguments.
+from ..comfy_env import ComfyUINotUsable, find_comfyui, import_comfyui
+from .settings import TrainingError, TrainSettings
+
+T = TypeVar("T")
+CHECKPOINT_HINT = (
+    "pass FLUX.1's diffusion model file, as ComfyUI's Load Diffusion Model reads it "
+    "(e.g. models/diffusion_models/flux1-dev.safetensors); if it is that file, download it again"
+)
 
 
 def parser() -> argparse.ArgumentParser:
-    from .trainer import TrainSettings
-
     d = TrainSettings()
     p = argparse.ArgumentParser(
         prog="ultragen-train",
@@ -66,10 +74,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _settings(args):
+def _settings(args: argparse.Namespace) -> TrainSettings:
     """TrainSettings from the options named like its fields (the parser takes its defaults from there)."""
-    from .trainer import TrainSettings
-
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings) if hasattr(args, f.name)}
     return TrainSettings(**given, gradient_checkpointing=not args.no_gradient_checkpointing)
 
@@ -86,8 +92,48 @@ def _need_file(path: Path | None, what: str) -> None:
         raise SystemExit(f"ultragen-train: {what} not found: {path}")
 
 
+def _one_line(text: object) -> str:
+    """ComfyUI's and safetensors' messages span lines; the command's errors are one line each."""
+    return " ".join(line.strip() for line in str(text).splitlines() if line.strip())
+
+
+def check_checkpoint(path: Path) -> None:
+    """Fail in seconds, not after encoding every image, when the checkpoint is not a readable
+    safetensors file (a stand-in, an HTML page saved as a download, a truncated copy)."""
+    if path.suffix.lower() not in (".safetensors", ".sft"):
+        return  # ComfyUI also reads pickled checkpoints; those are checked when loaded
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            empty = not list(f.keys())
+    except Exception as exc:  # safetensors raises its own error types for every kind of damage
+        raise SystemExit(
+            f"ultragen-train: the checkpoint {path} is not a readable .safetensors file ({_one_line(exc)}); "
+            f"{CHECKPOINT_HINT}"
+        ) from exc
+    if empty:
+        raise SystemExit(f"ultragen-train: the checkpoint {path} holds no tensors; {CHECKPOINT_HINT}")
+
+
+def _load(what: str, paths: list[Path], hint: str, load: Callable[[], T]) -> T:
+    """``load()``, or one line naming the file(s) that failed and what to do instead of a traceback."""
+    try:
+        return load()
+    except (torch.OutOfMemoryError, MemoryError):
+        raise  # the file is fine: no hint about the file would help
+    except Exception as exc:  # any failure to read or recognise a model file; its cause is in the message
+        files = " and ".join(str(p) for p in paths)
+        raise SystemExit(f"ultragen-train: could not load the {what} {files}: {_one_line(exc)}; {hint}") from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.comfyui is not None and find_comfyui(args.comfyui) != args.comfyui.resolve():
+        raise SystemExit(
+            f"ultragen-train: --comfyui {args.comfyui} is not a ComfyUI folder (it needs comfy/ and nodes.py); "
+            "pass the folder ComfyUI's main.py is in"
+        )
     comfy_path = find_comfyui(args.comfyui)
     if comfy_path is None:
         raise SystemExit(
@@ -98,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         _need_file(path, what)
     if bool(args.clip_l) != bool(args.t5):
         raise SystemExit("ultragen-train: captions need both text encoders: pass --clip-l and --t5 together")
-    import_comfyui(comfy_path, cpu=args.cpu or not torch.cuda.is_available())
+    try:  # before anything imports comfy: ComfyUI reads its arguments (--cpu) once, at its first import
+        import_comfyui(comfy_path, cpu=args.cpu or not torch.cuda.is_available(), also=("comfy.sd",))
+    except ComfyUINotUsable as exc:
+        raise SystemExit(f"ultragen-train: {_one_line(exc)}") from exc
 
     import comfy.model_management as mm
     import comfy.sd
@@ -106,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from .dataset import CACHE_DIR, CachedDataset, DatasetError, build_cache, scan_folder
-    from .trainer import STATE, GuidanceLoRATrainer, TrainingError
+    from .trainer import STATE, GuidanceLoRATrainer
 
     settings = _settings(args)
     out = args.output_dir
@@ -114,13 +163,23 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(
             f"ultragen-train: {out} holds a saved run; pass --resume to continue it, or choose another --output-dir"
         )
+    check_checkpoint(args.checkpoint)
     try:
         settings.check()
         items = scan_folder(args.data)
-        vae = comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(args.vae))) if args.vae else None
+        vae = None
+        if args.vae:
+            vae = _load(
+                "VAE", [args.vae], "pass FLUX.1's VAE file (ae.safetensors)",
+                lambda: comfy.sd.VAE(sd=comfy.utils.load_torch_file(str(args.vae))),
+            )  # fmt: skip
         encode_text = None
         if args.clip_l:
-            clip = comfy.sd.load_clip(ckpt_paths=[str(args.clip_l), str(args.t5)], clip_type=comfy.sd.CLIPType.FLUX)
+            clip = _load(
+                "text encoders", [args.clip_l, args.t5], "pass FLUX.1's clip_l.safetensors and t5xxl_fp16.safetensors",
+                lambda: comfy.sd.load_clip(ckpt_paths=[str(args.clip_l), str(args.t5)],
+                                           clip_type=comfy.sd.CLIPType.FLUX),
+            )  # fmt: skip
 
             def encode_text(caption: str):
                 context, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
@@ -133,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         encode_text = clip = None  # the text encoders are not needed any more
         mm.soft_empty_cache()
         dtype = torch.bfloat16 if mm.get_torch_device().type == "cuda" else torch.float32
-        model = load_flux_model(args.checkpoint, dtype)
+        model = _load("checkpoint", [args.checkpoint], CHECKPOINT_HINT, lambda: load_flux_model(args.checkpoint, dtype))
         trainer = GuidanceLoRATrainer(
             model, CachedDataset(files, settings.seed), out, settings, decode=vae.decode if vae else None
         )
@@ -141,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ultragen-train: resuming from step {trainer.resume()}")
         trainer.train(progress=lambda **kw: tqdm(desc="training", unit="step", **kw))
     except (DatasetError, TrainingError, ValueError) as exc:
-        raise SystemExit(f"ultragen-train: {exc}") from exc
+        raise SystemExit(f"ultragen-train: {_one_line(exc)}") from exc
     print(f"ultragen-train: wrote {out / 'guidance_lora.safetensors'}")
     return 0
 

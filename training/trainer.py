@@ -22,9 +22,7 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import comfy.model_management
 import comfy.patcher_extension
@@ -32,55 +30,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
-from ..core.flow_matching import FLUX_MU_1024, flow_matching_loss, noised_latent, training_sigmas
+from ..core.flow_matching import flow_matching_loss, noised_latent, training_sigmas
 from ..patch import Guidance, PatchOptions, UltraGenFluxPatch
 from ..patch.sampling import constant_shift_sigmas
 from .dataset import CachedDataset, Example
 from .row_lora import GuidanceRows, inject_guidance_lora, load_lora_tensors, lora_tensors
+from .settings import TrainingError, TrainSettings
 
 STATE = "training_state.pt"
 LORA = "guidance_lora.safetensors"
 # Settings a resumed run must share with the saved one.
 _FIXED = ("targets", "rank", "alpha", "size", "ratio", "window", "ntk_factor", "batch_size", "grad_accum", "seed")
-
-
-class TrainingError(ValueError):
-    """A training setup that cannot run; the message says what to change."""
-
-
-@dataclass
-class TrainSettings:
-    """What a training run is configured with; defaults follow the UltraGen paper where it says."""
-
-    steps: int = 2000
-    batch_size: int = 1
-    grad_accum: int = 4  # the paper: batch 1 per GPU, 4 accumulation steps
-    learning_rate: float = 1e-4  # AdamW; the paper used Prodigy (lr 1), not a dependency here
-    weight_decay: float = 0.01
-    rank: int = 16
-    alpha: float = 16
-    targets: Literal["qkv", "all"] = "qkv"
-    size: int = 1024  # high-res training size in px; guidance at size / ratio
-    ratio: int = 4
-    window: int = 16
-    ntk_factor: float = 10.0
-    flux_guidance: float = 3.5  # FLUX.1-dev's distilled guidance input
-    mu: float = FLUX_MU_1024  # time shift of the training sigmas
-    gradient_checkpointing: bool = True
-    backend: str = "auto"
-    save_every: int = 250
-    sample_every: int = 250
-    sample_steps: int = 20
-    seed: int = 0
-
-    def check(self) -> None:
-        if self.size % (16 * self.ratio):
-            raise TrainingError(f"size ({self.size}) must be a multiple of 16 x ratio ({16 * self.ratio})")
-        for name in ("steps", "batch_size", "grad_accum", "rank"):
-            if getattr(self, name) < 1:
-                raise TrainingError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.backend == "triton":
-            raise TrainingError("the Triton kernel is forward-only: train with backend auto, flex or portable")
 
 
 def _seeded(seed: int, i: int) -> torch.Generator:
