@@ -13,9 +13,18 @@ log = logging.getLogger("UltraGen")
 
 
 async def comfy_entrypoint():
-    """V3 entry point: log the attention backend once, return the extension."""
+    """V3 entry point: say at start-up if this ComfyUI is too old, log the attention backend once,
+    return the extension (its nodes refuse to patch on a ComfyUI that lacks a hook, naming why)."""
     from .kernels import describe_backend
     from .nodes import UltraGenExtension
+    from .patch.host import OLDEST_COMFYUI, comfyui_version, missing_hooks
+
+    missing = missing_hooks()
+    if missing:
+        logging.error(
+            f"UltraGen {__version__}: this ComfyUI ({comfyui_version()}) lacks {', '.join(missing)}; "
+            f"UltraGen's nodes will refuse to run. Update ComfyUI to {OLDEST_COMFYUI} or newer."
+        )
 
     try:
         backend = describe_backend()

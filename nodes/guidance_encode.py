@@ -5,6 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..patch import Guidance
+from ..patch.planning import aspect_mismatch
 from .types import UltraGenGuidance
 
 
@@ -62,5 +63,11 @@ class UltraGenLowResGuidanceEncode(io.ComfyNode):
             raise ValueError(
                 f"Low-Res Guidance Encode: the guidance ({width}x{height} px) is larger than the target "
                 f"({target_width}x{target_height} px); guidance is the low-res version of the target"
+            )
+        if aspect_mismatch(samples.shape[-1], samples.shape[-2], target_width // 8, target_height // 8):
+            raise ValueError(
+                f"Low-Res Guidance Encode: the guidance ({width}x{height} px) and the target ({target_width}x"
+                f"{target_height} px) differ in shape, so the guidance would be stretched; make the low-res image "
+                "the target's aspect ratio (or set the target to a multiple of the low-res size)"
             )
         return io.NodeOutput(Guidance(samples.detach().cpu().float(), target_width, target_height))

@@ -22,7 +22,9 @@ class UltraGenStructureGuidance(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model to guide (e.g. after UltraGen Attention Patch)."),
                 io.Latent.Input(
-                    "reference", tooltip="The reference at the target size, e.g. Warm-Start Latent's LFM output."
+                    "reference",
+                    tooltip="The reference at the target size, e.g. Warm-Start Latent's LFM output. A reference of "
+                    "the same shape but another size is resized; one of another shape is an error.",
                 ),
                 io.Float.Input(
                     "strength", default=1.0, min=0.0, max=4.0, step=0.05,

@@ -1,32 +1,23 @@
-"""What the FLUX patch keeps per image size and per model call.
+"""What one model call of the patched FLUX knows, and how the hooks of that call find it.
 
-Why a module: the hooks in ``flux_patch.py`` share these records; a reader looking for
-"what does one call know" finds it here, apart from how the hooks use it.
+Why: the hooks of one call (DIFFUSION_MODEL wrapper, post_input patch, rotary-table embedder,
+attention override, guidance LoRA) share a record of it. The attention override receives it
+in ``transformer_options``; the others get no such argument in every supported ComfyUI, so
+the wrapper also makes it the *active call* for the duration of the call (a context variable:
+per thread, gone when the call ends, never on an object other clones or runs share).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
 
+from ..core import Layout
 from ..core.token_order import WindowOrder
-
-
-@dataclass(frozen=True)
-class SizeState:
-    """What every call at one image size shares; built once per size and device.
-
-    Guidance tokens are kept clean and as noise separately (float32, sequence order):
-    patchifying is a rearrangement, so noising the tokens equals patchifying the noised latent.
-    """
-
-    order: WindowOrder
-    image_ids: torch.Tensor  # (n_img, 3) float32, window-first order
-    guidance_grid: tuple[int, int] | None = None
-    guidance_clean: torch.Tensor | None = None  # (Bg, n_guid, C * p * p)
-    guidance_noise: torch.Tensor | None = None
-    guidance_ids: torch.Tensor | None = None  # (n_guid, 3) float32
 
 
 @dataclass
@@ -37,11 +28,14 @@ class CallState:
     order: WindowOrder
     image_ids: torch.Tensor
     n_ref: int
-    guidance_grid: tuple[int, int] | None
-    guidance_tokens: torch.Tensor | None  # (B, n_guid, C * p * p), sequence order, not yet embedded
-    guidance_ids: torch.Tensor | None  # (n_guid, 3) float32, sequence order
+    img_in: torch.nn.Module  # the model's input projection, which embeds the guidance tokens too
+    guidance_grid: tuple[int, int] | None = None
+    guidance_tokens: torch.Tensor | None = None  # (B, n_guid, C * p * p), sequence order, not yet embedded
+    guidance_ids: torch.Tensor | None = None  # (n_guid, 3) float32, sequence order
     npa_offset: tuple[int, int] = (0, 0)
     rotary_table: torch.Tensor | None = None  # (B, 1, L, D / 2, 2, 2): RoPE for this call's sequence
+    layout: Layout | None = None  # the attention layout, built by the first block's attention
+    embedding_guidance: bool = False  # True while img_in embeds the guidance tokens (a training LoRA reads it)
 
     @property
     def n_img(self) -> int:
@@ -50,6 +44,30 @@ class CallState:
     @property
     def n_guid(self) -> int:
         return 0 if self.guidance_grid is None else self.guidance_grid[0] * self.guidance_grid[1]
+
+
+_active: ContextVar[CallState | None] = ContextVar("ultragen_active_call", default=None)
+
+
+def active_call() -> CallState | None:
+    """The patched call running now in this thread, or None outside one."""
+    return _active.get()
+
+
+@contextlib.contextmanager
+def calling(call: CallState) -> Iterator[CallState]:
+    """Make ``call`` the active call until the block ends (also when it raises)."""
+    token = _active.set(call)
+    try:
+        yield call
+    finally:
+        _active.reset(token)
+
+
+def embedding_guidance() -> bool:
+    """True while the active call's ``img_in`` embeds guidance tokens (training's img_in LoRA reads it)."""
+    call = _active.get()
+    return call is not None and call.embedding_guidance
 
 
 class HandOver(dict):

@@ -10,6 +10,8 @@ it is supported.
 
 from __future__ import annotations
 
+LATENT_CHANNELS = 16  # FLUX.1's VAE latent (FLUX.2: 128 at 1/16 of the pixels)
+
 
 def other_family(diffusion_model) -> str | None:
     """None for a FLUX.1-shaped ``comfy.ldm.flux.model.Flux``; else a name for what it is instead."""

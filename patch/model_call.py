@@ -16,15 +16,16 @@ import torch
 
 
 def denoise(model, x: torch.Tensor, sigma: float, context: torch.Tensor, y: torch.Tensor, guidance: float = 3.5,
-            load: bool = True, **extra) -> torch.Tensor:  # fmt: skip
+            load: bool = True, options: dict | None = None, **extra) -> torch.Tensor:  # fmt: skip
     """The model's denoised prediction for latent ``x`` (B, C, H, W) at noise level ``sigma``.
 
     ``load``: let ComfyUI load the model (applying its object patches), as a sampler does;
-    ``False`` when the caller holds it applied (see :func:`applied`).
+    ``False`` when the caller holds it applied (see :func:`applied`). ``options``: entries added
+    to the call's ``transformer_options`` (e.g. a patch run, ``UltraGenFluxPatch.run_options``).
     """
     if load:
         comfy.model_management.load_models_gpu([model])
-    options = copy.deepcopy(model.model_options["transformer_options"])
+    options = {**copy.deepcopy(model.model_options["transformer_options"]), **(options or {})}
     comfy.patcher_extension.merge_nested_dicts(options.setdefault("wrappers", {}), model.wrappers, copy_dict1=False)
     batch = x.shape[0]
     with torch.inference_mode():  # as ComfyUI's executor runs nodes: no autograd graph

@@ -55,7 +55,6 @@ class PatchOptions:
     npa_patch: int = 32
     npa_window: int = 64
     npa_jitter: bool = True
-    seed: int = 0
 
     def check(self) -> None:
         if self.backend not in BACKENDS:
@@ -65,6 +64,20 @@ class PatchOptions:
         if self.ntk_factor <= 0:
             raise UltraGenPatchError(f"NTK factor must be positive (1 = off), got {self.ntk_factor}")
         self.rules().check()
+
+    @property
+    def window_size(self) -> tuple[int, int]:
+        """(rows, columns) of a window, in tokens."""
+        return (self.window, self.window)
+
+    @property
+    def curve(self) -> str:
+        """The order windows follow each other in (core's name for ``token_order``)."""
+        return "hilbert" if self.token_order == "hilbert" else "raster"
+
+    def npa_offsets(self) -> tuple[int, ...]:
+        """The shifts NPA's patch grid may take along each axis: a few, so tile schedules stay cached."""
+        return tuple(range(0, self.npa_patch, max(1, min(8, self.npa_patch))))
 
     def rules(self, offset: tuple[int, int] = (0, 0)) -> AttentionRules:
         common = dict(

@@ -26,12 +26,13 @@ FLUX_VAE = dict(
 
 
 def flux_model(config: dict, dtype=torch.float32, std: float = 0.05, seed: int = 0, device=None,
-               load_device=None) -> comfy.model_patcher.ModelPatcher:  # fmt: skip
-    """A FLUX ModelPatcher for ``config`` with weights ~ N(0, std) (norm scales 1 where present)."""
+               load_device=None, config_class: str = "Flux") -> comfy.model_patcher.ModelPatcher:  # fmt: skip
+    """A ModelPatcher of ComfyUI's ``supported_models.<config_class>`` for ``config`` (FLUX.1 by default)
+    with weights ~ N(0, std) (norm scales 1 where present)."""
     config = dict(config)
     if "txt_ids_dims" in comfy.ldm.flux.model.FluxParams.__dataclass_fields__:  # required in newer ComfyUI (0.29)
         config.setdefault("txt_ids_dims", [])  # FLUX.1: text tokens sit at position 0 on every axis
-    model_config = comfy.supported_models.Flux(config)
+    model_config = getattr(comfy.supported_models, config_class)(config)
     model_config.set_inference_dtype(dtype, None)
     model = model_config.get_model({}, device=device)
     gen = torch.Generator(device=device or "cpu").manual_seed(seed)

@@ -18,6 +18,7 @@ import latent_preview
 import torch
 
 from .exact_vae import exact_decode
+from .flux_family import LATENT_CHANNELS
 from .flux_patch import UltraGenFluxPatch
 from .options import Guidance, PatchOptions
 from .warm_start import upsample_latent, warm_start_sigmas
@@ -97,6 +98,11 @@ def recursive_upscale(model, positive, negative, vae, samples: torch.Tensor, sta
                       seed: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Run ``stages`` stages from ``samples``; stage i uses seed + i. Returns the last (latent, image)."""
     check_settings(settings, stages)
+    if samples.dim() != 4 or samples.shape[1] != LATENT_CHANNELS:
+        raise RecursiveUpscaleError(
+            f"Recursive Upscale: the latent to upscale has shape {tuple(samples.shape)}, but FLUX.1's latents have "
+            f"{LATENT_CHANNELS} channels; connect a latent made by FLUX, or the image instead"
+        )
     per_stage = len(warm_start_sigmas(settings.steps, settings.skip, 0.0, settings.shift_mu, settings.scheduler)) - 1
     progress = comfy.utils.ProgressBar(stages * per_stage)
     image = None

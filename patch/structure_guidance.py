@@ -13,6 +13,7 @@ import comfy.utils
 import torch
 
 from ..core.frequency import low_pass
+from .planning import aspect_mismatch
 
 GAMMA_SCHEDULES = ("sigma", "sigma squared", "constant")
 log = logging.getLogger("UltraGen")
@@ -52,11 +53,23 @@ class StructureGuidance:
                     f"{like.shape[1]}; use a latent of this model's VAE"
                 )
             if ref.shape[-2:] != like.shape[-2:]:
+                if aspect_mismatch(ref.shape[-1], ref.shape[-2], like.shape[-1], like.shape[-2]):
+                    raise ValueError(
+                        f"Structure Guidance: the reference is {ref.shape[-1] * 8}x{ref.shape[-2] * 8} px but the "
+                        f"sampler runs at {like.shape[-1] * 8}x{like.shape[-2] * 8} px, another shape; connect the "
+                        "latent the sampler starts from (e.g. Warm-Start Latent's output)"
+                    )
+                # Same shape, another size: its low band is the same picture, so it is resized (a stated rule).
                 log.info(
                     "UltraGen Structure Guidance: reference %s resized to the sampled latent %s",
                     tuple(ref.shape[-2:]), tuple(like.shape[-2:]),
                 )  # fmt: skip
                 ref = comfy.utils.common_upscale(ref, like.shape[-1], like.shape[-2], "bicubic", "disabled")
+            if like.shape[0] % ref.shape[0]:  # a CFG call holds whole copies of the latent batch
+                raise ValueError(
+                    f"Structure Guidance: the reference holds {ref.shape[0]} latents, which does not divide the "
+                    f"sampler's batch of {like.shape[0]}; connect one reference, or one per latent"
+                )
             ref = comfy.utils.repeat_to_batch_size(ref, like.shape[0])
             self._low_ref = {key: low_pass(ref, self.factor).to(like.dtype)}
         return self._low_ref[key]

@@ -14,6 +14,7 @@ import torch
 
 from ..core.frequency import mix_frequencies, sharpen
 from ..core.sigmas import remaining_sigmas
+from .flux_family import LATENT_CHANNELS
 from .sampling import constant_shift_sigmas
 
 METHODS = ("latent bicubic", "RGB upsample", "LFM mix")
@@ -47,6 +48,11 @@ def upsample_latent(
         raise WarmStartError(f"upsample method must be one of {METHODS}, got {method!r}")
     if samples.dim() != 4:
         raise WarmStartError(f"Warm-Start Latent takes an image latent (B, C, H, W), got {tuple(samples.shape)}")
+    if samples.shape[1] != LATENT_CHANNELS:
+        raise WarmStartError(
+            f"the latent has {samples.shape[1]} channels, but FLUX.1's have {LATENT_CHANNELS}: connect a latent "
+            "made by FLUX (its KSampler, or VAE Encode with FLUX's ae.safetensors)"
+        )
     src_w, src_h = samples.shape[-1] * 8, samples.shape[-2] * 8
     if width < src_w or height < src_h:
         raise WarmStartError(

@@ -49,6 +49,17 @@ def comfyui() -> Path:
     return path
 
 
+@pytest.fixture(autouse=True)
+def kernels_as_users_run_them(request, monkeypatch):
+    """In ComfyUI tests, kernels dispatch as on a user's machine: Triton on CUDA only. Under
+    ``TRITON_INTERPRET=1`` the RoPE kernel would otherwise run in Triton's CPU interpreter at every
+    attention call, several times slower than the whole model; ``tests/test_rope.py`` checks it."""
+    if "comfyui" in request.fixturenames:
+        from ultragen.kernels import rope
+
+        monkeypatch.setattr(rope, "triton_runs_on", lambda device: device.type == "cuda" and rope.triton is not None)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Report every "needs ComfyUI" skip at this file's location, so ``-ra`` folds them into one line."""

@@ -46,6 +46,13 @@ def patched(model, guidance=None, lora=None, strength=1.0, **options):
     return UltraGenFluxPatch(PatchOptions(**options), guidance=guidance, lora=lora, lora_strength=strength).apply(model)
 
 
+def one_run(seed=0):
+    """transformer_options entries that make several model calls one sampling run (as a sampler does)."""
+    from ultragen.patch import UltraGenFluxPatch
+
+    return UltraGenFluxPatch().run_options(seed)
+
+
 def guidance_of(h, w, target_hw, seed=3):
     from ultragen.patch import Guidance
 
@@ -93,8 +100,9 @@ def test_attention_mask_falls_back_to_dense_with_one_warning(flux, caplog):
     ref = denoise(flux, x, 0.5, ctx, y, attention_mask=mask)
     model = patched(flux, window=2, ntk_factor=1.0, constant_shift=False)  # windows of 2 would differ a lot
     caplog.set_level(logging.WARNING)
-    out = denoise(model, x, 0.5, ctx, y, attention_mask=mask)
-    denoise(model, x, 0.4, ctx, y, attention_mask=mask)
+    run = one_run()  # two steps of one sampling run: one warning
+    out = denoise(model, x, 0.5, ctx, y, attention_mask=mask, options=run)
+    denoise(model, x, 0.4, ctx, y, attention_mask=mask, options=run)
     assert (out - ref).abs().max().item() <= 1e-6
     warnings = [r for r in caplog.records if "attention mask" in r.getMessage()]
     assert len(warnings) == 1

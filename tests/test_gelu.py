@@ -15,6 +15,9 @@ def fused_rows(batch, tokens, width, start, dtype, seed=0):
     return (torch.randn(batch, tokens, width, generator=g) * 4).to(DEVICE, dtype)[:, :, start:]
 
 
+# Under Triton's CPU interpreter, sigmoid(2u) = 1 / (1 + exp(-2u)) evaluates exp in NumPy, which warns when
+# it overflows to inf for large negative inputs; 1 / inf = 0 is the right value there (as on a GPU, silently).
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 @pytest.mark.parametrize("batch,tokens,width,start", [(1, 37, 1500, 300), (2, 5, 2100, 51), (3, 1, 9, 0)])
 def test_gelu_in_place_matches_pytorch_in_float32(batch, tokens, width, start):
     if gelu.triton is None:

@@ -45,9 +45,13 @@ def test_guidance_encode_messages():
         Encode.execute(1024, 1024, image=torch.rand(1, 256, 256, 3))
     with pytest.raises(ValueError, match=r"guidance \(256x256 px\) is larger than the target \(192x1024 px\)"):
         Encode.execute(192, 1024, latent=latent)
-    guidance = Encode.execute(1024, 768, latent=latent).result[0]
-    assert guidance.latent.shape == (1, 16, 32, 32) and (guidance.target_width, guidance.target_height) == (1024, 768)
+    with pytest.raises(ValueError, match=r"guidance \(256x256 px\) and the target \(1024x768 px\) differ in shape"):
+        Encode.execute(1024, 768, latent=latent)
+    guidance = Encode.execute(1024, 1024, latent=latent).result[0]
+    assert guidance.latent.shape == (1, 16, 32, 32) and (guidance.target_width, guidance.target_height) == (1024, 1024)
     assert guidance.ratio() == 4.0
+    wide = Encode.execute(1000, 560, latent={"samples": torch.randn(1, 16, 17, 31)}).result[0]  # 248x136: rounding
+    assert (wide.target_width, wide.target_height) == (1000, 560)
 
 
 def test_nodes_from_guidance_to_sampler(tmp_path):

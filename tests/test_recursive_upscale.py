@@ -50,16 +50,30 @@ def test_image_input_and_progress(parts, monkeypatch):
     assert len(stage_previews) == 1  # the last stage's decoded image (the first is 96 x 64)
 
 
-def test_errors_name_the_stage(parts):
+def test_errors_name_the_stage(parts, monkeypatch):
+    import comfy.sample
+
     from ultragen.patch.recursive_upscale import RecursiveUpscaleError
 
     with pytest.raises(ValueError, match="either a latent or an image"):
         upscale(parts, 0, 1)
-    four_channels = {"samples": torch.randn(1, 4, 4, 6)}
-    with pytest.raises(RecursiveUpscaleError, match=r"stage 1 of 2 \(96x64 px\) failed: .*4 channels"):
+    four_channels = {"samples": torch.randn(1, 4, 4, 6)}  # e.g. an SD latent: said up front, as the input's fault
+    with pytest.raises(RecursiveUpscaleError, match=r"the latent to upscale has shape \(1, 4, 4, 6\), but FLUX.1's"):
         upscale(parts, 0, 2, latent=four_channels)
     with pytest.raises(ValueError, match="scale per stage must be above 1"):
         upscale(parts, 0, 1, latent=four_channels, scale=1.0)
+    calls, sample = [], comfy.sample.sample_custom
+
+    def failing_second_stage(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(comfy.sample, "sample_custom", failing_second_stage)
+    low = {"samples": torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(0))}
+    with pytest.raises(RecursiveUpscaleError, match=r"stage 2 of 2 \(192x128 px\) failed: out of memory"):
+        upscale(parts, 0, 2, latent=low)
 
 
 def test_cancelling_stops_between_steps(parts, monkeypatch):

@@ -100,15 +100,15 @@ def test_saved_lora_is_what_the_patch_applies(dataset, tmp_path):
     ex = dataset.example(1)
     x = torch.randn(ex.latent.shape, generator=torch.Generator().manual_seed(3))
     sigma = 0.6
-    t._guide(ex, noise_seed=77)
     with torch.no_grad():
-        trained_v = t.velocity(x, torch.tensor([sigma]), ex).float()
+        trained_v = t.velocity(x, torch.tensor([sigma]), ex, t._run(ex, noise_seed=77)).float()
 
-    options = PatchOptions(window=WINDOW, constant_shift=False, seed=77)
+    options = PatchOptions(window=WINDOW, constant_shift=False)
     guidance = Guidance(ex.guidance, SIZE, SIZE)
     fresh = tiny_flux()
-    with_lora = UltraGenFluxPatch(options, guidance, lora=lora).apply(fresh)
-    den = denoise(with_lora, x, sigma, ex.context, ex.pooled)
+    patch = UltraGenFluxPatch(options, guidance, lora=lora)
+    with_lora = patch.apply(fresh)
+    den = denoise(with_lora, x, sigma, ex.context, ex.pooled, options=patch.run_options(seed=77))
     assert torch.allclose((x - den) / sigma, trained_v, atol=2e-4)
 
     # Rows: the first adapted layer's input rows before the guidance get the base output.

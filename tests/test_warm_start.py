@@ -125,6 +125,28 @@ def test_structure_guidance_gamma_zero_is_a_no_op_and_one_sets_the_low_band(flux
     assert not torch.equal(comfy_flux.sampler_custom_advanced(on, latent, pos, neg, steps=2), plain)
 
 
+def test_structure_guidance_reference_rules(flux):
+    """A reference of the sampled shape but another size is resized (bicubic, ComfyUI's upscale); another shape,
+    or a batch that does not divide the sampler's, is an error naming the node."""
+    import comfy.utils
+
+    from ultragen.patch.structure_guidance import StructureGuidance
+
+    g = torch.Generator().manual_seed(6)
+    fmt = flux.model.latent_format
+    x0 = torch.randn(2, 16, 12, 10, generator=g)
+    args = {"denoised": x0, "sigma": torch.tensor([0.7, 0.7])}
+    small = torch.randn(1, 16, 6, 5, generator=g)
+    resized = comfy.utils.common_upscale(fmt.process_in(small), 10, 12, "bicubic", "disabled")
+    expected = StructureGuidance(fmt.process_out(resized), fmt, 1.0, "sigma")(args)
+    assert torch.allclose(StructureGuidance(small, fmt, 1.0, "sigma")(args), expected, atol=1e-5)
+    with pytest.raises(ValueError, match=r"Structure Guidance: the reference is 80x80 px but the sampler runs at "
+                                         r"80x96 px, another shape"):  # fmt: skip
+        StructureGuidance(torch.randn(1, 16, 10, 10), fmt, 1.0, "sigma")(args)
+    with pytest.raises(ValueError, match="Structure Guidance: the reference holds 3 latents"):
+        StructureGuidance(torch.randn(3, 16, 12, 10), fmt, 1.0, "sigma")(args)
+
+
 def test_low_res_to_warm_start_to_patched_guided_sampling(flux, vae):
     """Low-res latent -> Warm-Start (LFM) -> UltraGen patch + Structure Guidance -> SamplerCustomAdvanced."""
     from comfy_extras.nodes_custom_sampler import CFGGuider, KSamplerSelect, RandomNoise, SamplerCustomAdvanced
@@ -158,7 +180,8 @@ def test_bad_inputs_are_explained(vae):
         _warm_start(low, 128, 128, method="RGB upsample")
     with pytest.raises(WarmStartError, match="'LFM mix' method decodes and re-encodes: connect the VAE"):
         _warm_start(low, 128, 128, method="LFM mix")
-    with pytest.raises(WarmStartError, match="latent has 4 channels but the VAE makes 16"):
-        _warm_start(torch.randn(1, 4, 8, 8), 128, 128, method="RGB upsample", vae=vae)
+    for method in ("latent bicubic", "RGB upsample"):  # an SD latent would fail later, in the sampler
+        with pytest.raises(WarmStartError, match="latent has 4 channels, but FLUX.1's have 16"):
+            _warm_start(torch.randn(1, 4, 8, 8), 128, 128, method=method, vae=vae)
     with pytest.raises(WarmStartError, match=r"skip \(8\) must be less than the total steps \(8\)"):
         _warm_start(low, 128, 128, steps=8, skip=8)

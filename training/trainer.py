@@ -32,6 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..core.flow_matching import flow_matching_loss, noised_latent, training_sigmas
 from ..patch import Guidance, PatchOptions, UltraGenFluxPatch
+from ..patch.call_state import embedding_guidance
 from ..patch.sampling import constant_shift_sigmas
 from .dataset import CachedDataset, Example
 from .row_lora import GuidanceRows, inject_guidance_lora, load_lora_tensors, lora_tensors
@@ -77,7 +78,7 @@ class GuidanceLoRATrainer:
             self._options.setdefault("wrappers", {}), self.model.wrappers, copy_dict1=False
         )
         self.dm = self.model.model.diffusion_model
-        self.rows = GuidanceRows(embedding=lambda: self.patch.embedding_guidance)
+        self.rows = GuidanceRows(embedding=embedding_guidance)
         self.layers = inject_guidance_lora(self.dm, self.rows, s.targets, s.rank, s.alpha, seed=s.seed)
         self.params = [p for p in self.dm.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=s.learning_rate, weight_decay=s.weight_decay)
@@ -120,8 +121,9 @@ class GuidanceLoRATrainer:
         for i in range(len(dm.single_blocks)):
             self.model.set_model_patch_replace(single(i), "dit", "single_block", i)
 
-    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, example: Example) -> torch.Tensor:
-        """FLUX's velocity prediction for model-space latent ``x`` (B, C, H, W) at ``sigma`` (B,)."""
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, example: Example, run: dict) -> torch.Tensor:
+        """FLUX's velocity prediction for model-space latent ``x`` (B, C, H, W) at ``sigma`` (B,), in the
+        patch run ``run`` (:meth:`_run`)."""
         dtype = self.model.model.get_dtype()
         batch = x.shape[0]
         return self.dm(
@@ -130,14 +132,15 @@ class GuidanceLoRATrainer:
             context=example.context.to(self.device, dtype),
             y=example.pooled.to(self.device, dtype),
             guidance=torch.full((batch,), self.settings.flux_guidance, device=self.device, dtype=dtype),
-            transformer_options=self._options,
+            transformer_options={**self._options, **run},
         )
 
-    def _guide(self, example: Example, noise_seed: int) -> None:
+    def _run(self, example: Example, noise_seed: int) -> dict:
+        """A patch run guided by ``example``'s guidance, its guidance noise drawn from ``noise_seed``."""
         guidance = Guidance(example.guidance, self.settings.size, self.settings.size)
-        self.patch.set_guidance(guidance, noise_seed)
         gh, gw = guidance.grid(self.dm.patch_size)
         self.rows.count = gh * gw
+        return self.patch.run_options(noise_seed, guidance)
 
     def loss(self, i: int, seed: int | None = None) -> torch.Tensor:
         """The flow-matching loss of micro-batch ``i`` (its example, sigma and noise seeded by i and
@@ -148,8 +151,8 @@ class GuidanceLoRATrainer:
         x0 = self.model.model.process_latent_in(example.latent.float())
         noise = torch.randn(x0.shape, generator=gen)
         sigma = training_sigmas(x0.shape[0], s.mu, gen)
-        self._guide(example, noise_seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
-        v = self.velocity(noised_latent(x0, noise, sigma), sigma, example)
+        run = self._run(example, noise_seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
+        v = self.velocity(noised_latent(x0, noise, sigma), sigma, example, run)
         return flow_matching_loss(v, x0.to(v.device), noise.to(v.device))
 
     @torch.no_grad()
@@ -229,11 +232,11 @@ class GuidanceLoRATrainer:
         """Sample dataset example ``index``'s caption with its own guidance (Euler, constant shift) and save it."""
         s = self.settings
         example = self.dataset.example(index)
-        self._guide(example, noise_seed=s.seed)
+        run = self._run(example, noise_seed=s.seed)
         sigmas = constant_shift_sigmas(s.sample_steps, s.mu)
         x = torch.randn(example.latent.shape, generator=_seeded(s.seed, -1)).to(self.device)
         for a, b in zip(sigmas[:-1], sigmas[1:], strict=True):
-            v = self.velocity(x, torch.full((x.shape[0],), float(a)), example).float()
+            v = self.velocity(x, torch.full((x.shape[0],), float(a)), example, run).float()
             x = x + (float(b) - float(a)) * v
         image = self.decode(self.model.model.process_latent_out(x))  # (1, H, W, 3) in [0, 1]
         path = self.output_dir / "samples" / f"step_{self.step:06d}.png"

@@ -1,0 +1,142 @@
+"""What a patched FLUX call looks like at a given size: token order, positions, guidance tokens, layout.
+
+Why apart from the hooks: all of it follows from the options, the guidance, the image size
+and the sampling seed, nothing else. Kept as plain functions of those, it is tested alone,
+and a sampling run (``run_state.PatchRun``) builds it once per size and reuses it for every
+step.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from ..core import GuidanceSegment, ImageSegment, Layout, ReferenceSegment, TextSegment
+from ..core.guidance import guidance_ids
+from ..core.token_order import WindowOrder, window_first_order
+from .options import Guidance, PatchOptions, UltraGenPatchError
+
+NODE = "UltraGen Attention Patch"
+
+
+@dataclass(frozen=True)
+class SizePlan:
+    """What every call at one image size shares.
+
+    Guidance tokens are kept clean and as noise separately (float32, sequence order):
+    patchifying is a rearrangement, so noising the tokens equals patchifying the noised latent.
+    """
+
+    order: WindowOrder
+    image_ids: torch.Tensor  # (n_img, 3) float32, window-first order
+    guidance_grid: tuple[int, int] | None = None
+    guidance_clean: torch.Tensor | None = None  # (Bg, n_guid, C * p * p)
+    guidance_noise: torch.Tensor | None = None
+    guidance_ids: torch.Tensor | None = None  # (n_guid, 3) float32
+
+
+def rope_positions(ids: torch.Tensor, rope_options: dict | None) -> torch.Tensor:
+    """``ids`` (N, 3) = (index, row, col) placed as ComfyUI's ``ScaleROPE`` places image positions.
+
+    ComfyUI (0.29) maps row r to ``r * scale_y + shift_y``, column c to ``c * scale_x + shift_x``
+    and adds ``shift_t`` to the index; without ``rope_options`` the ids are returned unchanged.
+    """
+    if not rope_options:
+        return ids
+    ids = ids.clone()
+    ids[:, 0] += rope_options.get("shift_t", 0.0)
+    ids[:, 1] = ids[:, 1] * rope_options.get("scale_y", 1.0) + rope_options.get("shift_y", 0.0)
+    ids[:, 2] = ids[:, 2] * rope_options.get("scale_x", 1.0) + rope_options.get("shift_x", 0.0)
+    return ids
+
+
+def check_guidance_fits(guidance: Guidance, latent_hw: tuple[int, int], patch: int) -> str | None:
+    """Raise if ``guidance`` cannot guide a latent of ``latent_hw``; return a warning when it only
+    was encoded for another size of the same aspect (positions are then scaled to this size)."""
+    gh, gw = guidance.grid(patch)
+    height, width = latent_hw[0] * 8, latent_hw[1] * 8
+    if gh > -(-latent_hw[0] // patch) or gw > -(-latent_hw[1] // patch):
+        raise UltraGenPatchError(
+            f"{NODE}: the guidance ({guidance.latent.shape[-1] * 8}x{guidance.latent.shape[-2] * 8} px) is larger "
+            f"than the image being sampled ({width}x{height} px); guidance must be the low-res image: encode a "
+            "smaller one in Low-Res Guidance Encode, or sample at a larger size"
+        )
+    if aspect_mismatch(guidance.latent.shape[-1], guidance.latent.shape[-2], latent_hw[1], latent_hw[0]):
+        raise UltraGenPatchError(
+            f"{NODE}: the guidance ({guidance.latent.shape[-1] * 8}x{guidance.latent.shape[-2] * 8} px) has another "
+            f"shape than the image being sampled ({width}x{height} px) and would be stretched over it; make the "
+            "low-res image and the sampled latent the same aspect ratio"
+        )
+    if abs(guidance.target_height - height) > 8 or abs(guidance.target_width - width) > 8:
+        return (
+            f"UltraGen: the guidance was encoded for {guidance.target_width}x{guidance.target_height} px but the "
+            f"sampler runs at {width}x{height} px; guidance positions are scaled to the sampled size."
+        )
+    return None
+
+
+def aspect_mismatch(small_w: int, small_h: int, large_w: int, large_h: int) -> bool:
+    """True when a (small_w, small_h) grid scaled onto (large_w, large_h) would be stretched.
+
+    Rounding to whole pixels is allowed: scaled by the ratio of one side, the other side may
+    miss by up to one small-grid pixel's worth (e.g. 125x70 onto 500x281 fits; 64x64 onto
+    512x256 does not).
+    """
+    by_width = abs(small_h * large_w / small_w - large_h) > large_w / small_w
+    by_height = abs(small_w * large_h / small_h - large_w) > large_h / small_h
+    return by_width and by_height
+
+
+def plan_size(dm, options: PatchOptions, guidance: Guidance | None, latent: torch.Tensor | None,
+              size: tuple[int, int], device: torch.device, noise_seed: int,
+              rope_options: dict | None) -> SizePlan:  # fmt: skip
+    """The plan of calls over a (rows, cols) token grid.
+
+    ``latent``: the guidance latent in model space (float32), or None without guidance; its
+    noise is drawn from ``noise_seed`` (the sampling seed).
+    """
+    order = window_first_order(size[0], size[1], options.window_size, options.curve, device)
+    ids = torch.zeros(order.perm.numel(), 3, dtype=torch.float32, device=device)
+    ids[:, 1], ids[:, 2] = order.y, order.x
+    plan = SizePlan(order=order, image_ids=rope_positions(ids, rope_options))
+    if guidance is None:
+        return plan
+    gh, gw = guidance.grid(dm.patch_size)
+    latent = latent.to(device, torch.float32)
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(noise_seed)).to(device)
+    layout = Layout((ImageSegment(size[0], size[1], options.window_size, options.curve), GuidanceSegment(gh, gw)))
+    perm = layout.guidance_order(device)
+    return SizePlan(
+        order=order,
+        image_ids=plan.image_ids,
+        guidance_grid=(gh, gw),
+        guidance_clean=dm.process_img(latent)[0].index_select(1, perm),
+        guidance_noise=dm.process_img(noise)[0].index_select(1, perm),
+        guidance_ids=rope_positions(guidance_ids((gh, gw), size, device), rope_options).index_select(0, perm),
+    )
+
+
+def npa_offset(options: PatchOptions, seed: int, sigma: float) -> tuple[int, int]:
+    """Where NPA's patch grid is shifted in the call at ``sigma`` of a run with ``seed``.
+
+    A function of the seed and the step's noise level only, so the same seed gives the same
+    image however ComfyUI splits a step into calls (CFG batches, memory).
+    """
+    if options.mode != "npa" or not options.npa_jitter:
+        return (0, 0)
+    rng = random.Random(f"{seed}/{sigma!r}")  # str seeds hash with SHA-512: the same in every process
+    steps = options.npa_offsets()
+    return (rng.choice(steps), rng.choice(steps))
+
+
+def call_layout(options: PatchOptions, grid: tuple[int, int], text_len: int, n_ref: int,
+                guidance_grid: tuple[int, int] | None, offset: tuple[int, int]) -> Layout:  # fmt: skip
+    """The attention layout of a call: [text | image (window-first) | references | guidance]."""
+    segments = [TextSegment(text_len), ImageSegment(grid[0], grid[1], options.window_size, options.curve)]
+    if n_ref:
+        segments.append(ReferenceSegment(n_ref))
+    if guidance_grid is not None:
+        segments.append(GuidanceSegment(*guidance_grid))
+    return Layout(tuple(segments), options.rules(offset))

@@ -1,0 +1,183 @@
+"""One sampling run = one state: the same seed gives the same image, whatever ran before.
+
+References: the image of the first run of a seed (bit for bit), ComfyUI's own unpatched
+output under ScaleROPE, and positions worked out by hand.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.usefixtures("comfyui")
+
+MODES = {
+    "local guidance, noised": dict(window=4),
+    "global guidance": dict(window=4, guidance_scope="global"),
+    "clean guidance": dict(window=4, guidance_tokens="clean"),
+    "npa": dict(mode="npa", npa_patch=4, npa_window=8),
+    "hilbert": dict(window=4, token_order="hilbert"),
+}
+
+
+@pytest.fixture(scope="module")
+def flux(comfyui):
+    from comfy_flux import tiny_flux
+
+    return tiny_flux(seed=0)
+
+
+def patched(model, guidance=True, **options):
+    from ultragen.patch import Guidance, PatchOptions, UltraGenFluxPatch
+
+    g = Guidance(torch.randn(1, 16, 6, 5, generator=torch.Generator().manual_seed(3)), 160, 192) if guidance else None
+    return UltraGenFluxPatch(PatchOptions(**options), guidance=g).apply(model)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_same_seed_same_image_on_requeue_and_after_other_runs(flux, mode):
+    from comfy_flux import conditioning, ksampler
+
+    latent = torch.zeros(1, 16, 24, 20)
+    positive, negative = conditioning(6, seed=1), conditioning(6, seed=2)
+    model = patched(flux, **MODES[mode])
+    first = ksampler(model, latent, positive, negative, steps=3, seed=11)
+    again = ksampler(model, latent, positive, negative, steps=3, seed=11)  # re-queue
+    ksampler(patched(flux, **MODES[mode]), latent, positive, negative, steps=2, seed=12)  # another run between
+    after = ksampler(model, latent, positive, negative, steps=3, seed=11)
+    assert torch.equal(first, again) and torch.equal(first, after)
+
+
+def test_npa_offsets_follow_the_seed_and_step_only():
+    from ultragen.patch import PatchOptions
+    from ultragen.patch.planning import npa_offset
+
+    o = PatchOptions(mode="npa", npa_patch=32)
+    sigmas = [1.0, 0.9, 0.75, 0.5, 0.25, 0.1]
+    run = [npa_offset(o, 7, s) for s in sigmas]
+    assert run == [npa_offset(o, 7, s) for s in reversed(sigmas)][::-1]  # the order of calls does not matter
+    assert all(a in (0, 8, 16, 24) and b in (0, 8, 16, 24) for a, b in run)
+    assert len(set(run)) > 1  # the grid moves between steps
+    assert [npa_offset(o, 8, s) for s in sigmas] != run  # and with the seed
+    assert npa_offset(PatchOptions(mode="npa", npa_jitter=False), 7, 0.5) == (0, 0)
+
+
+def test_scale_rope_is_honoured(flux):
+    """ComfyUI's ScaleROPE (rope_options) moves image positions; the patch's float32 ids follow the same rule,
+    so the identity configuration still gives ComfyUI's own output."""
+    from comfy_flux import conditioning, ksampler
+
+    rope = dict(scale_x=1.5, shift_x=3.0, scale_y=0.5, shift_y=-2.0, scale_t=1.0, shift_t=1.0)
+    identity = dict(window=4, neighbour_radius=16, text_sees="all", ntk_factor=1.0, constant_shift=False)
+    if not hasattr(flux, "set_model_rope_options"):  # ComfyUI 0.3.64 has no ScaleROPE: check the ids by hand
+        from ultragen.patch.planning import rope_positions
+
+        ids = torch.tensor([[0.0, 2.0, 5.0], [0.0, 0.0, 1.0]])
+        assert torch.equal(rope_positions(ids, rope), torch.tensor([[1.0, -1.0, 10.5], [1.0, -2.0, 4.5]]))
+        return
+    scaled = flux.clone()
+    scaled.set_model_rope_options(**rope)
+    latent = torch.zeros(1, 16, 12, 20)
+    positive, negative = conditioning(6, seed=1), conditioning(6, seed=2)
+    ref = ksampler(scaled, latent, positive, negative, steps=2)
+    assert (ref - ksampler(flux, latent, positive, negative, steps=2)).abs().max() > 1e-4  # the positions matter
+    out = ksampler(patched(scaled, guidance=False, **identity), latent, positive, negative, steps=2)
+    assert (out - ref).abs().max().item() <= 1e-4
+
+
+def test_only_flux1_is_patched(flux):
+    """FLUX.1 is patched; the other models of ComfyUI's Flux class (where this ComfyUI has them) are refused."""
+    import comfy.supported_models
+
+    from ultragen.patch.options import UltraGenPatchError
+    from ultragen.patch.random_models import TINY_FLUX, flux_model
+
+    patched(flux)  # FLUX.1
+    others = {
+        "FLUX.2": ("Flux2", dict(TINY_FLUX, image_model="flux2", in_channels=128, out_channels=128, patch_size=1,
+                                 axes_dim=[12, 12, 12, 12], theta=2000, mlp_ratio=3.0, global_modulation=True,
+                                 mlp_silu_act=True, qkv_bias=False, ops_bias=False, txt_ids_dims=[3],
+                                 vec_in_dim=None, guidance_embed=False)),
+        "LongCat-Image": ("LongCatImage", dict(TINY_FLUX, vec_in_dim=None, guidance_embed=False, txt_ids_dims=[1, 2])),
+    }  # fmt: skip
+    tried = 0
+    for family, (config_class, config) in others.items():
+        if not hasattr(comfy.supported_models, config_class):
+            continue  # this ComfyUI cannot build it, so cannot run it either
+        model = flux_model(dict(config, depth=1, depth_single_blocks=1), config_class=config_class)
+        with pytest.raises(UltraGenPatchError, match=f"works with FLUX.1 models .* this MODEL is {family}"):
+            patched(model, guidance=False)
+        tried += 1
+    if hasattr(comfy.supported_models, "Flux2"):
+        assert tried == 2
+
+
+def test_a_comfyui_without_attention_overrides_is_refused(flux, monkeypatch):
+    """ComfyUI 0.3.59 had no optimized_attention_override and made silently wrong images with the pack."""
+    import comfy.ldm.modules.attention
+
+    from ultragen.patch.host import UltraGenHostError
+
+    monkeypatch.delattr(comfy.ldm.modules.attention, "wrap_attn")
+    with pytest.raises(UltraGenHostError, match=r"lacks attention overrides .* Update ComfyUI to 0\.3\.64 or newer"):
+        patched(flux)
+
+
+def test_model_sampling_flux_after_the_patch_is_refused(flux):
+    from comfy_extras.nodes_model_advanced import ModelSamplingFlux
+
+    from ultragen.patch.options import UltraGenPatchError
+
+    from comfy_flux import conditioning, ksampler
+
+    def model_sampling_flux(model, width, height):
+        node = ModelSamplingFlux()
+        out = node.patch(model, 1.15, 0.5, width, height)
+        return (out.result if hasattr(out, "result") else out)[0]
+
+    latent = torch.zeros(1, 16, 24, 20)
+    positive, negative = conditioning(6, seed=1), conditioning(6, seed=2)
+    after = model_sampling_flux(patched(flux), 4096, 4096)
+    with pytest.raises(UltraGenPatchError, match="ModelSamplingFlux.*constant_shift"):
+        ksampler(after, latent, positive, negative, steps=2)
+    # The same shift as the patch's (1024 px) is no conflict; before the patch, the patch's shift wins.
+    ksampler(model_sampling_flux(patched(flux), 1024, 1024), latent, positive, negative, steps=2)
+    before = patched(model_sampling_flux(flux, 4096, 4096))
+    assert before.get_model_object("model_sampling").shift == pytest.approx(1.15)
+
+
+def test_guidance_batch_is_one_shared_image_or_one_per_latent(flux):
+    from ultragen.patch import Guidance, PatchOptions, UltraGenFluxPatch
+    from ultragen.patch.options import UltraGenPatchError
+
+    from comfy_flux import conditioning, denoise, ksampler
+
+    g = torch.Generator().manual_seed(4)
+    latents = torch.randn(2, 16, 6, 5, generator=g)
+    options = PatchOptions(window=4, guidance_tokens="clean")
+
+    def guided(latent):
+        return UltraGenFluxPatch(options, guidance=Guidance(latent, 160, 192)).apply(flux)
+
+    x = torch.randn(2, 16, 24, 20, generator=g)
+    ctx, y = torch.randn(2, 6, 64, generator=g), torch.randn(2, 32, generator=g)
+    both = denoise(guided(latents), x, 0.6, ctx, y)
+    for i in range(2):  # item i is guided by guidance image i
+        alone = denoise(guided(latents[i : i + 1]), x[i : i + 1], 0.6, ctx[i : i + 1], y[i : i + 1])
+        assert (both[i : i + 1] - alone).abs().max().item() <= 1e-5
+    three = guided(torch.randn(3, 16, 6, 5, generator=g))
+    with pytest.raises(UltraGenPatchError, match="guidance holds 3 images but the sampler's latent batch has 2"):
+        ksampler(three, torch.zeros(2, 16, 24, 20), conditioning(6, 1), conditioning(6, 2), steps=1)
+
+
+def test_stretched_guidance_is_refused(flux):
+    from ultragen.patch.options import UltraGenPatchError
+    from ultragen.patch.planning import aspect_mismatch
+
+    from comfy_flux import conditioning, ksampler
+
+    assert not aspect_mismatch(125, 70, 500, 281)  # rounding to whole pixels
+    assert not aspect_mismatch(6, 5, 24, 20)
+    assert aspect_mismatch(64, 64, 512, 256)
+    with pytest.raises(UltraGenPatchError, match="would be stretched"):  # 6x5 guidance, 24x40 latent
+        ksampler(patched(flux), torch.zeros(1, 16, 24, 40), conditioning(6, 1), conditioning(6, 2), steps=1)
