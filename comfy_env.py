@@ -40,6 +40,10 @@ def import_comfyui(path: str | os.PathLike, cpu: bool, also: tuple[str, ...] = (
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
     try:
+        if (Path(path) / "utils" / "__init__.py").is_file():
+            # As ComfyUI's main.py does first: once nodes.py puts comfy/ at the front of sys.path,
+            # ``import utils`` would find comfy/utils.py instead of this package.
+            importlib.import_module("utils")
         import comfy.options
 
         comfy.options.enable_args_parsing()

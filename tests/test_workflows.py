@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import glob
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -70,27 +69,6 @@ def is_api_workflow(data) -> bool:
     )
 
 
-def _comfyui_utils_package(monkeypatch) -> None:
-    """Make ``utils`` ComfyUI's top-level package, as in a running ComfyUI.
-
-    ComfyUI's main.py imports ``utils`` before nodes.py puts ``comfy/`` first on sys.path; imported
-    from a test, ``import utils`` can instead find ``comfy/utils.py``, and ``app.custom_node_manager``
-    (``from utils.json_util import ...``) fails to import.
-    """
-    import folder_paths
-
-    current = sys.modules.get("utils")
-    if current is not None and hasattr(current, "__path__"):
-        return
-    package = Path(folder_paths.base_path) / "utils"
-    spec = importlib.util.spec_from_file_location(
-        "utils", package / "__init__.py", submodule_search_locations=[str(package)]
-    )
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "utils", module)
-    spec.loader.exec_module(module)
-
-
 def _template_browser(tmp_path, monkeypatch, module: str):
     """ComfyUI's own template routes for this pack installed as ``custom_nodes/<module>``: the
     files its scan matched, what ``/workflow_templates`` lists, and what the browser gets when it
@@ -98,8 +76,6 @@ def _template_browser(tmp_path, monkeypatch, module: str):
     import folder_paths
     from aiohttp import web
     from aiohttp.test_utils import TestClient, TestServer
-
-    _comfyui_utils_package(monkeypatch)
     from app import custom_node_manager
 
     custom_nodes = tmp_path / "custom_nodes"
