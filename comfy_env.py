@@ -21,8 +21,9 @@ class ComfyUINotUsable(ImportError):
 
 
 def find_comfyui(explicit: str | os.PathLike | None = None) -> Path | None:
-    """``explicit``, else $COMFYUI_PATH, else the ComfyUI this pack sits in (../..), else None."""
-    for candidate in (explicit, os.environ.get("COMFYUI_PATH"), PACK_ROOT.parent.parent):
+    """``explicit``, else $COMFYUI_PATH, else the ComfyUI this pack sits in (../..), else the current
+    folder when it is a ComfyUI (a command run from ComfyUI's folder), else None."""
+    for candidate in (explicit, os.environ.get("COMFYUI_PATH"), PACK_ROOT.parent.parent, Path.cwd()):
         if candidate:
             path = Path(candidate)
             if (path / "comfy" / "model_patcher.py").is_file() and (path / "nodes.py").is_file():

@@ -73,7 +73,7 @@ def test_train_with_a_folder_that_is_not_comfyui_says_so(tmp_path):
     assert f"--comfyui {tmp_path} is not a ComfyUI folder" in message
 
 
-@pytest.mark.parametrize("found_by", ["--comfyui", "COMFYUI_PATH"])
+@pytest.mark.parametrize("found_by", ["--comfyui", "COMFYUI_PATH", "ComfyUI's folder"])
 def test_train_gets_past_comfyui_on_cpu_and_names_a_bad_checkpoint(tmp_path, comfyui, found_by):
     """A file that is not a model: ComfyUI imports (CPU mode, on a machine without a GPU), then
     the checkpoint check fails in one line that names the file and what to pass instead."""
@@ -82,8 +82,10 @@ def test_train_gets_past_comfyui_on_cpu_and_names_a_bad_checkpoint(tmp_path, com
     args = train_args(tmp_path, checkpoint) + ["--cpu"]
     if found_by == "--comfyui":
         result = run("ultragen-train", args + ["--comfyui", str(comfyui)], tmp_path)
-    else:
+    elif found_by == "COMFYUI_PATH":
         result = run("ultragen-train", args, tmp_path, COMFYUI_PATH=str(comfyui))
+    else:  # run from ComfyUI's folder, the pack installed elsewhere
+        result = run("ultragen-train", args, comfyui)
     message = assert_clean_failure(result, "ultragen-train")
     assert f"the checkpoint {checkpoint} is not a readable .safetensors file" in message, message
     assert "flux1-dev.safetensors" in message and "download it again" in message
