@@ -13,6 +13,9 @@ from ultragen.evaluation.metrics import EvaluationError, LocalCLIP, evaluate, im
 
 PROMPTS = ["a red square", "a blue circle", "green stripes", "a yellow sun"]
 
+# torchmetrics warns that KID keeps every feature in memory; a handful of test images is meant.
+pytestmark = pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save all extracted features")
+
 
 def byte_chars() -> list[str]:
     """GPT-2/CLIP's byte-to-unicode table (the 256 base symbols of CLIP's BPE vocabulary)."""
@@ -93,8 +96,6 @@ def test_clip_score_is_the_cosine_of_clip_embeddings(tiny_clip, tmp_path):
     assert got == pytest.approx(want, abs=1e-4)
 
 
-# torchmetrics warns that KID keeps every feature in memory; a handful of test images is meant.
-@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save all extracted features")
 def test_fid_kid_and_patch_versions(tmp_path):
     gen = image_files(write_images(tmp_path / "gen", 6, seed=0))
     same = evaluate(gen, None, gen, TinyFeatures(), None, patch_size=32, patches_per_image=3, kid_subset=4)
@@ -123,8 +124,6 @@ def test_random_crops_are_windows_of_the_image():
         random_crops(image, 64, 1, torch.Generator())
 
 
-# torchmetrics warns that KID keeps every feature in memory; a handful of test images is meant.
-@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance` will save all extracted features")
 def test_command_reports_and_writes_json(tiny_clip, tmp_path, monkeypatch, capsys):
     gen = write_images(tmp_path / "gen", 4, seed=0)
     ref = write_images(tmp_path / "ref", 4, seed=1, prompts=False)
