@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
     ap.add_argument("--reps", type=int, default=2, help="timed steps per configuration")
+    ap.add_argument("--kernel-only", action="store_true", help="only the RoPE calls, no FLUX steps")
     ap.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH)")
     ap.add_argument("--out", help="JSON path (default: $OUT/rope.json, else bench/results/rope.json)")
     args = ap.parse_args(argv)
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         info["comfy_kitchen"] = None
     print(f"ComfyUI {info['comfyui']}, comfy-kitchen: {info['comfy_kitchen']}", flush=True)
     kernels = kernel_rows(args.sizes)
-    steps = step_rows(build_flux_dev(), args.sizes, args.reps)
+    steps = [] if args.kernel_only else step_rows(build_flux_dev(), args.sizes, args.reps)
     out = write_json("rope", {**info, "kernel": kernels, "step": steps}, args.out)
 
     print(f"\nRoPE on q and k of one attention call ({info['device']}, ComfyUI {info['comfyui']}): ms (+GiB)")
@@ -155,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
         cells = " | ".join(f"{r[k]['ms']:.2f} (+{r[k]['extra_gib']:.2f})" for k in ("ultragen", "comfyui",
                                                                                       "comfyui-float32"))
         print(f"| {r['pixels']}² | {cells} |")
+    if not steps:
+        return print(f"\nwrote {out}")
     print("\nOne UltraGen step (FLUX.1-dev, local guidance): s (peak GiB)")
     print("| size | our RoPE pass | table handed to ComfyUI | ours / ComfyUI's |")
     print("|---|---|---|---|")

@@ -87,12 +87,17 @@ if triton is not None:
         q_ptr, k_ptr, pe_ptr, qo_ptr, ko_ptr,
         L,
         sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, spe_b, spe_l, so_b, so_h, so_l,
-        D: tl.constexpr, DP: tl.constexpr, HEADS: tl.constexpr, BLOCK_L: tl.constexpr,
+        D: tl.constexpr, DP: tl.constexpr, HEADS: tl.constexpr, GROUPS: tl.constexpr, BLOCK_L: tl.constexpr,
     ):  # fmt: skip
-        """One program per (HEADS heads, token block, batch): whole-row tile loads, the table tile reused."""
-        h0 = tl.program_id(0) * HEADS
-        tokens = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
-        b = tl.program_id(2)
+        """One program per (HEADS heads, token block, batch): whole-row tile loads, the table tile reused.
+
+        Axis 0 numbers (token block, head group) with the GROUPS head groups of a block adjacent, so
+        they read the block's table tile from L2; offsets are int64 (16384^2 passes 2^31 elements).
+        """
+        pid = tl.program_id(0)
+        h0 = (pid % GROUPS).to(tl.int64) * HEADS
+        tokens = (pid // GROUPS).to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)
+        b = tl.program_id(1).to(tl.int64)
         cols = tl.arange(0, DP)  # D rounded up to a power of two
         live = (tokens < L)[:, None] & (cols < D)[None, :]
         # pe[b, 0, l, i, r, c] lies at spe_b * b + spe_l * l + 4 i + 2 r + c: a row of 2 D floats per token.
@@ -114,6 +119,12 @@ if triton is not None:
             _rotate_tile(src, ko_ptr + h * so_h + out_offsets, live, c00, c01, c10, c11, BLOCK_L, DP)
 
 
+def rope_grid(batch: int, groups: int, length: int, block_l: int) -> tuple[int, int]:
+    """(groups x token blocks, batch): the token blocks on axis 0, whose limit is 2^31 - 1 programs
+    (axes 1 and 2 stop at 65,535: 16384^2 has 1,048,576 image tokens, 65,536 blocks of 16)."""
+    return (groups * -(-length // block_l), batch)
+
+
 def _rope_triton(
     q: torch.Tensor, k: torch.Tensor, pe: torch.Tensor, heads_per_program: int = 8, block_l: int = 16
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,12 +141,11 @@ def _rope_triton(
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     heads = next(n for n in (heads_per_program, 4, 2, 1) if h % n == 0)
-    grid = (h // heads, triton.cdiv(length, block_l), b)  # heads vary fastest: a table tile is read from L2
-    _rope_kernel[grid](
+    _rope_kernel[rope_grid(b, h // heads, length, block_l)](
         q, k, pe, q_out, k_out, length,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         pe.stride(0) if pe.shape[0] > 1 else 0, pe.stride(2),
         q_out.stride(0), q_out.stride(1), q_out.stride(2),
-        D=dim, DP=triton.next_power_of_2(dim), HEADS=heads, BLOCK_L=block_l, num_warps=4,
+        D=dim, DP=triton.next_power_of_2(dim), HEADS=heads, GROUPS=h // heads, BLOCK_L=block_l, num_warps=4,
     )  # fmt: skip
     return q_out, k_out

@@ -94,3 +94,15 @@ def test_rope_is_differentiable_where_autograd_records():
 def test_rope_says_what_does_not_fit(q_shape, k_shape, table_shape, message):
     with pytest.raises(RopeInputError, match=message):
         apply_rope(torch.zeros(q_shape), torch.zeros(k_shape), torch.zeros(table_shape))
+
+
+@pytest.mark.parametrize("pixels", [16384, 32768])
+def test_grid_fits_cudas_limits_past_8k(pixels):
+    """The launch grid at 16384^2 and 32768^2 (FLUX: 16 px a token; guidance at ratio 4, 512 text tokens):
+    axis 0 holds every (head group, token block), up to 2^31 - 1; axis 1 (batch) stays far below 65,535."""
+    tokens = (pixels // 16) ** 2
+    length = 512 + tokens + tokens // 16
+    grid = rope.rope_grid(batch=2, groups=3, length=length, block_l=16)
+    assert grid == (3 * -(-length // 16), 2)
+    assert grid[0] < 2**31 and grid[1] <= 65535
+    assert -(-length // 16) > 65535  # the old layout (token blocks on axis 1) could not launch this
