@@ -48,6 +48,42 @@ def test_same_seed_same_image_on_requeue_and_after_other_runs(flux, mode):
     assert torch.equal(first, again) and torch.equal(first, after)
 
 
+def test_a_run_builds_once_lives_in_the_samplers_options_and_is_dropped(flux):
+    from ultragen.patch.flux_patch import RUN_KEY
+    from ultragen.patch.run_state import PatchRun
+
+    from comfy_flux import conditioning, ksampler
+
+    run, built = PatchRun(3, None), []
+
+    def build():
+        built.append(1)
+        return torch.zeros(1)
+
+    assert run.reuse("plan", build) is run.reuse("plan", build) and len(built) == 1
+    run.close()
+    run.reuse("plan", build)
+    assert len(built) == 2  # closed: nothing kept
+
+    import comfy.patcher_extension as pe
+
+    seen = []
+
+    def record(executor, *args, **kwargs):
+        seen.append(kwargs.get("transformer_options", args[7] if len(args) > 7 else {}).get(RUN_KEY))
+        return executor(*args, **kwargs)
+
+    model = patched(flux)
+    model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "test", record)
+    for _ in range(2):
+        ksampler(model, torch.zeros(1, 16, 24, 20), conditioning(6, 1), conditioning(6, 2), steps=2)
+    first, second = seen[: len(seen) // 2], seen[len(seen) // 2 :]
+    assert all(isinstance(r, PatchRun) for r in seen)
+    assert all(r is first[0] for r in first) and all(r is second[0] for r in second)  # one run per sampling
+    assert first[0] is not second[0] and first[0].seed == second[0].seed == 1  # a new one each time, same seed
+    assert RUN_KEY not in model.model_options["transformer_options"]  # none stays on the clone
+
+
 def test_npa_offsets_follow_the_seed_and_step_only():
     from ultragen.patch import PatchOptions
     from ultragen.patch.planning import npa_offset
