@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from patching import IDENTITY, guidance_of, patched
+
 pytestmark = pytest.mark.usefixtures("comfyui")
 
 MODES = {
@@ -27,11 +29,9 @@ def flux(comfyui):
     return tiny_flux(seed=0)
 
 
-def patched(model, guidance=True, **options):
-    from ultragen.patch import Guidance, PatchOptions, UltraGenFluxPatch
-
-    g = Guidance(torch.randn(1, 16, 6, 5, generator=torch.Generator().manual_seed(3)), 160, 192) if guidance else None
-    return UltraGenFluxPatch(PatchOptions(**options), guidance=g).apply(model)
+def guided(model, **options):
+    """``model`` patched with ``options`` and a 6x5 guidance latent for a 24x20 latent."""
+    return patched(model, guidance=guidance_of(6, 5, (24, 20)), **options)
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -40,10 +40,10 @@ def test_same_seed_same_image_on_requeue_and_after_other_runs(flux, mode):
 
     latent = torch.zeros(1, 16, 24, 20)
     positive, negative = conditioning(6, seed=1), conditioning(6, seed=2)
-    model = patched(flux, **MODES[mode])
+    model = guided(flux, **MODES[mode])
     first = ksampler(model, latent, positive, negative, steps=3, seed=11)
     again = ksampler(model, latent, positive, negative, steps=3, seed=11)  # re-queue
-    ksampler(patched(flux, **MODES[mode]), latent, positive, negative, steps=2, seed=12)  # another run between
+    ksampler(guided(flux, **MODES[mode]), latent, positive, negative, steps=2, seed=12)  # another run between
     after = ksampler(model, latent, positive, negative, steps=3, seed=11)
     assert torch.equal(first, again) and torch.equal(first, after)
 
@@ -73,7 +73,7 @@ def test_a_run_builds_once_lives_in_the_samplers_options_and_is_dropped(flux):
         seen.append(kwargs.get("transformer_options", args[7] if len(args) > 7 else {}).get(RUN_KEY))
         return executor(*args, **kwargs)
 
-    model = patched(flux)
+    model = guided(flux)
     model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "test", record)
     for _ in range(2):
         ksampler(model, torch.zeros(1, 16, 24, 20), conditioning(6, 1), conditioning(6, 2), steps=2)
@@ -104,7 +104,6 @@ def test_scale_rope_is_honoured(flux):
     from comfy_flux import conditioning, ksampler
 
     rope = dict(scale_x=1.5, shift_x=3.0, scale_y=0.5, shift_y=-2.0, scale_t=1.0, shift_t=1.0)
-    identity = dict(window=4, neighbour_radius=16, text_sees="all", ntk_factor=1.0, constant_shift=False)
     if not hasattr(flux, "set_model_rope_options"):  # ComfyUI 0.3.64 has no ScaleROPE: check the ids by hand
         from ultragen.patch.planning import rope_positions
 
@@ -117,7 +116,7 @@ def test_scale_rope_is_honoured(flux):
     positive, negative = conditioning(6, seed=1), conditioning(6, seed=2)
     ref = ksampler(scaled, latent, positive, negative, steps=2)
     assert (ref - ksampler(flux, latent, positive, negative, steps=2)).abs().max() > 1e-4  # the positions matter
-    out = ksampler(patched(scaled, guidance=False, **identity), latent, positive, negative, steps=2)
+    out = ksampler(patched(scaled, **IDENTITY), latent, positive, negative, steps=2)
     assert (out - ref).abs().max().item() <= 1e-4
 
 
@@ -128,7 +127,7 @@ def test_only_flux1_is_patched(flux):
     from ultragen.patch.options import UltraGenPatchError
     from ultragen.patch.random_models import TINY_FLUX, flux_model
 
-    patched(flux)  # FLUX.1
+    guided(flux)  # FLUX.1
     others = {
         "FLUX.2": ("Flux2", dict(TINY_FLUX, image_model="flux2", in_channels=128, out_channels=128, patch_size=1,
                                  axes_dim=[12, 12, 12, 12], theta=2000, mlp_ratio=3.0, global_modulation=True,
@@ -142,7 +141,7 @@ def test_only_flux1_is_patched(flux):
             continue  # this ComfyUI cannot build it, so cannot run it either
         model = flux_model(dict(config, depth=1, depth_single_blocks=1), config_class=config_class)
         with pytest.raises(UltraGenPatchError, match=f"works with FLUX.1 models .* this MODEL is {family}"):
-            patched(model, guidance=False)
+            patched(model)
         tried += 1
     if hasattr(comfy.supported_models, "Flux2"):
         assert tried == 2
@@ -156,7 +155,7 @@ def test_a_comfyui_without_attention_overrides_is_refused(flux, monkeypatch):
 
     monkeypatch.delattr(comfy.ldm.modules.attention, "wrap_attn")
     with pytest.raises(UltraGenHostError, match=r"lacks attention overrides .* Update ComfyUI to 0\.3\.64 or newer"):
-        patched(flux)
+        guided(flux)
 
 
 def test_model_sampling_flux_after_the_patch_is_refused(flux):
@@ -173,12 +172,12 @@ def test_model_sampling_flux_after_the_patch_is_refused(flux):
 
     latent = torch.zeros(1, 16, 24, 20)
     positive, negative = conditioning(6, seed=1), conditioning(6, seed=2)
-    after = model_sampling_flux(patched(flux), 4096, 4096)
+    after = model_sampling_flux(guided(flux), 4096, 4096)
     with pytest.raises(UltraGenPatchError, match="ModelSamplingFlux.*constant_shift"):
         ksampler(after, latent, positive, negative, steps=2)
     # The same shift as the patch's (1024 px) is no conflict; before the patch, the patch's shift wins.
-    ksampler(model_sampling_flux(patched(flux), 1024, 1024), latent, positive, negative, steps=2)
-    before = patched(model_sampling_flux(flux, 4096, 4096))
+    ksampler(model_sampling_flux(guided(flux), 1024, 1024), latent, positive, negative, steps=2)
+    before = guided(model_sampling_flux(flux, 4096, 4096))
     assert before.get_model_object("model_sampling").shift == pytest.approx(1.15)
 
 
@@ -192,16 +191,16 @@ def test_guidance_batch_is_one_shared_image_or_one_per_latent(flux):
     latents = torch.randn(2, 16, 6, 5, generator=g)
     options = PatchOptions(window=4, guidance_tokens="clean")
 
-    def guided(latent):
+    def guided_by(latent):
         return UltraGenFluxPatch(options, guidance=Guidance(latent, 160, 192)).apply(flux)
 
     x = torch.randn(2, 16, 24, 20, generator=g)
     ctx, y = torch.randn(2, 6, 64, generator=g), torch.randn(2, 32, generator=g)
-    both = denoise(guided(latents), x, 0.6, ctx, y)
+    both = denoise(guided_by(latents), x, 0.6, ctx, y)
     for i in range(2):  # item i is guided by guidance image i
-        alone = denoise(guided(latents[i : i + 1]), x[i : i + 1], 0.6, ctx[i : i + 1], y[i : i + 1])
+        alone = denoise(guided_by(latents[i : i + 1]), x[i : i + 1], 0.6, ctx[i : i + 1], y[i : i + 1])
         assert (both[i : i + 1] - alone).abs().max().item() <= 1e-5
-    three = guided(torch.randn(3, 16, 6, 5, generator=g))
+    three = guided_by(torch.randn(3, 16, 6, 5, generator=g))
     with pytest.raises(UltraGenPatchError, match="guidance holds 3 images but the sampler's latent batch has 2"):
         ksampler(three, torch.zeros(2, 16, 24, 20), conditioning(6, 1), conditioning(6, 2), steps=1)
 
@@ -216,4 +215,4 @@ def test_stretched_guidance_is_refused(flux):
     assert not aspect_mismatch(6, 5, 24, 20)
     assert aspect_mismatch(64, 64, 512, 256)
     with pytest.raises(UltraGenPatchError, match="would be stretched"):  # 6x5 guidance, 24x40 latent
-        ksampler(patched(flux), torch.zeros(1, 16, 24, 40), conditioning(6, 1), conditioning(6, 2), steps=1)
+        ksampler(guided(flux), torch.zeros(1, 16, 24, 40), conditioning(6, 1), conditioning(6, 2), steps=1)

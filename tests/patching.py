@@ -1,0 +1,48 @@
+"""The UltraGen patch on tiny FLUX models in tests: inputs, patched clones, guidance, runs.
+
+Imports ComfyUI (and ``comfy_flux``) only inside the functions, so that test modules can import
+these at collection time on machines without ComfyUI, where their tests then skip.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Small windows (so tokens really are reordered, with partial border windows) whose neighbourhood
+# reaches every window, text that sees everything, no NTK, no shift: dense attention, exactly.
+IDENTITY = dict(window=4, neighbour_radius=16, text_sees="all", ntk_factor=1.0, constant_shift=False)
+
+
+def device():
+    import comfy.model_management
+
+    return comfy.model_management.get_torch_device()  # the CPU here, the GPU on a GPU machine
+
+
+def inputs(batch=1, h=21, w=37, text=7, seed=0):
+    from comfy_flux import CONTEXT_DIM, VEC_DIM
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 16, h, w, generator=g)
+    ctx, y = torch.randn(batch, text, CONTEXT_DIM, generator=g), torch.randn(batch, VEC_DIM, generator=g)
+    return x.to(device()), ctx.to(device()), y.to(device())
+
+
+def patched(model, guidance=None, lora=None, strength=1.0, **options):
+    from ultragen.patch import PatchOptions, UltraGenFluxPatch
+
+    return UltraGenFluxPatch(PatchOptions(**options), guidance=guidance, lora=lora, lora_strength=strength).apply(model)
+
+
+def one_run(seed=0):
+    """transformer_options entries that make several model calls one sampling run (as a sampler does)."""
+    from ultragen.patch import UltraGenFluxPatch
+
+    return UltraGenFluxPatch().run_options(seed)
+
+
+def guidance_of(h, w, target_hw, seed=3):
+    from ultragen.patch import Guidance
+
+    g = torch.Generator().manual_seed(seed)
+    return Guidance(torch.randn(1, 16, h, w, generator=g), target_hw[1] * 8, target_hw[0] * 8)
