@@ -15,9 +15,10 @@ log = logging.getLogger("UltraGen")
 async def comfy_entrypoint():
     """V3 entry point: say at start-up if this ComfyUI is too old, log the attention backend once,
     return the extension (its nodes refuse to patch on a ComfyUI that lacks a hook, naming why)."""
+    from .comfy_env import comfyui_version
     from .kernels import describe_backend
     from .nodes import UltraGenExtension
-    from .patch.host import OLDEST_COMFYUI, comfyui_version, missing_hooks
+    from .patch.host import OLDEST_COMFYUI, missing_hooks
 
     missing = missing_hooks()
     if missing:

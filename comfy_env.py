@@ -20,6 +20,16 @@ class ComfyUINotUsable(ImportError):
     """A ComfyUI was found but cannot be imported in this Python; the message says what to install."""
 
 
+def comfyui_version() -> str:
+    """The version of the ComfyUI imported in this process ("unknown" for checkouts without
+    ``comfyui_version.py``, "none" when no ComfyUI is on the path)."""
+    try:
+        from comfyui_version import __version__
+    except ImportError:
+        return "unknown" if "comfy" in sys.modules else "none"
+    return str(__version__)
+
+
 def find_comfyui(explicit: str | os.PathLike | None = None) -> Path | None:
     """``explicit``, else $COMFYUI_PATH, else the ComfyUI this pack sits in (../..), else the current
     folder when it is a ComfyUI (a command run from ComfyUI's folder), else None."""

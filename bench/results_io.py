@@ -29,9 +29,12 @@ def comfyui_on_gpu(script: str, explicit: str | None = None) -> None:
 
 
 def run_info() -> dict:
-    """Device, library versions and time of this run."""
+    """Device, library versions (ComfyUI's too, where one is imported) and time of this run."""
+    from ultragen.comfy_env import comfyui_version
+
     return {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "comfyui": comfyui_version(),
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
         "date": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -132,9 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", help="JSON path (default: $OUT/rope.json, else bench/results/rope.json)")
     args = ap.parse_args(argv)
     comfyui_on_gpu("rope.py", args.comfyui)
-    from ultragen.patch.host import comfyui_version
-
-    info = {**run_info(), "comfyui": comfyui_version()}
+    info = run_info()
     try:
         import comfy_kitchen
 

@@ -35,6 +35,18 @@ def guidance_ids(
     return ids.view(gh * gw, 3)
 
 
+def aspect_mismatch(small_w: int, small_h: int, large_w: int, large_h: int) -> bool:
+    """True when a (small_w, small_h) grid scaled onto (large_w, large_h) would be stretched.
+
+    Rounding to whole pixels is allowed: scaled by the ratio of one side, the other side may
+    miss by up to one small-grid pixel's worth (e.g. 125x70 onto 500x281 fits; 64x64 onto
+    512x256 does not).
+    """
+    by_width = abs(small_h * large_w / small_w - large_h) > large_w / small_w
+    by_height = abs(small_w * large_h / small_h - large_w) > large_h / small_h
+    return by_width and by_height
+
+
 def noised(clean: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Flow-matching noising at ``sigma`` (one per batch item): sigma * noise + (1 - sigma) * clean."""
     s = sigma.to(clean.dtype).view(-1, *([1] * (clean.dim() - 1)))

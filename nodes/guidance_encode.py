@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..core.guidance import aspect_mismatch
 from ..patch import Guidance
-from ..patch.planning import aspect_mismatch
 from .types import UltraGenGuidance
 
 

@@ -254,13 +254,14 @@ class InstalledPatch:
     def _plan(self, run: PatchRun, dm, size: tuple[int, int], x: torch.Tensor, rope_options) -> SizePlan:
         """The run's plan for this size (built on the run's first call at it)."""
         g = run.guidance
-        if g is not None:
-            warning = check_guidance_fits(g, (x.shape[-2], x.shape[-1]), dm.patch_size)
-            if warning:
-                run.warn_once("size", warning)
 
         def build() -> SizePlan:
-            latent = None if g is None else self.latent_format.process_in(g.latent.to(x.device, torch.float32))
+            latent = None
+            if g is not None:
+                warning = check_guidance_fits(g, (x.shape[-2], x.shape[-1]), dm.patch_size)
+                if warning:
+                    run.warn_once("size", warning)
+                latent = self.latent_format.process_in(g.latent.to(x.device, torch.float32))
             return plan_size(dm, self.options, g, latent, size, x.device, run.seed, rope_options)
 
         rope = tuple(sorted(rope_options.items())) if rope_options else None

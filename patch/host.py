@@ -10,20 +10,13 @@ from __future__ import annotations
 
 import inspect
 
+from ..comfy_env import comfyui_version
+
 OLDEST_COMFYUI = "0.3.64"
 
 
 class UltraGenHostError(RuntimeError):
     """This ComfyUI lacks something the pack needs; the message names the version to install."""
-
-
-def comfyui_version() -> str:
-    """The running ComfyUI's version ("unknown" for checkouts without ``comfyui_version.py``)."""
-    try:
-        from comfyui_version import __version__
-    except ImportError:
-        return "unknown"
-    return str(__version__)
 
 
 def missing_hooks() -> list[str]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from ..core import GuidanceSegment, ImageSegment, Layout, ReferenceSegment, TextSegment
-from ..core.guidance import guidance_ids
+from ..core.guidance import aspect_mismatch, guidance_ids
 from ..core.token_order import WindowOrder, window_first_order
 from .options import Guidance, PatchOptions, UltraGenPatchError
 
@@ -75,18 +75,6 @@ def check_guidance_fits(guidance: Guidance, latent_hw: tuple[int, int], patch: i
             f"sampler runs at {width}x{height} px; guidance positions are scaled to the sampled size."
         )
     return None
-
-
-def aspect_mismatch(small_w: int, small_h: int, large_w: int, large_h: int) -> bool:
-    """True when a (small_w, small_h) grid scaled onto (large_w, large_h) would be stretched.
-
-    Rounding to whole pixels is allowed: scaled by the ratio of one side, the other side may
-    miss by up to one small-grid pixel's worth (e.g. 125x70 onto 500x281 fits; 64x64 onto
-    512x256 does not).
-    """
-    by_width = abs(small_h * large_w / small_w - large_h) > large_w / small_w
-    by_height = abs(small_w * large_h / small_h - large_w) > large_h / small_h
-    return by_width and by_height
 
 
 def plan_size(dm, options: PatchOptions, guidance: Guidance | None, latent: torch.Tensor | None,

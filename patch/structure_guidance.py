@@ -13,7 +13,7 @@ import comfy.utils
 import torch
 
 from ..core.frequency import low_pass
-from .planning import aspect_mismatch
+from ..core.guidance import aspect_mismatch
 
 GAMMA_SCHEDULES = ("sigma", "sigma squared", "constant")
 log = logging.getLogger("UltraGen")

@@ -206,8 +206,8 @@ def test_guidance_batch_is_one_shared_image_or_one_per_latent(flux):
 
 
 def test_stretched_guidance_is_refused(flux):
+    from ultragen.core.guidance import aspect_mismatch
     from ultragen.patch.options import UltraGenPatchError
-    from ultragen.patch.planning import aspect_mismatch
 
     from comfy_flux import conditioning, ksampler
 
