@@ -167,4 +167,5 @@ def guidance_rows_forward(module: torch.nn.Module, lora: LoRALayer, rows_of, str
             out[:, -n:, :rows] += lora.delta(x[:, -n:], strength).to(out.dtype)
         return out
 
+    forward.ultragen_guidance_rows = True  # the chunked blocks add the update themselves, per slice
     return forward

@@ -10,7 +10,7 @@ per thread, gone when the call ends, never on an object other clones or runs sha
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -29,12 +29,15 @@ class CallState:
     image_ids: torch.Tensor
     n_ref: int
     img_in: torch.nn.Module  # the model's input projection, which embeds the guidance tokens too
+    diffusion_model: torch.nn.Module  # the FLUX model being called (its blocks, for the chunked blocks)
+    warn_once: Callable[[str, str], None]  # the run's one-time warnings (key, message)
     guidance_grid: tuple[int, int] | None = None
     guidance_tokens: torch.Tensor | None = None  # (B, n_guid, C * p * p), sequence order, not yet embedded
     guidance_ids: torch.Tensor | None = None  # (n_guid, 3) float32, sequence order
     npa_offset: tuple[int, int] = (0, 0)
     rotary_table: torch.Tensor | None = None  # (B, 1, L, D / 2, 2, 2): RoPE for this call's sequence
     layout: Layout | None = None  # the attention layout, built by the first block's attention
+    guidance_rows_override: int | None = None  # set by a chunked block around a layer's per-slice forward
     embedding_guidance: bool = False  # True while img_in embeds the guidance tokens (a training LoRA reads it)
 
     @property

@@ -23,8 +23,12 @@ Per model call:
    window-first order (once), replaces their position ids by float32 ones (placed as
    ComfyUI's ScaleROPE asks), and appends the embedded guidance tokens with positions
    scaled onto the high-res grid;
-3. the attention override sends all double and single blocks through the block-sparse
-   backend, on the layout of this call (the text length is whatever the sequence leaves:
+3. the chunked blocks (``chunked_blocks.py``, installed as ComfyUI block replacements)
+   compute each double and single block a slice of tokens at a time around one
+   block-sparse attention over the whole sequence, which writes its output over q; blocks
+   that must run ComfyUI's own code (training, another node's attention patches) reach
+   the attention override, which sends them through the same backend, on the layout of
+   this call (the text length is whatever the sequence leaves:
    CFG batches pad cond and uncond to a common length); it also applies RoPE, in one
    low-memory pass, since the rotary-table embedder hands the table to it instead of to
    ComfyUI (whose rotation makes float32 copies of q and k);
@@ -37,9 +41,12 @@ Sequence seen by attention: [text | image (window-first) | references | guidance
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass, field
 
 import comfy.ldm.flux.model
+import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
 import comfy.utils
@@ -53,6 +60,7 @@ from ..core.token_order import to_raster, to_window_first
 from ..kernels import sparse_attention
 from ..kernels.rope import apply_rope
 from .call_state import CallState, HandOver, active_call, calling
+from .chunked_blocks import BlockContext, double_block, fallback_reason, flux1_blocks, single_block
 from .flux_family import other_family
 from .host import check_host
 from .inplace_gelu import inplace_gelu_patches
@@ -62,6 +70,7 @@ from .rotary_table import RotaryTable
 from .run_state import PatchRun
 from .sampling import constant_shift_sampling, memory_estimate_wrapper
 
+log = logging.getLogger("UltraGen")
 KEY = "ultragen"  # transformer_options: the model call being run (read by the attention override)
 RUN_KEY = "ultragen_run"  # transformer_options: the sampling run (PatchRun)
 
@@ -130,11 +139,31 @@ class UltraGenFluxPatch:
             m.add_object_patch(
                 "model_sampling", constant_shift_sampling(model.model.model_config, self.options.shift_mu)
             )
+        self._install_chunked_blocks(m, dm, hooks)
         for path, layer in self.lora.items():
             if path != "img_in":  # img_in sees the guidance tokens alone: applied in post_input
                 forward = guidance_rows_forward(dm.get_submodule(path), layer, hooks.guidance_rows, self.lora_strength)
                 m.add_object_patch(f"diffusion_model.{path}.forward", forward)
         return m
+
+    @staticmethod
+    def _install_chunked_blocks(m, dm, hooks: InstalledPatch) -> None:
+        """Every FLUX.1 block computed a slice of tokens at a time; a block another node already replaces keeps
+        that node's replacement (whose attention still reaches the patch's override), with a warning."""
+        if not flux1_blocks(dm):
+            log.warning("UltraGen: this FLUX model's blocks are not FLUX.1's kind; they run whole (more memory)")
+            return
+        taken = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
+        for kind, count in (("double_block", len(dm.double_blocks)), ("single_block", len(dm.single_blocks))):
+            for i in range(count):
+                if (kind, i) in taken:
+                    log.warning(
+                        "UltraGen: another node replaces FLUX's %s %d; it keeps its replacement and UltraGen's "
+                        "windowed attention, without UltraGen's memory-saving slices (more memory at high "
+                        "resolution)", kind.replace("_", " "), i,
+                    )  # fmt: skip
+                    continue
+                m.set_model_patch_replace(functools.partial(hooks.block, kind, i), "dit", kind, i)
 
     def run_options(self, seed: int, guidance: Guidance | None = None) -> dict:
         """``transformer_options`` entries that make the model calls given them one run with ``seed``
@@ -233,7 +262,8 @@ class InstalledPatch:
         plan = self._plan(run, dm, size, x, rope_options)
         n_ref = sum(-(-r.shape[-2] // p) * -(-r.shape[-1] // p) for r in ref_latents or [])
         call = CallState(grid=size, order=plan.order, image_ids=plan.image_ids, n_ref=n_ref, img_in=dm.img_in,
-                         guidance_grid=plan.guidance_grid, guidance_ids=plan.guidance_ids)  # fmt: skip
+                         diffusion_model=dm, warn_once=run.warn_once, guidance_grid=plan.guidance_grid,
+                         guidance_ids=plan.guidance_ids)  # fmt: skip
         o = self.options
         if o.mode == "npa":
             call.npa_offset = npa_offset(o, run.seed, float(timestep.flatten()[0]))
@@ -310,7 +340,43 @@ class InstalledPatch:
             id_parts.append(call.guidance_ids.expand(img.shape[0], -1, -1))
         return HandOver(img=torch.cat(parts, 1), txt=txt, img_ids=torch.cat(id_parts, 1), txt_ids=txt_ids.float())
 
-    # -- 3. the attention override ----------------------------------------------------------
+    # -- 3. the chunked blocks, and the attention override for blocks that run whole ---------
+    def block(self, kind: str, index: int, args: dict, extra: dict) -> dict:
+        """ComfyUI block replacement (``patches_replace["dit"]``) for FLUX's ``kind`` block ``index``."""
+        call = (args.get("transformer_options") or {}).get(KEY)
+        reason = fallback_reason(args, call)
+        if reason is not None:
+            if reason:
+                call.warn_once(reason, f"UltraGen: {reason}.")
+            return extra["original_block"](args)
+        comfy.model_management.throw_exception_if_processing_interrupted()  # as ComfyUI's layers check
+        ctx = BlockContext(call, self._attend, self.patch.lora.get, self.patch.lora_strength)
+        dm = call.diffusion_model
+        if kind == "double_block":
+            return double_block(dm.double_blocks[index], args, ctx, f"double_blocks.{index}")
+        return single_block(dm.single_blocks[index], args, ctx, f"single_blocks.{index}")
+
+    def _layout(self, call: CallState, length: int):
+        """The attention layout of this call's sequence of ``length`` tokens (None: not this call's sequence)."""
+        text_len = length - call.n_img - call.n_ref - call.n_guid
+        if text_len < 1:
+            return None
+        if call.layout is None or call.layout.seq_len != length:  # the same for every block of a call
+            call.layout = call_layout(self.options, call.grid, text_len, call.n_ref, call.guidance_grid,
+                                      call.npa_offset)  # fmt: skip
+        return call.layout
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, call: CallState) -> None:
+        """Block-sparse attention of a chunked block, written over q (all (B, H, L, D))."""
+        layout = self._layout(call, q.shape[2])
+        if layout is None:
+            raise UltraGenPatchError(
+                f"UltraGen: a block's sequence of {q.shape[2]} tokens does not hold the {call.n_img} image tokens "
+                f"this call prepared; another node changes FLUX's sequence in a way UltraGen cannot follow. "
+                f"Remove that node, or {NODE}, from this model."
+            )
+        sparse_attention(q, k, v, layout, backend=self.options.backend, out=q)
+
     def attention(self, func, *args, **kwargs):
         call = (kwargs.get("transformer_options") or {}).get(KEY)
         q, k, v = args[:3]
@@ -320,14 +386,9 @@ class InstalledPatch:
         if call is None or kwargs.get("mask") is not None or not kwargs.get("skip_reshape") or q.dim() != 4:
             return self._fallback(func, args, kwargs)
         batch, heads, length, dim = q.shape
-        text_len = length - call.n_img - call.n_ref - call.n_guid
-        if text_len < 1:  # not the sequence this call prepared (e.g. another model sharing the options)
+        layout = self._layout(call, length)
+        if layout is None:  # not the sequence this call prepared (e.g. another model sharing the options)
             return self._fallback(func, args, kwargs)
-        layout = call.layout
-        if layout is None or layout.seq_len != length:  # the same for every block of a call
-            layout = call.layout = call_layout(
-                self.options, call.grid, text_len, call.n_ref, call.guidance_grid, call.npa_offset
-            )
         buf = torch.empty(batch, length, heads, dim, dtype=q.dtype, device=q.device)
         sparse_attention(q, k, v, layout, backend=self.options.backend, out=buf.transpose(1, 2))
         if kwargs.get("skip_output_reshape"):
@@ -349,8 +410,12 @@ class InstalledPatch:
         return True
 
     def guidance_rows(self) -> int:
+        """How many last rows of a guidance-LoRA layer's input are guidance tokens (a chunked block's slice
+        may hold fewer than the call)."""
         call = active_call()
-        return 0 if call is None else call.n_guid
+        if call is None:
+            return 0
+        return call.n_guid if call.guidance_rows_override is None else call.guidance_rows_override
 
     def extra_tokens(self, input_shape) -> int:
         """Tokens besides the image in a call of this latent shape (for the memory estimate)."""

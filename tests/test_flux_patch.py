@@ -70,33 +70,6 @@ def test_attention_mask_falls_back_to_dense_with_one_warning(flux, caplog):
     assert len(warnings) == 1
 
 
-def test_rope_is_applied_once_by_the_patch_and_never_by_comfyui_attention(flux, monkeypatch):
-    """In a patched call ComfyUI's attention gets no rotary table (so makes no float32 copies of q and k):
-    the patch rotates q and k itself. The identity test above shows the rotation is right; this shows
-    where it happens, and that unpatched calls (attention masks) keep ComfyUI's own."""
-    import comfy.ldm.flux.layers as layers
-
-    from comfy_flux import denoise
-
-    tables = []
-    original = layers.attention
-
-    def recording(q, k, v, pe, **kwargs):
-        tables.append(pe)
-        return original(q, k, v, pe, **kwargs)
-
-    monkeypatch.setattr(layers, "attention", recording)
-    x, ctx, y = inputs(h=8, w=12)
-    model = patched(flux, window=4)
-    denoise(model, x, 0.5, ctx, y)
-    blocks = len(flux.model.diffusion_model.double_blocks) + len(flux.model.diffusion_model.single_blocks)
-    assert len(tables) == blocks and all(t is None for t in tables)
-    tables.clear()
-    mask = torch.zeros(1, ctx.shape[1] + 24, ctx.shape[1] + 24, device=device())
-    denoise(model, x, 0.5, ctx, y, attention_mask=mask)  # a dense call: ComfyUI rotates
-    assert len(tables) == blocks and all(isinstance(t, torch.Tensor) for t in tables)
-
-
 def test_single_block_activation_is_computed_in_place_with_the_same_bits(flux):
     from ultragen.patch.inplace_gelu import InPlaceGELU
 

@@ -1,0 +1,257 @@
+"""FLUX's double and single blocks computed a slice of tokens at a time (inference).
+
+Why: in units U = one (tokens, hidden) bf16 tensor (1.7 GB at 8192^2 with guidance), ComfyUI's
+blocks peak near 12-16U even with the patch's low-memory RoPE and in-place GELU: linear1's
+output (7U), q and k after their norm, the attention output, the MLP hidden state (4U) and
+the concatenation (5U) are alive together. Only attention needs the whole sequence at once;
+every other part of a block (modulation, norms, q/k/v projection and QK-norm, RoPE, output
+projection, MLP, residual adds) acts on each token alone. So a block here
+
+1. writes q, k, v for the whole sequence into one (B, L, 3, H, D) buffer (3U), a slice of
+   tokens at a time, each slice rotated by RoPE as it is written;
+2. runs the patch's block-sparse attention, which writes its output over q (each program
+   reads its q tile before writing the same rows);
+3. finishes the block a slice at a time: output projection, MLP, residual adds into the
+   block's input (which the block owns, as ComfyUI's own blocks add into it in place).
+
+Peak: the input (1U) + q, k, v (3U) + one slice's temporaries. The arithmetic is ComfyUI's,
+from the block's own modules (so user LoRAs, fp8 and streamed weights work; see
+``layer_weights.py``); float32 results equal ComfyUI's blocks to rounding.
+
+Installed per block through ComfyUI's public ``patches_replace["dit"]`` hook. A block runs
+ComfyUI's own code instead (correct, more memory) in calls the patch did not prepare, when
+autograd records (training), when another node patches attention inside the blocks
+(``attn1_patch`` / ``attn1_output_patch``) or modulates some tokens differently (Kontext's
+``index_timestep_zero``), and for block kinds other than FLUX.1's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import comfy.ldm.flux.layers
+import comfy.model_management
+import torch
+
+from ..core.guidance_lora import LoRALayer
+from ..kernels.gelu import gelu_tanh_
+from ..kernels.rope import apply_rope
+from .call_state import CallState
+from .inplace_gelu import InPlaceGELU
+from .layer_weights import TakenLinear
+
+MAX_CHUNK_TOKENS = 16384  # big enough that the GEMMs run at full speed; ~1.6 GB of temporaries at FLUX.1's width
+MIN_CHUNK_TOKENS = 256
+# Widths of ``hidden`` one token of a slice needs at most: the single block's second half holds the
+# norm, its modulation, the MLP input (4), the concatenation (5), the output and its gated copy (13).
+SLICE_WIDTHS = 16
+
+
+def chunk_tokens(batch: int, hidden: int, element_size: int, free_bytes: int | None) -> int:
+    """Tokens per slice: :data:`MAX_CHUNK_TOKENS`, fewer when a slice's temporaries would take more than half
+    of ``free_bytes`` (None: no limit), in multiples of 256 so that the GEMMs keep their tiles."""
+    tokens = MAX_CHUNK_TOKENS
+    if free_bytes is not None:
+        per_token = SLICE_WIDTHS * hidden * element_size * batch
+        tokens = min(tokens, max(MIN_CHUNK_TOKENS, free_bytes // 2 // per_token // 256 * 256))
+    return max(1, tokens)
+
+
+def _chunk_for(x: torch.Tensor, hidden: int) -> int:
+    free = comfy.model_management.get_free_memory(x.device) if x.device.type == "cuda" else None
+    return chunk_tokens(x.shape[0], hidden, x.element_size(), free)
+
+
+def fallback_reason(args: dict, call: CallState | None) -> str | None:
+    """Why this block call must run ComfyUI's own block, or None to run it chunked."""
+    if call is None:
+        return ""  # not a call the patch prepared: nothing to say
+    if torch.is_grad_enabled():
+        return ""  # training: autograd needs the block's own graph
+    patches = (args.get("transformer_options") or {}).get("patches", {})
+    if patches.get("attn1_patch") or patches.get("attn1_output_patch"):
+        return (
+            "another node patches attention inside FLUX's blocks (attn1_patch / attn1_output_patch); "
+            "UltraGen runs those blocks whole, which needs more memory at high resolution"
+        )
+    vec = args["vec"]
+    if not isinstance(vec, torch.Tensor):
+        return "this model's blocks share one modulation (FLUX.2); UltraGen runs them whole (more memory)"
+    if vec.shape[0] != args["img"].shape[0]:
+        return (
+            "reference tokens are modulated at timestep 0 (Edit Model Reference Method: index_timestep_zero); "
+            "UltraGen runs FLUX's blocks whole for them, which needs more memory at high resolution"
+        )
+    return None
+
+
+def _modulated(norm: torch.nn.Module, x: torch.Tensor, mod) -> torch.Tensor:
+    return torch.addcmul(mod.shift, norm(x), 1 + mod.scale)  # ComfyUI's apply_mod
+
+
+def _activate(act: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """FLUX's MLP activation, in place where it is the plain tanh GELU (the slice is contiguous)."""
+    if type(act) is torch.nn.GELU and act.approximate == "tanh":
+        return gelu_tanh_(x)
+    return act(x)
+
+
+def _add_lora(out: torch.Tensor, x: torch.Tensor, lora: LoRALayer | None, strength: float, guidance_row: int,
+              first_output: int = 0) -> None:  # fmt: skip
+    """Add the guidance LoRA's update to the rows of this slice at or after ``guidance_row`` (slice-relative),
+    over the outputs this slice holds (``first_output`` onwards of the layer's)."""
+    if lora is None or guidance_row >= x.shape[1]:
+        return
+    start = max(guidance_row, 0)
+    covered = min(lora.up.shape[0] - first_output, out.shape[-1])
+    if covered > 0:
+        delta = lora.delta(x[:, start:], strength)[..., first_output : first_output + covered]
+        out[:, start:, :covered] += delta.to(out.dtype)
+
+
+class BlockLinear:
+    """One of the block's linear layers for this block call: its weight taken once, applied to a slice of rows
+    with the guidance LoRA's update on the slice's guidance rows (those from ``guidance_row`` on, slice-relative)."""
+
+    def __init__(self, module: torch.nn.Module, like: torch.Tensor, ctx: BlockContext, path: str | None,
+                 outputs: slice | None = None):  # fmt: skip
+        self.layer = TakenLinear(module, like, outputs)
+        self.call = ctx.call
+        self.lora = ctx.lora(path) if path and ctx.call.n_guid else None
+        self.strength = ctx.lora_strength
+        self.first_output = 0 if outputs is None else outputs.start
+
+    def __call__(self, x: torch.Tensor, guidance_row: int) -> torch.Tensor:
+        if self.lora is not None and self.layer.guidance_forward:
+            # The layer's own forward runs per slice and adds the update to the last rows it is told of.
+            self.call.guidance_rows_override = max(0, x.shape[1] - max(guidance_row, 0))
+            try:
+                return self.layer(x)
+            finally:
+                self.call.guidance_rows_override = None
+        out = self.layer(x)
+        _add_lora(out, x, self.lora, self.strength, guidance_row, self.first_output)
+        return out
+
+
+@dataclass(frozen=True)
+class BlockContext:
+    """What a chunked block call needs from the patch: the call, its attention and the guidance LoRA."""
+
+    call: CallState
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, CallState], None]  # (B, H, L, D), out over q
+    lora: Callable[[str], LoRALayer | None]
+    lora_strength: float
+
+
+def _write_qkv(qkv: torch.Tensor, offset: int, x: torch.Tensor, norm, mod, attn, table, chunk: int,
+               guidance_from: int, layer: BlockLinear) -> None:  # fmt: skip
+    """Rows ``offset`` .. of ``qkv`` (B, L, 3, H, D) from the stream ``x`` (B, S, hidden), a slice at a time."""
+    batch, heads, dim = qkv.shape[0], qkv.shape[3], qkv.shape[4]
+    for s in range(0, x.shape[1], chunk):
+        e = min(s + chunk, x.shape[1])
+        h = _modulated(norm, x[:, s:e], mod)
+        out = layer(h, guidance_from - s)
+        del h
+        q, k, v = out.view(batch, e - s, 3, heads, dim).unbind(2)
+        q, k = attn.norm(q, k, v)
+        rows = slice(offset + s, offset + e)
+        if table is not None:
+            q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), table[:, :, rows])
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+        qkv[:, rows, 0], qkv[:, rows, 1], qkv[:, rows, 2] = q, k, v
+
+
+def _attend(qkv: torch.Tensor, ctx: BlockContext) -> None:
+    q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, L, D) views
+    ctx.attend(q, k, v, ctx.call)
+
+
+def double_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
+    """ComfyUI's ``DoubleStreamBlock.forward`` (FLUX.1), chunked; ``prefix``: the block's module path."""
+    img, txt, vec = args["img"], args["txt"], args["vec"]
+    img_mod1, img_mod2 = block.img_mod(vec)
+    txt_mod1, txt_mod2 = block.txt_mod(vec)
+    batch, n_txt = img.shape[0], txt.shape[1]
+    heads, hidden = block.num_heads, block.hidden_size
+    chunk = _chunk_for(img, hidden)
+    table = ctx.call.rotary_table if ctx.call.rotary_table is not None else args.get("pe")
+    n_guid = ctx.call.n_guid
+    qkv = img.new_empty(batch, n_txt + img.shape[1], 3, heads, hidden // heads)
+    streams = (  # (tokens, first row in the sequence, module prefix, LoRA path prefix, first guidance row)
+        (txt, 0, "txt", None, txt.shape[1]),
+        (img, n_txt, "img", f"{prefix}.img", img.shape[1] - n_guid),
+    )
+    mods = {"txt": (txt_mod1, txt_mod2), "img": (img_mod1, img_mod2)}
+    for x, offset, side, path, guidance_from in streams:
+        attn = getattr(block, f"{side}_attn")
+        qkv_layer = BlockLinear(attn.qkv, x, ctx, path and f"{path}_attn.qkv")
+        _write_qkv(qkv, offset, x, getattr(block, f"{side}_norm1"), mods[side][0], attn, table, chunk,
+                   guidance_from, qkv_layer)  # fmt: skip
+    _attend(qkv, ctx)
+    for x, offset, side, path, guidance_from in streams:
+        (mod1, mod2), attn, mlp = mods[side], getattr(block, f"{side}_attn"), getattr(block, f"{side}_mlp")
+        norm2 = getattr(block, f"{side}_norm2")
+        layers = ((attn.proj, "_attn.proj"), (mlp[0], "_mlp.0"), (mlp[2], "_mlp.2"))
+        proj, up, down = (BlockLinear(module, x, ctx, path and f"{path}{name}") for module, name in layers)
+        for s in range(0, x.shape[1], chunk):
+            e = min(s + chunk, x.shape[1])
+            rows, here = x[:, s:e], guidance_from - s
+            rows += proj(qkv[:, offset + s : offset + e, 0].flatten(2), here) * mod1.gate
+            hidden_state = _activate(mlp[1], up(_modulated(norm2, rows, mod2), here))
+            rows += down(hidden_state, here) * mod2.gate
+            del hidden_state
+    del qkv
+    if txt.dtype == torch.float16:
+        txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
+    return {"img": img, "txt": txt}
+
+
+def single_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
+    """ComfyUI's ``SingleStreamBlock.forward`` (FLUX.1), chunked; linear1 runs as its q/k/v part before
+    attention and its MLP part after (the same products, split by output rows)."""
+    x, vec = args["img"], args["vec"]
+    mod, _ = block.modulation(vec)
+    batch, length = x.shape[0], x.shape[1]
+    heads, hidden = block.num_heads, block.hidden_size
+    chunk = _chunk_for(x, hidden)
+    table = ctx.call.rotary_table if ctx.call.rotary_table is not None else args.get("pe")
+    guidance_from = length - ctx.call.n_guid
+    split = 3 * hidden
+    qkv = x.new_empty(batch, length, 3, heads, hidden // heads)
+    qkv_layer = BlockLinear(block.linear1, x, ctx, f"{prefix}.linear1", slice(0, split))
+    _write_qkv(qkv, 0, x, block.pre_norm, mod, block, table, chunk, guidance_from, qkv_layer)
+    _attend(qkv, ctx)
+    mlp_in = BlockLinear(block.linear1, x, ctx, f"{prefix}.linear1", slice(split, None))
+    out_layer = BlockLinear(block.linear2, x, ctx, f"{prefix}.linear2")
+    act = block.mlp_act.original if isinstance(block.mlp_act, InPlaceGELU) else block.mlp_act
+    for s in range(0, length, chunk):
+        e = min(s + chunk, length)
+        rows, here = x[:, s:e], guidance_from - s
+        mlp = _activate(act, mlp_in(_modulated(block.pre_norm, rows, mod), here))
+        joined = torch.cat((qkv[:, s:e, 0].flatten(2), mlp), 2)
+        del mlp
+        rows += out_layer(joined, here) * mod.gate
+        del joined
+    del qkv
+    if x.dtype == torch.float16:
+        x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
+    return {"img": x}
+
+
+def flux1_blocks(diffusion_model) -> bool:
+    """Whether the model's blocks are FLUX.1's kind (GELU MLPs, per-block modulation), which this module computes."""
+    double = diffusion_model.double_blocks[0] if len(diffusion_model.double_blocks) else None
+    single = diffusion_model.single_blocks[0] if len(diffusion_model.single_blocks) else None
+    ok_double = double is None or (
+        type(double) is comfy.ldm.flux.layers.DoubleStreamBlock and getattr(double, "modulation", True) is True
+        and isinstance(double.img_mlp, torch.nn.Sequential) and len(double.img_mlp) == 3
+        and not getattr(double, "flipped_img_txt", False)
+    )  # fmt: skip
+    ok_single = single is None or (
+        type(single) is comfy.ldm.flux.layers.SingleStreamBlock and single.modulation is not None
+        and not getattr(single, "yak_mlp", False)
+        and getattr(single, "mlp_hidden_dim_first", single.mlp_hidden_dim) == single.mlp_hidden_dim
+    )  # fmt: skip
+    return ok_double and ok_single

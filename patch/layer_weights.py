@@ -1,0 +1,105 @@
+"""A linear layer's weight, taken once for a whole block call, the way the layer's own forward takes it.
+
+Why: the chunked FLUX blocks (``chunked_blocks.py``) run each linear layer on many slices of
+the sequence. Calling the layer per slice would repeat ComfyUI's per-call work per slice:
+the fp8 -> bf16 cast of manual-cast weights, the LoRA weight functions of a partially loaded
+model, and — for weights ComfyUI streams from system memory on a small card — the copy over
+PCIe (12 GB per step for FLUX.1 in fp8, times the number of slices). So each layer's weight
+is taken once per block call with ComfyUI's own ``comfy.ops.cast_bias_weight`` (which applies
+LoRA functions, casts and moves exactly as the layer's forward would) and used for every slice.
+
+ComfyUI 0.29 casts into per-stream buffers that the next cast reuses, and DynamicVRAM hands
+out weights pinned only until ``uncast_bias_weight``; a weight held across other casts is
+therefore cloned first. Layers of any other kind (GGUF, quantized scaled-mm, a class another
+node installed) run their own forward on each slice: slower, never wrong.
+"""
+
+from __future__ import annotations
+
+import comfy.ops
+import torch
+import torch.nn.functional as F
+
+_STANDARD = comfy.ops.disable_weight_init.Linear  # manual_cast.Linear inherits its forward
+
+
+def _is_guidance_forward(module: torch.nn.Module) -> bool:
+    return getattr(module.__dict__.get("forward"), "ultragen_guidance_rows", False)
+
+
+def _standard(module: torch.nn.Module) -> bool:
+    """A plain linear layer, or ComfyUI's own cast-on-forward one (no other node's forward or hooks on it)."""
+    # Another node's forward on this layer is honoured. (ComfyUI's undone object patches leave the class's own
+    # forward bound on the instance, which replaces nothing.)
+    own = module.__dict__.get("forward")
+    replaced = own is not None and getattr(own, "__func__", None) is not type(module).forward
+    if replaced and not _is_guidance_forward(module):
+        return False
+    if module._forward_hooks or module._forward_pre_hooks:
+        return False  # hooks see each slice
+    cls = type(module)
+    if cls.forward is torch.nn.Linear.forward:
+        return True
+    return (
+        isinstance(module, _STANDARD)
+        and cls.forward is _STANDARD.forward
+        and cls.forward_comfy_cast_weights is _STANDARD.forward_comfy_cast_weights
+        and type(module.weight) in (torch.Tensor, torch.nn.Parameter)  # not a QuantizedTensor
+    )
+
+
+def _casts(module: torch.nn.Module) -> bool:
+    return bool(getattr(module, "comfy_cast_weights", False) or getattr(module, "weight_function", None)
+                or getattr(module, "bias_function", None))  # fmt: skip
+
+
+def take_weight(module: torch.nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight, bias) on ``like``'s device and dtype, as ``module``'s forward would use them; None for
+    a layer whose forward must run as it is (see the module docstring)."""
+    if not _standard(module):
+        return None
+    weight, bias = module.weight, module.bias
+    if not _casts(module) and weight.device == like.device and weight.dtype == like.dtype:
+        return weight, bias  # resident and uncast: the parameters themselves
+    if not _casts(module):
+        return weight.to(like.device, like.dtype), None if bias is None else bias.to(like.device, like.dtype)
+    if not hasattr(comfy.ops, "uncast_bias_weight"):  # ComfyUI before per-stream cast buffers: fresh tensors
+        return comfy.ops.cast_bias_weight(module, like)
+    weight, bias, stream = comfy.ops.cast_bias_weight(module, like, offloadable=True)
+    held = (weight.clone(), None if bias is None else bias.clone()) if _borrowed(stream) else (weight, bias)
+    comfy.ops.uncast_bias_weight(module, weight, bias, stream)
+    return held
+
+
+def _borrowed(stream) -> bool:
+    """Whether a 0.29-style cast result lives in memory ComfyUI takes back (a stream's cast buffer, a
+    DynamicVRAM pin) rather than a tensor of its own."""
+    if stream is None:
+        return False
+    offload_stream, weight_a, _ = stream
+    return offload_stream is not None or (weight_a is not None and not isinstance(weight_a, torch.Tensor))
+
+
+class TakenLinear:
+    """``module``'s weight taken once; calls apply it to any slice of rows (..., in) -> (..., out).
+
+    ``outputs``: only these outputs (a single block's linear1 split into q, k, v and the MLP input).
+    ``per_slice``: the layer's own forward runs on each slice instead (see :func:`take_weight`);
+    ``guidance_forward``: that forward is the patch's guidance-LoRA forward, which adds the update itself.
+    """
+
+    def __init__(self, module: torch.nn.Module, like: torch.Tensor, outputs: slice | None = None):
+        self.module = module
+        self.outputs = outputs
+        taken = take_weight(module, like)
+        if taken is not None and outputs is not None:
+            taken = (taken[0][outputs], None if taken[1] is None else taken[1][outputs])
+        self.taken = taken
+        self.per_slice = taken is None
+        self.guidance_forward = self.per_slice and _is_guidance_forward(module)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.taken is not None:
+            return F.linear(x, *self.taken)
+        out = self.module(x)
+        return out if self.outputs is None else out[..., self.outputs]

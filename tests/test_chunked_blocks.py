@@ -1,0 +1,213 @@
+"""FLUX blocks computed a slice of tokens at a time, in the real ComfyUI (tiny models, CPU, float32).
+
+References: ComfyUI's own unpatched output (dense windows), ComfyUI's own block code with the
+patch's attention (blocks forced whole by an ``attn1_patch`` that changes nothing: where
+guidance tokens or the guidance LoRA have no unpatched equivalent), and slice sizes worked
+out by hand. Slices of 1, 5 and 7 tokens put boundaries inside windows, text and guidance.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from patching import IDENTITY, device, guidance_of, inputs, one_run, patched
+
+pytestmark = pytest.mark.usefixtures("comfyui")
+
+
+@pytest.fixture(scope="module")
+def flux(comfyui):
+    from comfy_flux import tiny_flux
+
+    return tiny_flux(seed=0)
+
+
+@pytest.fixture
+def slices(monkeypatch):
+    """Set the slice size of the chunked blocks (tokens)."""
+    from ultragen.patch import chunked_blocks
+
+    def set_size(tokens: int) -> None:
+        monkeypatch.setattr(chunked_blocks, "MAX_CHUNK_TOKENS", tokens)
+
+    return set_size
+
+
+def whole_blocks(model):
+    """``model`` with every block run by ComfyUI's own code: an attn1_patch that changes nothing."""
+    m = model.clone()
+    m.set_model_attn1_patch(lambda q, k, v, **kwargs: {})
+    return m
+
+
+def counting_blocks(monkeypatch):
+    """Count the blocks the chunked code computes."""
+    import ultragen.patch.flux_patch as flux_patch
+
+    calls = {"double": 0, "single": 0}
+    for kind in calls:
+        original = getattr(flux_patch, f"{kind}_block")
+
+        def counted(*args, _kind=kind, _original=original, **kwargs):
+            calls[_kind] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(flux_patch, f"{kind}_block", counted)
+    return calls
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 7, 4096])
+def test_chunked_blocks_equal_comfyui_unpatched(flux, slices, monkeypatch, tokens):
+    """Batch 2, odd latent (21 x 37: 11 x 19 tokens), Kontext references and ControlNet residuals."""
+    from comfy_flux import denoise
+
+    slices(tokens)
+    calls = counting_blocks(monkeypatch)
+    x, ctx, y = inputs(batch=2, h=21, w=37, text=13)
+    g = torch.Generator().manual_seed(5)
+    refs = [torch.randn(2, 16, 10, 12, generator=g).to(device())]
+    n_img = 11 * 19
+    control = {
+        "input": [torch.randn(2, n_img, 96, generator=g).to(device()), None],
+        "output": [torch.randn(2, n_img, 96, generator=g).to(device())],
+    }
+    ref = denoise(flux, x, 0.5, ctx, y, ref_latents=refs, control=control)
+    out = denoise(patched(flux, **IDENTITY), x, 0.5, ctx, y, ref_latents=refs, control=control)
+    assert calls == {"double": 2, "single": 2}  # every block ran chunked
+    assert (out - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("text", [1, 7])
+def test_chunked_blocks_with_guidance_equal_comfyui_blocks(flux, slices, text):
+    """Guidance tokens (their own rows at the end of the sequence) and windows that really restrict."""
+    from comfy_flux import denoise
+
+    slices(5)
+    x, ctx, y = inputs(h=16, w=20, text=text)
+    g = guidance_of(4, 5, (8, 10))
+    for scope in ("local", "global"):
+        model = patched(flux, guidance=g, window=2, guidance_scope=scope)
+        chunked = denoise(model, x, 0.6, ctx, y)
+        whole = denoise(whole_blocks(model), x, 0.6, ctx, y)
+        assert (chunked - whole).abs().max().item() <= 1e-5 * whole.abs().max().item(), scope
+
+
+def test_guidance_lora_is_applied_per_slice_as_on_whole_blocks(flux, slices, tmp_path):
+    from test_guidance_lora_patch import ALL_GUIDANCE_LAYERS, _lora_file
+
+    from ultragen.patch import load_guidance_lora
+
+    from comfy_flux import denoise
+
+    x, ctx, y = inputs(h=16, w=20)
+    g = guidance_of(4, 5, (8, 10))
+    lora = load_guidance_lora(_lora_file(tmp_path, ALL_GUIDANCE_LAYERS))
+    model = patched(flux, guidance=g, lora=lora, strength=1.5, window=2)
+    whole = denoise(whole_blocks(model), x, 0.6, ctx, y)
+    plain = denoise(patched(flux, guidance=g, window=2), x, 0.6, ctx, y)
+    assert (whole - plain).abs().max().item() > 1e-4  # the LoRA matters here
+    for tokens in (3, 7, 4096):  # slices that split the 20 guidance rows, or hold them whole
+        slices(tokens)
+        chunked = denoise(model, x, 0.6, ctx, y)
+        assert (chunked - whole).abs().max().item() <= 1e-5 * whole.abs().max().item(), tokens
+
+
+def test_weights_are_cast_once_per_block_call_with_comfyui_weight_functions(flux, slices, monkeypatch):
+    """A partially loaded model: ComfyUI casts each weight on use and applies LoRA weight functions in the
+    cast. Chunked blocks take each layer's weight once per block call, through that same cast."""
+    import comfy.ops
+
+    from comfy_flux import denoise
+
+    x, ctx, y = inputs(h=16, w=20)
+    model = patched(flux, **IDENTITY)
+    reference = denoise(model, x, 0.6, ctx, y)
+    dm = flux.model.diffusion_model
+    layer = dm.single_blocks[0].linear1
+    delta = torch.randn_like(layer.weight) * 0.05
+    linears = [m for m in dm.modules() if isinstance(m, comfy.ops.disable_weight_init.Linear)]
+    casts = []
+    original_cast = comfy.ops.cast_bias_weight
+
+    def counted_cast(module, *args, **kwargs):
+        casts.append(module)
+        return original_cast(module, *args, **kwargs)
+
+    monkeypatch.setattr(comfy.ops, "cast_bias_weight", counted_cast)
+    for m in linears:
+        monkeypatch.setattr(m, "comfy_cast_weights", True, raising=False)
+    monkeypatch.setattr(layer, "weight_function", [lambda w: w + delta.to(w)], raising=False)
+    unpatched = denoise(flux, x, 0.6, ctx, y)
+    casts.clear()
+    slices(5)
+    chunked = denoise(model, x, 0.6, ctx, y)
+    assert (chunked - unpatched).abs().max().item() <= 1e-5 * unpatched.abs().max().item()
+    assert (chunked - reference).abs().max().item() > 1e-4  # the weight function was applied
+    block_linears = {id(m) for m in linears if any(m is b for b in dm.double_blocks.modules())
+                     or any(m is b for b in dm.single_blocks.modules())}  # fmt: skip
+    in_blocks = [m for m in casts if id(m) in block_linears]
+    # Per call: double blocks 2 streams x (qkv, proj, mlp.0, mlp.2); single blocks linear1 twice (q/k/v rows,
+    # then MLP rows) and linear2; the modulation layers once each (2 per double block, 1 per single).
+    assert len(in_blocks) == 2 * (8 + 2) + 2 * (3 + 1)
+
+
+def test_other_attention_patches_run_whole_blocks_with_one_warning(flux, caplog, monkeypatch):
+    """An attn1_patch (e.g. FluxKVCache, PuLID-style nodes) needs ComfyUI's block code: the blocks run whole
+    (the patch's attention still windowed), once said, and the image is the chunked one."""
+    import comfy.ldm.flux.layers as layers
+
+    from comfy_flux import denoise
+
+    tables = []
+    original = layers.attention
+
+    def recording(q, k, v, pe, **kwargs):
+        tables.append(pe)
+        return original(q, k, v, pe, **kwargs)
+
+    monkeypatch.setattr(layers, "attention", recording)
+    x, ctx, y = inputs(h=16, w=20)
+    model = patched(flux, window=2)
+    chunked = denoise(model, x, 0.6, ctx, y)
+    assert tables == []  # chunked blocks never call ComfyUI's attention
+    caplog.set_level(logging.WARNING)
+    run = one_run()
+    whole = denoise(whole_blocks(model), x, 0.6, ctx, y, options=run)
+    denoise(whole_blocks(model), x, 0.5, ctx, y, options=run)
+    assert (chunked - whole).abs().max().item() <= 1e-5 * whole.abs().max().item()
+    assert len([r for r in caplog.records if "attn1_patch" in r.getMessage()]) == 1
+    assert len(tables) == 2 * 4 and all(t is None for t in tables)  # RoPE applied by the patch, not ComfyUI
+    tables.clear()
+    mask = torch.zeros(1, ctx.shape[1] + 80, ctx.shape[1] + 80, device=device())
+    denoise(model, x, 0.5, ctx, y, attention_mask=mask)  # a dense call: ComfyUI's blocks, ComfyUI rotates
+    assert len(tables) == 4 and all(isinstance(t, torch.Tensor) for t in tables)
+
+
+def test_fallback_reasons():
+    from ultragen.patch.chunked_blocks import fallback_reason
+
+    img, vec = torch.zeros(2, 5, 8), torch.zeros(2, 8)
+    call = object()
+    with torch.inference_mode():
+        assert fallback_reason({"img": img, "vec": vec}, None) == ""
+        assert fallback_reason({"img": img, "vec": vec}, call) is None
+        assert "index_timestep_zero" in fallback_reason({"img": img, "vec": torch.zeros(4, 8)}, call)
+        assert "FLUX.2" in fallback_reason({"img": img, "vec": (vec, vec)}, call)
+        options = {"patches": {"attn1_output_patch": [print]}}
+        assert "attn1_patch" in fallback_reason({"img": img, "vec": vec, "transformer_options": options}, call)
+    with torch.enable_grad():
+        assert fallback_reason({"img": img, "vec": vec}, call) == ""  # training: ComfyUI's blocks, silently
+
+
+def test_slice_size_by_hand():
+    from ultragen.patch.chunked_blocks import MAX_CHUNK_TOKENS, MIN_CHUNK_TOKENS, SLICE_WIDTHS, chunk_tokens
+
+    assert chunk_tokens(1, 3072, 2, None) == MAX_CHUNK_TOKENS == 16384
+    per_token = SLICE_WIDTHS * 3072 * 2  # 98,304 bytes: 16 hidden widths in bf16
+    assert chunk_tokens(1, 3072, 2, 2 * 16384 * per_token) == 16384  # half the free memory holds a full slice
+    assert chunk_tokens(1, 3072, 2, 2 * 5000 * per_token) == 4864  # 5000 tokens, down to a multiple of 256
+    assert chunk_tokens(2, 3072, 2, 2 * 5000 * per_token) == 2304  # batch 2: 2500 -> 2304
+    assert chunk_tokens(1, 3072, 2, 10) == MIN_CHUNK_TOKENS  # never below 256 tokens
