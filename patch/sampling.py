@@ -17,12 +17,16 @@ import math
 import comfy.model_sampling
 import torch
 
-# Peak activation bytes per token per hidden unit of a windowed FLUX step (bf16), with margin:
-# bench/flux_step.py measured 36.4 (peak VRAM minus weights, at 4096^2 and 8192^2 alike; H200,
-# 2026-11-28). ComfyUI keeps this much free when it decides how many weights to load, so an
-# underestimate would fully load FLUX on, e.g., a 48-GB card at 8K and then run out of memory.
-ACTIVATION_BYTES_PER_TOKEN_UNIT = 40
-
+# A chunked FLUX step (chunked_blocks.py) holds a block's input (1U) and q, k, v (3U) through attention,
+# plus the rotary table (U/6), one slice's temporaries and the weights of the layer in use, where U is
+# tokens x hidden x the compute dtype's size. bench/vram_cards.py measures the step's peak above what was
+# allocated when it began at 4.3-4.6 U from 2048^2 to 16384^2 (H200, ComfyUI 0.3.64 and 0.29, 2026-12-01).
+# The estimate keeps 6 U (the margin covers allocator fragmentation), a whole slice, and room for the
+# layer weights a partially loaded model casts (the chunked blocks hold two of FLUX.1's largest at once,
+# ComfyUI's cast buffers two more: 4 x 94 MB in bf16). ComfyUI keeps this much free when it decides how
+# many weights to load: an underestimate loads too many and the step runs out of memory.
+ACTIVATION_UNITS = 6
+CAST_WEIGHT_BYTES = 512 * 2**20
 
 def constant_shift_sampling(model_config, mu: float):
     """A FLUX model_sampling object whose shift is ``mu`` at every resolution."""
@@ -47,14 +51,18 @@ def constant_shift_sigmas(steps: int, mu: float = 1.15, scheduler: str = "simple
 
 
 def windowed_memory_estimate(base_model, input_shape, extra_tokens: int = 0) -> float:
-    """Bytes a windowed FLUX step needs for a latent batch of ``input_shape`` (B, C, H, W)."""
+    """Bytes a patched FLUX step needs beyond its weights, for a latent batch of ``input_shape`` (B, C, H, W)."""
+    from .chunked_blocks import MAX_CHUNK_TOKENS, SLICE_WIDTHS
+
     dm = base_model.diffusion_model
     patch = dm.patch_size
     tokens = math.prod(-(-s // patch) for s in input_shape[2:]) + extra_tokens
     dtype = base_model.manual_cast_dtype or base_model.get_dtype()
-    per_unit = ACTIVATION_BYTES_PER_TOKEN_UNIT * torch.finfo(dtype).bits / 16  # measured in bf16
-    return input_shape[0] * tokens * dm.hidden_size * per_unit
-
+    element = torch.finfo(dtype).bits // 8
+    batch = input_shape[0]
+    activations = ACTIVATION_UNITS * batch * tokens * dm.hidden_size * element
+    one_slice = SLICE_WIDTHS * batch * min(tokens, MAX_CHUNK_TOKENS) * dm.hidden_size * element
+    return activations + one_slice + CAST_WEIGHT_BYTES
 
 def memory_estimate_wrapper(extra_tokens_of):
     """PREPARE_SAMPLING wrapper: the smaller of ComfyUI's estimate and the windowed one, for this call."""

@@ -1,0 +1,324 @@
+"""What runs on your card: one FLUX.1-dev sampling step on emulated 12-80 GB cards, dense vs UltraGen.
+
+The full FLUX.1-dev architecture with random weights, built on the CPU (ComfyUI's offload device)
+and loaded by ComfyUI itself, sampled with ``comfy.sample.sample`` (1 Euler step, cfg 1: the real
+PREPARE_SAMPLING wrappers, memory estimate and partial loading). fp8 is ComfyUI's manual cast
+(weights stored float8_e4m3fn, computed in bf16). Text: 512 tokens of random T5-sized conditioning.
+
+How an N-GiB card is emulated on a bigger GPU, between cells of one process:
+
+- PyTorch's allocator is capped at N - 0.5 GiB (``set_per_process_memory_fraction``; the 0.5 GiB
+  stand for the CUDA context a real card also holds), so any allocation past the card fails;
+- ComfyUI's ``get_free_memory`` reports what that card would (the cap minus PyTorch's reserved
+  memory, plus its cached free blocks), and ``total_vram`` is N: every loading heuristic (also
+  ``MIN_WEIGHT_MEMORY_RATIO``, which ``--reserve-vram`` alone does not scale) sees an N-GiB card;
+- with ``--dynamic-vram`` (ComfyUI 0.29's DynamicVRAM, switched on the way its main.py does),
+  comfy-aimdo's VRAM headroom is set to total - N as ``--reserve-vram`` would.
+
+Per cell: runs or OOM (and where), seconds for the step (the model call; loading excluded),
+peak GiB allocated during it, weights resident, and the step's peak activations in units
+U = tokens x 3072 x 2 bytes (the memory above what was allocated when the step began).
+
+    COMFYUI_PATH=/path/to/ComfyUI python bench/vram_cards.py [--cards 12 24] [--sizes 4096] [--dynamic-vram]
+
+Prints a table and writes JSON after every cell (a run cut short keeps what it measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+import traceback
+
+import torch
+
+from results_io import run_info, write_json
+
+CARDS = (12, 16, 24, 32, 48, 80)
+CONTEXT_GIB = 0.5  # a real card's CUDA context, outside PyTorch's allocator
+TEXT = 512
+HIDDEN = 3072
+DENSE_UP_TO = 4096
+
+
+def import_comfyui(explicit: str | None, dynamic: bool) -> None:
+    from ultragen.comfy_env import find_comfyui, import_comfyui
+
+    if not torch.cuda.is_available():
+        sys.exit("bench/vram_cards.py needs a CUDA GPU")
+    path = find_comfyui(explicit)
+    if path is None:
+        sys.exit("bench/vram_cards.py needs ComfyUI: set COMFYUI_PATH=/path/to/ComfyUI")
+    if dynamic:
+        import comfy_aimdo.control
+
+        comfy_aimdo.control.init()
+    import_comfyui(path, cpu=False)
+    if dynamic:
+        import comfy.memory_management
+        import comfy.model_management as mm
+        import comfy.model_patcher
+        import comfy_aimdo.control
+
+        if not comfy_aimdo.control.init_devices(d.index for d in mm.get_all_torch_devices()):
+            sys.exit("comfy-aimdo did not initialise: DynamicVRAM is not available here")
+        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
+        comfy.memory_management.aimdo_enabled = True
+
+
+class Card:
+    """The emulated card (None: the whole GPU)."""
+
+    def __init__(self, dynamic: bool):
+        import comfy.model_management as mm
+
+        self.mm = mm
+        self.dynamic = dynamic
+        self.total = torch.cuda.get_device_properties(0).total_memory
+        self.original_free = mm.get_free_memory
+        self.original_total_vram = mm.total_vram
+        self.cap = self.total
+
+    def set(self, gib: float | None) -> None:
+        self.mm.unload_all_models()
+        gc.collect()
+        self.mm.soft_empty_cache()
+        torch.cuda.empty_cache()
+        if gib is None:
+            self.cap = self.total
+            torch.cuda.set_per_process_memory_fraction(1.0)
+            self.mm.get_free_memory = self.original_free
+            self.mm.total_vram = self.original_total_vram
+            headroom = 0
+        else:
+            self.cap = int((gib - CONTEXT_GIB) * 2**30)
+            torch.cuda.set_per_process_memory_fraction(self.cap / self.total)
+            self.mm.get_free_memory = self.free
+            self.mm.total_vram = gib * 1024
+            headroom = self.total - int(gib * 2**30)
+        if self.dynamic:
+            import comfy_aimdo.control
+
+            comfy_aimdo.control.init(simple_vram_headroom=headroom)
+
+    def free(self, dev=None, torch_free_too=False):
+        total_free, torch_free = self.original_free(dev, torch_free_too=True)
+        if dev is not None and getattr(dev, "type", "cuda") != "cuda":
+            return (total_free, torch_free) if torch_free_too else total_free
+        reserved = torch.cuda.memory_reserved()
+        emulated = min(total_free, max(0, self.cap - reserved) + torch_free)
+        return (emulated, torch_free) if torch_free_too else emulated
+
+
+def build(dtype_name: str):
+    """FLUX.1-dev as ComfyUI loads it: weights on the CPU, ~N(0, 0.02) (norm scales 1), bf16 or fp8."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    from ultragen.patch.random_models import FLUX_DEV
+
+    config = dict(FLUX_DEV)
+    import comfy.ldm.flux.model
+
+    if "txt_ids_dims" in comfy.ldm.flux.model.FluxParams.__dataclass_fields__:
+        config.setdefault("txt_ids_dims", [])
+    model_config = comfy.supported_models.Flux(config)
+    if dtype_name == "fp8":
+        model_config.set_inference_dtype(torch.float8_e4m3fn, torch.bfloat16)
+    else:
+        model_config.set_inference_dtype(torch.bfloat16, None)
+    model = model_config.get_model({}, device=torch.device("cpu"))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.diffusion_model.named_parameters():
+            if "norm" in name and name.endswith("scale"):
+                p.fill_(1.0)
+            else:
+                value = torch.randn(p.shape, generator=gen, device="cuda", dtype=torch.bfloat16) * 0.02
+                p.copy_(value.to(p.dtype).cpu())
+    torch.cuda.empty_cache()
+    patcher = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    return patcher(model, load_device=mm.get_torch_device(), offload_device=torch.device("cpu"))
+
+
+def ultragen(model, pixels: int, whole_blocks: bool = False):
+    from ultragen.patch import Guidance, UltraGenFluxPatch
+
+    side = pixels // 8 // 4
+    latent = torch.randn(1, 16, side, side, generator=torch.Generator().manual_seed(1))
+    m = UltraGenFluxPatch(guidance=Guidance(latent, pixels, pixels)).apply(model)
+    if whole_blocks:  # ComfyUI's own block code (what the patch did before its chunked blocks)
+        m.set_model_attn1_patch(lambda q, k, v, **kwargs: {})
+    return m
+
+
+def floor(model):
+    """Attention replaced by a copy of V: everything but attention (bench/flux_step.py's floor)."""
+    from flux_step import floor_model
+
+    return floor_model(model)
+
+
+def tokens(pixels: int, mode: str) -> int:
+    n = (pixels // 16) ** 2 + TEXT
+    return n + ((pixels // 64) ** 2 if mode.startswith("ultragen") else 0)
+
+
+def step(model, pixels: int) -> dict:
+    """One Euler step through comfy.sample; the model call timed and measured by an APPLY_MODEL wrapper."""
+    import comfy.model_management as mm
+    import comfy.patcher_extension
+    import comfy.sample
+
+    seen: dict = {}
+
+    def timed(executor, *args, **kwargs):
+        torch.cuda.synchronize()
+        seen["before_gib"] = torch.cuda.memory_allocated() / 2**30
+        seen["weights_gib"] = sum(m.model_loaded_memory() for m in mm.current_loaded_models) / 2**30
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        out = executor(*args, **kwargs)
+        torch.cuda.synchronize()
+        seen["s"] = time.perf_counter() - t0
+        seen["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        return out
+
+    m = model.clone()
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "vram_cards", timed)
+    gen = torch.Generator().manual_seed(pixels)
+    latent = torch.zeros(1, 16, pixels // 8, pixels // 8)
+    noise = torch.randn(latent.shape, generator=gen)
+    cond = torch.randn(1, TEXT, 4096, generator=gen, dtype=torch.bfloat16)
+    pooled = torch.randn(1, 768, generator=gen, dtype=torch.bfloat16)
+    positive = [[cond, {"pooled_output": pooled, "guidance": 3.5}]]
+    negative = [[torch.zeros_like(cond), {"pooled_output": torch.zeros_like(pooled), "guidance": 3.5}]]
+    out = comfy.sample.sample(m, noise, 1, 1.0, "euler", "simple", positive, negative, latent, seed=0,
+                              disable_pbar=True)  # fmt: skip
+    if not torch.isfinite(out).all():
+        raise RuntimeError("non-finite output")
+    return seen
+
+
+def cell(card: Card, base, gib, dtype: str, pixels: int, mode: str) -> dict:
+    card.set(gib)
+    row = {"card_gib": gib, "weights": dtype, "pixels": pixels, "mode": mode}
+    u = tokens(pixels, mode) * HIDDEN * 2 / 2**30
+    try:
+        if mode == "dense":
+            model = base
+        elif mode == "floor":
+            model = floor(base)
+        else:
+            model = ultragen(base, pixels, whole_blocks=mode == "ultragen-whole-blocks")
+        seen = step(model, pixels)
+        row.update(status="runs", **{k: round(v, 3) for k, v in seen.items()})
+        row["activations_u"] = round((seen["peak_gib"] - seen["before_gib"]) / u, 2)
+    except torch.OutOfMemoryError as exc:
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        row.update(status="OOM", where=f"{frame.filename.split('/')[-1]}:{frame.lineno} {frame.line}")
+    except Exception as exc:  # noqa: BLE001 - a benchmark records every failure and goes on
+        row.update(status="error", where=f"{type(exc).__name__}: {exc}"[:300])
+    row["u_gib"] = round(u, 3)
+    print(_line(row), flush=True)
+    return row
+
+
+def _line(r: dict) -> str:
+    card = "whole GPU" if r["card_gib"] is None else f"{r['card_gib']} GB"
+    head = f"{card:>9} {r['weights']:4} {r['pixels']:5}² {r['mode']:22}"
+    if r["status"] != "runs":
+        return f"{head} {r['status']}: {r.get('where', '')}"
+    return (f"{head} {r['s']:7.2f} s  peak {r['peak_gib']:5.1f} GiB  weights {r['weights_gib']:5.1f} GiB  "
+            f"activations {r['activations_u']:.1f} U")  # fmt: skip
+
+
+def plan(cards, sizes, dtypes, big) -> list[tuple]:
+    cells = []
+    for gib in cards:
+        for dtype in dtypes:
+            for pixels in sizes:
+                if pixels <= DENSE_UP_TO:
+                    cells.append((gib, dtype, pixels, "dense"))
+                cells.append((gib, dtype, pixels, "ultragen"))
+    for gib in big:
+        for pixels in (12288, 16384):
+            cells.append((gib, "bf16", pixels, "ultragen"))
+    return cells
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cards", type=float, nargs="+", default=list(CARDS), help="emulated card sizes, GiB")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
+    ap.add_argument("--weights", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"])
+    ap.add_argument("--big", type=float, nargs="*", default=[80], help="cards that also run 12288² and 16384²")
+    ap.add_argument("--whole-gpu", action="store_true", help="also the unconstrained GPU: UltraGen, its whole-block "
+                    "version and the floor at 8192², and 12288² / 16384²")  # fmt: skip
+    ap.add_argument("--dynamic-vram", action="store_true", help="ComfyUI 0.29's DynamicVRAM, as its main.py enables it")
+    ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting cells after this many seconds")
+    ap.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH)")
+    ap.add_argument("--out", help="JSON path (default: $OUT/vram_cards.json, else bench/results/vram_cards.json)")
+    args = ap.parse_args(argv)
+    start = time.perf_counter()
+    import_comfyui(args.comfyui, args.dynamic_vram)
+    card = Card(args.dynamic_vram)
+    cells = []
+    if args.whole_gpu:
+        for dtype in args.weights:
+            cells += [(None, dtype, 8192, mode) for mode in ("floor", "ultragen", "ultragen-whole-blocks")]
+        cells += [(None, "bf16", p, "ultragen") for p in (12288, 16384)]
+    cells = [(None, args.weights[0], 1024, "ultragen")] + cells  # warm-up: Triton compiles its kernels
+    cells += plan([int(c) if c == int(c) else c for c in args.cards], args.sizes, args.weights, args.big)
+    models = {}
+    rows = []
+    result = {**run_info(), "dynamic_vram": args.dynamic_vram, "context_gib": CONTEXT_GIB, "rows": rows}
+    for gib, dtype, pixels, mode in cells:
+        if time.perf_counter() - start > args.budget_s:
+            rows.append({"card_gib": gib, "weights": dtype, "pixels": pixels, "mode": mode, "status": "not run"})
+            continue
+        if dtype not in models:
+            t0 = time.perf_counter()
+            models[dtype] = build(dtype)
+            print(f"built FLUX.1-dev ({dtype}) on the CPU in {time.perf_counter() - t0:.0f} s", flush=True)
+        rows.append(cell(card, models[dtype], gib, dtype, pixels, mode))
+        write_json("vram_cards", result, args.out)
+    card.set(None)
+    print_table(rows)
+
+
+def print_table(rows: list[dict]) -> None:
+    def show(r):
+        if r is None:
+            return "–"
+        if r["status"] != "runs":
+            return r["status"]
+        return f"{r['s']:.1f} s, {r['peak_gib']:.1f} GiB"
+
+    index = {(r["card_gib"], r["weights"], r["pixels"], r["mode"]): r for r in rows}
+    print("\n| card | weights | size | ComfyUI dense | UltraGen | UltraGen activations |")
+    print("|---|---|---|---|---|---|")
+    for (gib, dtype, pixels, mode), r in index.items():
+        if mode != "ultragen" or (gib is None and pixels == 1024):
+            continue
+        dense = index.get((gib, dtype, pixels, "dense"))
+        act = f"{r['activations_u']:.1f} U of {r['u_gib']:.2f} GiB" if r["status"] == "runs" else ""
+        card = "whole GPU" if gib is None else f"{gib} GB"
+        print(f"| {card} | {dtype} | {pixels}² | {show(dense)} | {show(r)} | {act} |")
+    for dtype in ("bf16", "fp8"):
+        whole, floor_, chunked = (index.get((None, dtype, 8192, m)) for m in ("ultragen-whole-blocks", "floor",
+                                                                             "ultragen"))  # fmt: skip
+        if chunked and floor_ and chunked["status"] == floor_["status"] == "runs":
+            print(f"8192² {dtype}, whole GPU: chunked {chunked['s']:.2f} s = {chunked['s'] / floor_['s']:.2f}x the "
+                  f"floor ({floor_['s']:.2f} s)" + (f"; whole blocks {whole['s']:.2f} s" if whole and
+                                                    whole["status"] == "runs" else ""))  # fmt: skip
+        small = index.get((24, dtype, 8192, "ultragen"))
+        if small and chunked and small["status"] == chunked["status"] == "runs":
+            print(f"8192² {dtype}: 24 GB card {small['s']:.2f} s = {small['s'] / chunked['s']:.2f}x the whole GPU")
+
+
+if __name__ == "__main__":
+    main()
