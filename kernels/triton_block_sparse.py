@@ -99,10 +99,11 @@ if triton is not None:
         h = (bh % num_heads).to(tl.int64)
 
         offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = offs_m.to(tl.int64)  # row offsets: q and out may be views of a (B, L, 3, H, D) buffer (2^31+)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, HEAD_DIM)
         q = tl.load(
-            Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+            Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
             mask=offs_m[:, None] < q_len,
             other=0.0,
         )
@@ -148,7 +149,7 @@ if triton is not None:
         l_i = tl.where(l_i == 0.0, 1.0, l_i)  # rows past q_len only; never stored
         out = acc / l_i[:, None]
         tl.store(
-            Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+            Out + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
             out.to(Out.dtype.element_ty),
             mask=offs_m[:, None] < q_len,
         )
@@ -206,6 +207,12 @@ def _tma_descriptor(x: torch.Tensor, block_n: int):
     return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_n, x.shape[-1]])
 
 
+def attention_grid(q_blocks: int, batch: int, heads: int) -> tuple[int, int]:
+    """(query blocks, batch x heads): the query blocks on axis 0, whose limit is 2^31 - 1 programs (axes 1 and 2
+    stop at 65,535; 32768^2 has 4.2 M image tokens, 32,768 blocks of 128)."""
+    return (q_blocks, batch * heads)
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -233,7 +240,7 @@ def block_sparse_attention(
         raise ValueError(f"the Triton backend needs a power-of-two head_dim >= 16, got {head_dim}")
     k_desc = _tma_descriptor(k, schedule.block_n) if kv_tma else None
     v_desc = _tma_descriptor(v, schedule.block_n) if kv_tma else None
-    grid = (schedule.num_q_blocks, batch * heads)
+    grid = attention_grid(schedule.num_q_blocks, batch, heads)
     compiled = _block_sparse_fwd[grid](
         q, k if k_desc is None else k_desc, v if v_desc is None else v_desc, out,
         schedule.full_ptr, _nonempty(schedule.full_idx), schedule.part_ptr, _nonempty(schedule.part_idx),
