@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import comfy.ldm.flux.layers
 import comfy.model_management
 import torch
+import torch.nn.functional as F
 
 from ..core.guidance_lora import LoRALayer
 from ..kernels.gelu import gelu_tanh_
@@ -134,6 +135,24 @@ class BlockLinear:
         _add_lora(out, x, self.lora, self.strength, guidance_row, self.first_output)
         return out
 
+    def of_joined(self, parts: tuple[torch.Tensor, ...], guidance_row: int) -> torch.Tensor:
+        """The layer applied to ``torch.cat(parts, -1)`` without building it: one GEMM per part over its columns
+        of the weight (the single block's linear2 over attention output and MLP state; a strided attention
+        slice makes ``cat`` a slow copy of five widths per token)."""
+        if self.layer.taken is None:
+            return self(torch.cat(parts, -1), guidance_row)
+        weight, bias = self.layer.taken
+        out, start = None, 0
+        for part in parts:
+            columns = weight[:, start : start + part.shape[-1]]
+            start += part.shape[-1]
+            out = F.linear(part, columns, bias) if out is None else out.add_(F.linear(part, columns))
+        if self.lora is not None and guidance_row < out.shape[1]:
+            rows = max(guidance_row, 0)
+            joined = torch.cat([p[:, rows:] for p in parts], -1)
+            _add_lora(out[:, rows:], joined, self.lora, self.strength, 0, self.first_output)
+        return out
+
 
 @dataclass(frozen=True)
 class BlockContext:
@@ -230,10 +249,8 @@ def single_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
         e = min(s + chunk, length)
         rows, here = x[:, s:e], guidance_from - s
         mlp = _activate(act, mlp_in(_modulated(block.pre_norm, rows, mod), here))
-        joined = torch.cat((qkv[:, s:e, 0].flatten(2), mlp), 2)
+        rows += out_layer.of_joined((qkv[:, s:e, 0].flatten(2), mlp), here) * mod.gate
         del mlp
-        rows += out_layer(joined, here) * mod.gate
-        del joined
     del qkv
     if x.dtype == torch.float16:
         x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
