@@ -218,8 +218,11 @@ def cell(card: Card, base, gib, dtype: str, pixels: int, mode: str) -> dict:
         row.update(status="runs", **{k: round(v, 3) for k, v in seen.items()})
         row["activations_u"] = round((seen["peak_gib"] - seen["before_gib"]) / u, 2)
     except torch.OutOfMemoryError as exc:
+        import comfy.model_management as mm
+
         frame = traceback.extract_tb(exc.__traceback__)[-1]
         row.update(status="OOM", where=f"{frame.filename.split('/')[-1]}:{frame.lineno} {frame.line}")
+        row["weights_gib"] = round(sum(m.model_loaded_memory() for m in mm.current_loaded_models) / 2**30, 3)
     except Exception as exc:  # noqa: BLE001 - a benchmark records every failure and goes on
         row.update(status="error", where=f"{type(exc).__name__}: {exc}"[:300])
     row["u_gib"] = round(u, 3)
@@ -236,7 +239,7 @@ def _line(r: dict) -> str:
             f"activations {r['activations_u']:.1f} U")  # fmt: skip
 
 
-def plan(cards, sizes, dtypes, big) -> list[tuple]:
+def plan(cards, sizes, dtypes, big, big_sizes) -> list[tuple]:
     cells = []
     for gib in cards:
         for dtype in dtypes:
@@ -245,7 +248,7 @@ def plan(cards, sizes, dtypes, big) -> list[tuple]:
                     cells.append((gib, dtype, pixels, "dense"))
                 cells.append((gib, dtype, pixels, "ultragen"))
     for gib in big:
-        for pixels in (12288, 16384):
+        for pixels in big_sizes:
             cells.append((gib, "bf16", pixels, "ultragen"))
     return cells
 
@@ -256,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
     ap.add_argument("--weights", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"])
     ap.add_argument("--big", type=float, nargs="*", default=[80], help="cards that also run 12288² and 16384²")
+    ap.add_argument("--big-sizes", type=int, nargs="+", default=[12288, 16384])
     ap.add_argument("--whole-gpu", action="store_true", help="also the unconstrained GPU: UltraGen, its whole-block "
                     "version and the floor at 8192², and 12288² / 16384²")  # fmt: skip
     ap.add_argument("--dynamic-vram", action="store_true", help="ComfyUI 0.29's DynamicVRAM, as its main.py enables it")
@@ -275,7 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     # each size are built (then cached), which the timed cells would otherwise pay the first time. (12288^2 and
     # 16384^2 are warmed by their whole-GPU cells, which therefore include that.)
     cells = [(None, args.weights[0], p, "warm-up") for p in sorted(args.sizes)] + cells
-    cells += plan([int(c) if c == int(c) else c for c in args.cards], args.sizes, args.weights, args.big)
+    cards = [int(c) if c == int(c) else c for c in args.cards]
+    cells += plan(cards, args.sizes, args.weights, args.big, args.big_sizes)
     models = {}
     rows = []
     result = {**run_info(), "dynamic_vram": args.dynamic_vram, "context_gib": CONTEXT_GIB, "rows": rows}

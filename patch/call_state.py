@@ -36,6 +36,7 @@ class CallState:
     guidance_ids: torch.Tensor | None = None  # (n_guid, 3) float32, sequence order
     npa_offset: tuple[int, int] = (0, 0)
     rotary_table: torch.Tensor | None = None  # (B, 1, L, D / 2, 2, 2): RoPE for this call's sequence
+    qkv_buffer: torch.Tensor | None = None  # (B, L, 3, H, D): the chunked blocks' q, k, v, reused by every block
     layout: Layout | None = None  # the attention layout, built by the first block's attention
     guidance_rows_override: int | None = None  # set by a chunked block around a layer's per-slice forward
     embedding_guidance: bool = False  # True while img_in embeds the guidance tokens (a training LoRA reads it)

@@ -14,7 +14,7 @@ projection, MLP, residual adds) acts on each token alone. So a block here
 3. finishes the block a slice at a time: output projection, MLP, residual adds into the
    block's input (which the block owns, as ComfyUI's own blocks add into it in place).
 
-Peak: the input (1U) + q, k, v (3U) + one slice's temporaries. The arithmetic is ComfyUI's,
+Peak: the input (1U) + q, k, v (3U, one buffer per model call) + one slice's temporaries. The arithmetic is ComfyUI's,
 from the block's own modules (so user LoRAs, fp8 and streamed weights work; see
 ``layer_weights.py``); float32 results equal ComfyUI's blocks to rounding.
 
@@ -38,30 +38,32 @@ import torch.nn.functional as F
 from ..core.guidance_lora import LoRALayer
 from ..kernels.gelu import gelu_tanh_
 from ..kernels.rope import apply_rope
-from .call_state import CallState
+from .call_state import CallState, HandOver
 from .inplace_gelu import InPlaceGELU
 from .layer_weights import TakenLinear
 
-MAX_CHUNK_TOKENS = 16384  # big enough that the GEMMs run at full speed; ~1.6 GB of temporaries at FLUX.1's width
+MAX_CHUNK_TOKENS = 16384  # big enough that the GEMMs run at full speed; ~1.5 GiB of temporaries at FLUX.1's width
 MIN_CHUNK_TOKENS = 256
+MIN_SLICES = 12  # a slice's temporaries stay near 1.3U at any size (at 4096^2 a 16384-token slice alone was 3.7U)
 # Widths of ``hidden`` one token of a slice needs at most: the single block's second half holds the
-# norm, its modulation, the MLP input (4), the concatenation (5), the output and its gated copy (13).
+# norm, its modulation, the MLP state (4), the output projection's two parts and the gated output.
 SLICE_WIDTHS = 16
 
 
-def chunk_tokens(batch: int, hidden: int, element_size: int, free_bytes: int | None) -> int:
-    """Tokens per slice: :data:`MAX_CHUNK_TOKENS`, fewer when a slice's temporaries would take more than half
-    of ``free_bytes`` (None: no limit), in multiples of 256 so that the GEMMs keep their tiles."""
-    tokens = MAX_CHUNK_TOKENS
+def chunk_tokens(length: int, batch: int, hidden: int, element_size: int, free_bytes: int | None) -> int:
+    """Tokens per slice of a ``length``-token sequence: a twelfth of it, at most :data:`MAX_CHUNK_TOKENS`, fewer
+    when a slice's temporaries would take more than half of ``free_bytes`` (None: no limit); a multiple of 256
+    (GEMM tiles) unless the sequence is shorter."""
+    tokens = min(MAX_CHUNK_TOKENS, -(-length // MIN_SLICES // 256) * 256)
     if free_bytes is not None:
         per_token = SLICE_WIDTHS * hidden * element_size * batch
         tokens = min(tokens, max(MIN_CHUNK_TOKENS, free_bytes // 2 // per_token // 256 * 256))
-    return max(1, tokens)
+    return max(1, min(tokens, length))
 
 
-def _chunk_for(x: torch.Tensor, hidden: int) -> int:
+def _chunk_for(x: torch.Tensor, length: int, hidden: int) -> int:
     free = comfy.model_management.get_free_memory(x.device) if x.device.type == "cuda" else None
-    return chunk_tokens(x.shape[0], hidden, x.element_size(), free)
+    return chunk_tokens(length, x.shape[0], hidden, x.element_size(), free)
 
 
 def fallback_reason(args: dict, call: CallState | None) -> str | None:
@@ -182,6 +184,18 @@ def _write_qkv(qkv: torch.Tensor, offset: int, x: torch.Tensor, norm, mod, attn,
         qkv[:, rows, 0], qkv[:, rows, 1], qkv[:, rows, 2] = q, k, v
 
 
+def _qkv_buffer(call: CallState, like: torch.Tensor, length: int, heads: int, dim: int) -> torch.Tensor:
+    """The (B, L, 3, H, D) buffer of this model call, allocated by its first block and reused by all 57: a
+    3U allocation freed and requested again between the weights a partially loaded model casts per layer
+    would fragment the memory it needs (and gets) back."""
+    shape = (like.shape[0], length, 3, heads, dim)
+    buf = call.qkv_buffer
+    if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+        call.qkv_buffer = buf = None  # free the old one before allocating
+        call.qkv_buffer = buf = like.new_empty(shape)
+    return buf
+
+
 def _attend(qkv: torch.Tensor, ctx: BlockContext) -> None:
     q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))  # (B, H, L, D) views
     ctx.attend(q, k, v, ctx.call)
@@ -192,12 +206,12 @@ def double_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
     img, txt, vec = args["img"], args["txt"], args["vec"]
     img_mod1, img_mod2 = block.img_mod(vec)
     txt_mod1, txt_mod2 = block.txt_mod(vec)
-    batch, n_txt = img.shape[0], txt.shape[1]
+    n_txt = txt.shape[1]
     heads, hidden = block.num_heads, block.hidden_size
-    chunk = _chunk_for(img, hidden)
+    chunk = _chunk_for(img, n_txt + img.shape[1], hidden)
     table = ctx.call.rotary_table if ctx.call.rotary_table is not None else args.get("pe")
     n_guid = ctx.call.n_guid
-    qkv = img.new_empty(batch, n_txt + img.shape[1], 3, heads, hidden // heads)
+    qkv = _qkv_buffer(ctx.call, img, n_txt + img.shape[1], heads, hidden // heads)
     streams = (  # (tokens, first row in the sequence, module prefix, LoRA path prefix, first guidance row)
         (txt, 0, "txt", None, txt.shape[1]),
         (img, n_txt, "img", f"{prefix}.img", img.shape[1] - n_guid),
@@ -221,10 +235,9 @@ def double_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
             hidden_state = _activate(mlp[1], up(_modulated(norm2, rows, mod2), here))
             rows += down(hidden_state, here) * mod2.gate
             del hidden_state
-    del qkv
     if txt.dtype == torch.float16:
         txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
-    return {"img": img, "txt": txt}
+    return HandOver(img=img, txt=txt)  # forward_orig keeps the dict through the next block: no stale 1U there
 
 
 def single_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
@@ -232,13 +245,13 @@ def single_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
     attention and its MLP part after (the same products, split by output rows)."""
     x, vec = args["img"], args["vec"]
     mod, _ = block.modulation(vec)
-    batch, length = x.shape[0], x.shape[1]
+    length = x.shape[1]
     heads, hidden = block.num_heads, block.hidden_size
-    chunk = _chunk_for(x, hidden)
+    chunk = _chunk_for(x, length, hidden)
     table = ctx.call.rotary_table if ctx.call.rotary_table is not None else args.get("pe")
     guidance_from = length - ctx.call.n_guid
     split = 3 * hidden
-    qkv = x.new_empty(batch, length, 3, heads, hidden // heads)
+    qkv = _qkv_buffer(ctx.call, x, length, heads, hidden // heads)
     qkv_layer = BlockLinear(block.linear1, x, ctx, f"{prefix}.linear1", slice(0, split))
     _write_qkv(qkv, 0, x, block.pre_norm, mod, block, table, chunk, guidance_from, qkv_layer)
     _attend(qkv, ctx)
@@ -251,10 +264,9 @@ def single_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
         mlp = _activate(act, mlp_in(_modulated(block.pre_norm, rows, mod), here))
         rows += out_layer.of_joined((qkv[:, s:e, 0].flatten(2), mlp), here) * mod.gate
         del mlp
-    del qkv
     if x.dtype == torch.float16:
         x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)
-    return {"img": x}
+    return HandOver(img=x)
 
 
 def flux1_blocks(diffusion_model) -> bool:

@@ -19,13 +19,15 @@ import torch
 
 # A chunked FLUX step (chunked_blocks.py) holds a block's input (1U) and q, k, v (3U) through attention,
 # plus the rotary table (U/6), one slice's temporaries and the weights of the layer in use, where U is
-# tokens x hidden x the compute dtype's size. bench/vram_cards.py measures the step's peak above what was
-# allocated when it began at 4.3-4.6 U from 2048^2 to 16384^2 (H200, ComfyUI 0.3.64 and 0.29, 2026-12-01).
-# The estimate keeps 6 U (the margin covers allocator fragmentation), a whole slice, and room for the
-# layer weights a partially loaded model casts (the chunked blocks hold two of FLUX.1's largest at once,
-# ComfyUI's cast buffers two more: 4 x 94 MB in bf16). ComfyUI keeps this much free when it decides how
-# many weights to load: an underestimate loads too many and the step runs out of memory.
-ACTIVATION_UNITS = 6
+# tokens x hidden x the compute dtype's size. bench/vram_cards.py measured the step's peak above what was
+# allocated when it began (H200, whole GPU, ComfyUI 0.29, 2026-12-01, slices of 16384 tokens): 5.8 U at
+# 8192^2, 5.5 U at 12288^2, 5.4 U at 16384^2, one of those U a stale reference in ComfyUI's forward_orig
+# since removed (the blocks hand their outputs over). On emulated 24 GB cards without DynamicVRAM, 8192^2
+# still ran out of memory allocating q, k, v with 6 U here (what else was held is not yet measured), so the
+# estimate keeps 7 U, a whole slice, and room for the layer weights a partially loaded model casts (the
+# chunked blocks hold two of FLUX.1's largest at once, ComfyUI's cast buffers two more: 4 x 94 MB in bf16).
+# ComfyUI keeps this much free when it decides how many weights to load: an underestimate loads too many.
+ACTIVATION_UNITS = 7
 CAST_WEIGHT_BYTES = 512 * 2**20
 
 def constant_shift_sampling(model_config, mu: float):
@@ -52,7 +54,7 @@ def constant_shift_sigmas(steps: int, mu: float = 1.15, scheduler: str = "simple
 
 def windowed_memory_estimate(base_model, input_shape, extra_tokens: int = 0) -> float:
     """Bytes a patched FLUX step needs beyond its weights, for a latent batch of ``input_shape`` (B, C, H, W)."""
-    from .chunked_blocks import MAX_CHUNK_TOKENS, SLICE_WIDTHS
+    from .chunked_blocks import SLICE_WIDTHS, chunk_tokens
 
     dm = base_model.diffusion_model
     patch = dm.patch_size
@@ -61,7 +63,8 @@ def windowed_memory_estimate(base_model, input_shape, extra_tokens: int = 0) -> 
     element = torch.finfo(dtype).bits // 8
     batch = input_shape[0]
     activations = ACTIVATION_UNITS * batch * tokens * dm.hidden_size * element
-    one_slice = SLICE_WIDTHS * batch * min(tokens, MAX_CHUNK_TOKENS) * dm.hidden_size * element
+    slice_tokens = chunk_tokens(tokens, batch, dm.hidden_size, element, None)
+    one_slice = SLICE_WIDTHS * batch * slice_tokens * dm.hidden_size * element
     return activations + one_slice + CAST_WEIGHT_BYTES
 
 def memory_estimate_wrapper(extra_tokens_of):

@@ -203,11 +203,37 @@ def test_fallback_reasons():
 
 
 def test_slice_size_by_hand():
-    from ultragen.patch.chunked_blocks import MAX_CHUNK_TOKENS, MIN_CHUNK_TOKENS, SLICE_WIDTHS, chunk_tokens
+    from ultragen.patch.chunked_blocks import MIN_CHUNK_TOKENS, SLICE_WIDTHS, chunk_tokens
 
-    assert chunk_tokens(1, 3072, 2, None) == MAX_CHUNK_TOKENS == 16384
+    eight_k, four_k = 278528 + 512, 65536 + 512 + 4096  # image + text + guidance tokens (4096^2: 4096 guidance)
+    assert chunk_tokens(eight_k, 1, 3072, 2, None) == 16384  # a twelfth (23,254) capped at 16,384
+    assert chunk_tokens(four_k, 1, 3072, 2, None) == 5888  # 70,144 / 12 = 5,846, up to 23 x 256
+    assert chunk_tokens(100, 1, 3072, 2, None) == 100  # a short sequence is one slice
     per_token = SLICE_WIDTHS * 3072 * 2  # 98,304 bytes: 16 hidden widths in bf16
-    assert chunk_tokens(1, 3072, 2, 2 * 16384 * per_token) == 16384  # half the free memory holds a full slice
-    assert chunk_tokens(1, 3072, 2, 2 * 5000 * per_token) == 4864  # 5000 tokens, down to a multiple of 256
-    assert chunk_tokens(2, 3072, 2, 2 * 5000 * per_token) == 2304  # batch 2: 2500 -> 2304
-    assert chunk_tokens(1, 3072, 2, 10) == MIN_CHUNK_TOKENS  # never below 256 tokens
+    assert chunk_tokens(eight_k, 1, 3072, 2, 2 * 16384 * per_token) == 16384  # half the free memory holds it
+    assert chunk_tokens(eight_k, 1, 3072, 2, 2 * 5000 * per_token) == 4864  # 5000 tokens fit: 19 x 256
+    assert chunk_tokens(eight_k, 2, 3072, 2, 2 * 5000 * per_token) == 2304  # batch 2: 2500 -> 9 x 256
+    assert chunk_tokens(eight_k, 1, 3072, 2, 10) == MIN_CHUNK_TOKENS  # never below 256 tokens
+
+
+def test_one_qkv_buffer_per_model_call(flux, slices, monkeypatch):
+    """Every block of a call writes q, k, v into the same buffer (a 3U allocation made once, not 57 times
+    between the weights a partially loaded model casts); the next call makes its own."""
+    import ultragen.patch.chunked_blocks as chunked_blocks
+
+    from comfy_flux import denoise
+
+    slices(5)
+    seen = []
+    original = chunked_blocks._qkv_buffer
+
+    def recording(*args, **kwargs):
+        buf = original(*args, **kwargs)
+        seen.append((buf.data_ptr(), tuple(buf.shape)))
+        return buf
+
+    monkeypatch.setattr(chunked_blocks, "_qkv_buffer", recording)
+    x, ctx, y = inputs(h=16, w=20, text=7)
+    model = patched(flux, window=2)
+    denoise(model, x, 0.6, ctx, y)
+    assert len(seen) == 4 and len(set(seen)) == 1 and seen[0][1] == (1, 7 + 80, 3, 2, 48)
