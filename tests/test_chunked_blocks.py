@@ -237,3 +237,28 @@ def test_one_qkv_buffer_per_model_call(flux, slices, monkeypatch):
     model = patched(flux, window=2)
     denoise(model, x, 0.6, ctx, y)
     assert len(seen) == 4 and len(set(seen)) == 1 and seen[0][1] == (1, 7 + 80, 3, 2, 48)
+
+
+def test_style_lora_weight_patches_change_the_output_as_without_the_patch(flux, slices):
+    """A user's LoRA (ComfyUI weight patches on block layers) applies inside the chunked blocks exactly as in
+    ComfyUI's own: identity options, with and without the style patch, against the unpatched model."""
+    from comfy_flux import denoise
+
+    slices(5)
+    g = torch.Generator().manual_seed(9)
+    style = {
+        "diffusion_model.double_blocks.1.img_mlp.0.weight": (torch.randn(384, 96, generator=g) * 0.05,),
+        "diffusion_model.single_blocks.0.linear2.weight": (torch.randn(96, 480, generator=g) * 0.05,),
+    }
+
+    def with_style(m):
+        m = m.clone()
+        m.add_patches(style, 0.8)
+        return m
+
+    x, ctx, y = inputs(h=16, w=20)
+    ref = denoise(with_style(flux), x, 0.6, ctx, y)
+    out = denoise(with_style(patched(flux, **IDENTITY)), x, 0.6, ctx, y)
+    plain = denoise(patched(flux, **IDENTITY), x, 0.6, ctx, y)
+    assert (out - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    assert (out - plain).abs().max().item() > 1e-3
