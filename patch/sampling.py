@@ -23,9 +23,10 @@ import torch
 # allocated when it began (H200, whole GPU, ComfyUI 0.29, 2026-12-01, slices of 16384 tokens): 5.8 U at
 # 8192^2, 5.5 U at 12288^2, 5.4 U at 16384^2, one of those U a stale reference in ComfyUI's forward_orig
 # since removed (the blocks hand their outputs over). On emulated 24 GB cards without DynamicVRAM, 8192^2
-# still ran out of memory allocating q, k, v with 6 U here (what else was held is not yet measured), so the
-# estimate keeps 7 U, a whole slice, and room for the layer weights a partially loaded model casts (the
-# chunked blocks hold two of FLUX.1's largest at once, ComfyUI's cast buffers two more: 4 x 94 MB in bf16).
+# ran out of memory allocating the first single block's q, k, v with 6 U here (the double blocks' freed
+# buffer split by ComfyUI's concatenation; one buffer per call since), so the estimate keeps 7 U, a whole
+# slice, and room for the layer weights a partially loaded model casts (the chunked blocks hold two of
+# FLUX.1's largest at once, ComfyUI's cast buffers two more: 4 x 94 MB in bf16).
 # ComfyUI keeps this much free when it decides how many weights to load: an underestimate loads too many.
 ACTIVATION_UNITS = 7
 CAST_WEIGHT_BYTES = 512 * 2**20
