@@ -24,8 +24,9 @@ class UltraGenAttentionPatch(io.ComfyNode):
                 "Makes FLUX fast and coherent at 2K-8K: every 256-px window attends to its neighbours, the prompt "
                 "and the matching part of a low-res guidance copy of the image (which itself sees the whole "
                 "picture), instead of to every other pixel. Connect the "
-                "guidance from Low-Res Guidance Encode. The model is patched in place; other LoRAs and patches "
-                "keep working."
+                "guidance from Low-Res Guidance Encode. Each block also runs a slice of the image at a time, so "
+                "8K fits a 24 GB card (ComfyUI 0.29's DynamicVRAM) and 4K a 12 GB one (fp8). The model is patched "
+                "in place; other LoRAs and patches keep working."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="A FLUX.1 model (dev, schnell or Kontext)."),
