@@ -224,7 +224,7 @@ def _predicate(layout: Layout, device: torch.device):
     return allowed
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=64)  # a run's NPA offsets (16) x CFG text lengths x backends' tiles
 def _schedule(layout: Layout, block_m: int, block_n: int, device: torch.device) -> BlockSchedule:
     n = layout.seq_len
     classify = tile_classifier(_token_table(layout, device), layout.rules, block_m, block_n)

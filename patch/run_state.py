@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Hashable
 from typing import TypeVar
 
+from ..core import cached
 from .options import Guidance
 
 log = logging.getLogger("UltraGen")
@@ -43,5 +44,7 @@ class PatchRun:
             log.warning(message)
 
     def close(self) -> None:
-        """Drop everything built (tensors on the GPU included)."""
+        """Drop everything built (tensors on the GPU included), and the layout tables and tile schedules the
+        run's attention cached (``core.cached``)."""
         self._built.clear()
+        cached.release()

@@ -84,6 +84,33 @@ def test_a_run_builds_once_lives_in_the_samplers_options_and_is_dropped(flux):
     assert RUN_KEY not in model.model_options["transformer_options"]  # none stays on the clone
 
 
+def test_layout_tables_and_schedules_are_released_when_the_run_ends(flux):
+    """Attention's cached token tables, orders and tile schedules live on the model's device: a sampling run
+    leaves none behind (they would sit out of reach of ComfyUI's unloading); a call outside a sampler keeps them."""
+    from ultragen.core import cached
+
+    from comfy_flux import conditioning, denoise, ksampler
+
+    cached.release()
+    seen = []
+
+    def record(executor, *args, **kwargs):
+        out = executor(*args, **kwargs)
+        seen.append(cached.cached_entries())
+        return out
+
+    import comfy.patcher_extension as pe
+
+    model = guided(flux, mode="npa", npa_patch=4, npa_window=8)
+    model.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "test", record)
+    ksampler(model, torch.zeros(1, 16, 24, 20), conditioning(6, 1), conditioning(6, 2), steps=3)
+    assert min(seen) > 0  # built and reused during the run
+    assert cached.cached_entries() == 0  # released at its end
+    x = torch.zeros(1, 16, 24, 20)
+    denoise(guided(flux), x, 0.5, conditioning(6, 1)[0][0], conditioning(6, 1)[0][1]["pooled_output"])
+    assert cached.cached_entries() > 0  # no run to end: kept for the next call
+
+
 def test_npa_offsets_follow_the_seed_and_step_only():
     from ultragen.patch import PatchOptions
     from ultragen.patch.planning import npa_offset
