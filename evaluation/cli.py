@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         results = evaluate(
             files, prompts, reference, features, clip, patch_size=args.patch_size,
             patches_per_image=args.patches_per_image, kid_subset=args.kid_subset, batch=args.batch, seed=args.seed,
+            device=args.device,
         )  # fmt: skip
     except EvaluationError as exc:
         raise SystemExit(f"ultragen-evaluate: {exc}") from exc

@@ -150,18 +150,20 @@ class LocalCLIP:
 
 # -- the metrics ------------------------------------------------------------------------------
 def _distances(features: torch.nn.Module, generated: Iterable[torch.Tensor], real: Iterable[torch.Tensor],
-               kid_subset: int) -> dict[str, float]:  # fmt: skip
+               counts: tuple[int, int], kid_subset: int, device: torch.device | str) -> dict[str, float]:  # fmt: skip
+    """FID and KID of batches streamed in (never all held: 10K images x 10 patches are ~27 GB of crops);
+    ``counts``: how many images each side will yield (KID's subset size must be set before)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
-    gen, ref = list(generated), list(real)
-    fid = FrechetInceptionDistance(feature=features, input_img_size=(3, INCEPTION_SIZE, INCEPTION_SIZE))
-    subset = min(kid_subset, sum(len(b) for b in gen), sum(len(b) for b in ref))
+    subset = min(kid_subset, *counts)
     if subset < 2:
         raise EvaluationError("KID needs at least 2 generated and 2 reference images (or patches)")
-    kid = KernelInceptionDistance(feature=features, subset_size=subset)
-    for batches, is_real in ((gen, False), (ref, True)):
+    fid = FrechetInceptionDistance(feature=features, input_img_size=(3, INCEPTION_SIZE, INCEPTION_SIZE)).to(device)
+    kid = KernelInceptionDistance(feature=features, subset_size=subset).to(device)
+    for batches, is_real in ((generated, False), (real, True)):
         for b in batches:
+            b = b.to(device)
             fid.update(b, real=is_real)
             kid.update(b, real=is_real)
     kid_mean, _ = kid.compute()
@@ -180,8 +182,10 @@ def evaluate(
     batch: int = 16,
     seed: int = 0,
     progress: Callable[[Iterable], Iterable] = iter,
+    device: torch.device | str = "cpu",
 ) -> dict[str, float]:
-    """The metrics that the given networks allow: clip_score, fid, kid, patch_fid, patch_kid."""
+    """The metrics that the given networks allow: clip_score, fid, kid, patch_fid, patch_kid (the feature
+    network runs on ``device``; images are read a batch at a time)."""
     results: dict[str, float] = {}
     if clip is not None:
         if prompts is None or len(prompts) != len(generated):
@@ -202,8 +206,10 @@ def evaluate(
             for p in files:
                 yield resized(random_crops(read_image(p), patch_size, patches_per_image, gen))
 
-        results.update(_distances(features, whole(generated), whole(reference), kid_subset))
+        counts = (len(generated), len(reference))
+        results.update(_distances(features, whole(generated), whole(reference), counts, kid_subset, device))
         g = torch.Generator().manual_seed(seed)
-        patch = _distances(features, patches(generated, g), patches(reference, g), kid_subset)
+        counts = (len(generated) * patches_per_image, len(reference) * patches_per_image)
+        patch = _distances(features, patches(generated, g), patches(reference, g), counts, kid_subset, device)
         results.update({f"patch_{k}": v for k, v in patch.items()})
     return results

@@ -113,6 +113,29 @@ def test_fid_kid_and_patch_versions(tmp_path):
     assert far["fid"] > 1e-3 and far["patch_fid"] > 1e-3 and far["kid"] > same["kid"]
 
 
+def test_fid_kid_stream_their_batches(tmp_path):
+    """Each batch reaches the feature network before the next is read (no list of all crops), with the
+    same result as the batches given whole."""
+    from ultragen.evaluation.metrics import _distances
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (3, 3, 299, 299), generator=g, dtype=torch.uint8) for _ in range(4)]
+    features = TinyFeatures()
+    calls = []
+    features.register_forward_hook(lambda *_: calls.append(1))
+    read = []
+
+    def stream(part):
+        for b in part:
+            assert len(calls) >= 2 * len(read)  # FID and KID saw the previous batch already
+            read.append(b)
+            yield b
+
+    streamed = _distances(features, stream(batches[:2]), stream(batches[2:]), (6, 6), 4, "cpu")
+    whole = _distances(TinyFeatures(), batches[:2], batches[2:], (6, 6), 4, "cpu")
+    assert streamed["fid"] == pytest.approx(whole["fid"], rel=1e-6) and len(read) == 4
+
+
 def test_random_crops_are_windows_of_the_image():
     image = torch.arange(3 * 20 * 30, dtype=torch.int64).view(3, 20, 30).to(torch.uint8)
     crops = random_crops(image, 8, 5, torch.Generator().manual_seed(0))
