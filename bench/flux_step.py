@@ -32,7 +32,7 @@ TARGETS = {4096: 1.3, 8192: 1.4}  # patched step / floor
 
 def build_flux_dev():
     """FLUX.1-dev built by ComfyUI on the GPU, bf16, weights N(0, 0.02)."""
-    from ultragen.patch.random_models import FLUX_DEV, flux_model
+    from random_models import FLUX_DEV, flux_model
 
     return flux_model(FLUX_DEV, dtype=torch.bfloat16, std=0.02, device=torch.device("cuda"), load_device="cuda")
 

@@ -1,7 +1,9 @@
 """What every benchmark records about its run, and where it writes its JSON.
 
 Results go to ``$OUT/<name>.json`` on the lent GPU machines (whose files come back from
-there), else to ``bench/results/<name>.json``.
+there), else to ``bench/results/<name>.json``. Importing this also makes the tests' helpers
+importable (``random_models``: FLUX-architecture models with random weights, built by ComfyUI),
+which live with the tests, outside the installed package.
 """
 
 from __future__ import annotations
@@ -9,9 +11,12 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def comfyui_on_gpu(script: str, explicit: str | None = None) -> None:

@@ -44,9 +44,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     comfyui_on_gpu("train.py")
 
-    from ultragen.patch.random_models import FLUX_DEV, flux_model
     from ultragen.training.dataset import CachedDataset
     from ultragen.training.trainer import GuidanceLoRATrainer, TrainSettings
+
+    from random_models import FLUX_DEV, flux_model
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

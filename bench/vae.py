@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     import comfy.model_management as mm
 
     from ultragen.patch.exact_vae import exact_decode, exact_encode
-    from ultragen.patch.random_models import flux_vae
+
+    from random_models import flux_vae
 
     vae = flux_vae(seed=0)
     mm.load_models_gpu([vae.patcher])

@@ -118,7 +118,7 @@ def build(dtype_name: str):
     import comfy.model_patcher
     import comfy.supported_models
 
-    from ultragen.patch.random_models import FLUX_DEV
+    from random_models import FLUX_DEV
 
     config = dict(FLUX_DEV)
     import comfy.ldm.flux.model

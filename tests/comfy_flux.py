@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from ultragen.patch.model_call import denoise
-from ultragen.patch.random_models import flux_vae, tiny_flux
+
+from random_models import flux_vae, tiny_flux
 
 __all__ = ["denoise", "flux_vae", "tiny_flux"]
 

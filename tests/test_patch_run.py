@@ -152,7 +152,8 @@ def test_only_flux1_is_patched(flux):
     import comfy.supported_models
 
     from ultragen.patch.options import UltraGenPatchError
-    from ultragen.patch.random_models import TINY_FLUX, flux_model
+
+    from random_models import TINY_FLUX, flux_model
 
     guided(flux)  # FLUX.1
     others = {
