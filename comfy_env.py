@@ -13,10 +13,12 @@ import os
 import sys
 from pathlib import Path
 
+from .errors import UltraGenError
+
 PACK_ROOT = Path(__file__).resolve().parent
 
 
-class ComfyUINotUsable(ImportError):
+class ComfyUINotUsable(UltraGenError, ImportError):
     """A ComfyUI was found but cannot be imported in this Python; the message says what to install."""
 
 

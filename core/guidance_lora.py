@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UltraGenError
+
 GUIDANCE_LAYERS = (
     r"img_in",
     r"double_blocks\.\d+\.img_attn\.qkv",
@@ -36,7 +38,7 @@ _PREFIXES = ("base_model.model.", "diffusion_model.", "model.diffusion_model.")
 _REDO = "re-export the LoRA from its training run, or retrain it with ultragen-train"
 
 
-class GuidanceLoRAError(ValueError):
+class GuidanceLoRAError(UltraGenError, ValueError):
     """A guidance LoRA file that cannot be used; the message says why and what to do."""
 
 

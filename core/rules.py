@@ -9,11 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from ..errors import UltraGenError
+
 TEXT, IMAGE, GUIDANCE, REFERENCE = 0, 1, 2, 3
 KIND_NAMES = {TEXT: "text", IMAGE: "image", GUIDANCE: "guidance", REFERENCE: "reference"}
 
 
-class LayoutError(ValueError):
+class LayoutError(UltraGenError, ValueError):
     """A layout or rule setting that cannot work; the message says what to change."""
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..errors import UltraGenError
 from ..image_files import IMAGE_SUFFIXES, images_in, rgb_tensor
 
 INCEPTION_SIZE = 299
@@ -28,7 +29,7 @@ INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS}"
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UltraGenError, ValueError):
     """Inputs the evaluation cannot use; the message says what to provide."""
 
 

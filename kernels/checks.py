@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UltraGenError
 
-class AttentionInputError(ValueError):
+
+class AttentionInputError(UltraGenError, ValueError):
     """Inputs the attention backends cannot take; the message names the mismatch."""
 
 

@@ -24,12 +24,13 @@ except ImportError:  # pragma: no cover - machines without Triton
     triton = None
     tl = None
 
+from ..errors import UltraGenError
 from .triton_env import triton_runs_on
 
 CHUNK_TOKENS = 4096  # float32 temporaries of the portable path: this many tokens at a time
 
 
-class RopeInputError(ValueError):
+class RopeInputError(UltraGenError, ValueError):
     """q, k and the rotary table do not fit together; the message says how."""
 
 

@@ -19,13 +19,14 @@ import torch
 from comfy.ldm.modules.diffusionmodules.model import AttnBlock, Decoder, Encoder, ResnetBlock
 
 from ..core import split_ops
+from ..errors import UltraGenError
 
 # Activations at or below this many elements run through the module itself.
 DIRECT_ELEMENTS = 1 << 24
 OFFLOAD = ("auto", "never", "always")  # keep full activations in CPU memory, streaming bands to the GPU
 
 
-class ExactVAEError(ValueError):
+class ExactVAEError(UltraGenError, ValueError):
     """A VAE this path does not know; the message says what to use instead."""
 
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 import inspect
 
 from ..comfy_env import comfyui_version
+from ..errors import UltraGenError
 
 OLDEST_COMFYUI = "0.3.64"
 
 
-class UltraGenHostError(RuntimeError):
+class UltraGenHostError(UltraGenError, RuntimeError):
     """This ComfyUI lacks something the pack needs; the message names the version to install."""
 
 

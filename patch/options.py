@@ -12,10 +12,11 @@ from typing import Literal
 import torch
 
 from ..core import AttentionRules
+from ..errors import UltraGenError
 from ..kernels import BACKENDS
 
 
-class UltraGenPatchError(ValueError):
+class UltraGenPatchError(UltraGenError, ValueError):
     """A model or input the patch cannot work with; the message says what to change."""
 
 

@@ -17,6 +17,7 @@ import comfy.utils
 import latent_preview
 import torch
 
+from ..errors import UltraGenError
 from .exact_vae import exact_decode
 from .flux_family import LATENT_CHANNELS
 from .flux_patch import UltraGenFluxPatch
@@ -26,7 +27,7 @@ from .warm_start import upsample_latent, warm_start_sigmas
 PREVIEW_SIZE = 512
 
 
-class RecursiveUpscaleError(RuntimeError):
+class RecursiveUpscaleError(UltraGenError, RuntimeError):
     """A stage that failed; the message names the stage, its size, and the cause."""
 
 

@@ -14,13 +14,14 @@ import torch
 
 from ..core.frequency import mix_frequencies, sharpen
 from ..core.sigmas import remaining_sigmas
+from ..errors import UltraGenError
 from .flux_family import LATENT_CHANNELS
 from .sampling import constant_shift_sigmas
 
 METHODS = ("latent bicubic", "RGB upsample", "LFM mix")
 
 
-class WarmStartError(ValueError):
+class WarmStartError(UltraGenError, ValueError):
     """Inputs the warm start cannot work with; the message says what to change."""
 
 

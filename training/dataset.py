@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import UltraGenError
 from ..image_files import IMAGE_SUFFIXES, images_in, rgb_tensor
 
 CACHE_DIR = ".ultragen_cache"
@@ -28,7 +29,7 @@ EncodeImage = Callable[[torch.Tensor], torch.Tensor]  # (1, H, W, 3) in [0, 1] -
 EncodeText = Callable[[str], tuple[torch.Tensor, torch.Tensor]]  # caption -> context (L, D), pooled (P,)
 
 
-class DatasetError(ValueError):
+class DatasetError(UltraGenError, ValueError):
     """A training folder that cannot be used; the message says what to fix."""
 
 

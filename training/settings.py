@@ -12,9 +12,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ..core.flow_matching import FLUX_MU_1024
+from ..errors import UltraGenError
 
 
-class TrainingError(ValueError):
+class TrainingError(UltraGenError, ValueError):
     """A training setup that cannot run; the message says what to change."""
 
 
