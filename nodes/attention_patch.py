@@ -5,6 +5,7 @@ from __future__ import annotations
 import folder_paths
 from comfy_api.latest import io
 
+from ..core.flow_matching import FLUX_MU_1024
 from ..kernels import BACKENDS
 from ..patch import PatchOptions, UltraGenFluxPatch, load_guidance_lora
 from .types import UltraGenGuidance
@@ -92,7 +93,7 @@ class UltraGenAttentionPatch(io.ComfyNode):
                 ),
                 io.Float.Input(
                     "shift_mu", default=D.shift_mu, min=0.0, max=10.0, step=0.01,
-                    tooltip="The fixed shift (FLUX at 1024 px: 1.15).",
+                    tooltip=f"The fixed shift (FLUX at 1024 px: {FLUX_MU_1024}).",
                 ),
                 io.Combo.Input(
                     "backend", options=list(BACKENDS), default=D.backend,

@@ -5,7 +5,11 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
+from ..core.flow_matching import FLUX_MU_1024
 from ..patch.sampling import constant_shift_sigmas
+from ..patch.warm_start import WarmStartOptions
+
+D = WarmStartOptions()  # the schedule part of its defaults
 
 
 class UltraGenConstantShiftSigmas(io.ComfyNode):
@@ -20,13 +24,13 @@ class UltraGenConstantShiftSigmas(io.ComfyNode):
                 "image area, which at 4K puts every step at full noise; the papers keep 1024 px's shift."
             ),
             inputs=[
-                io.Int.Input("steps", default=28, min=1, max=200, tooltip="Number of steps."),
+                io.Int.Input("steps", default=D.steps, min=1, max=200, tooltip="Number of steps."),
                 io.Float.Input(
-                    "shift_mu", default=1.15, min=0.0, max=10.0, step=0.01,
-                    tooltip="The constant shift (1024 px FLUX: 1.15).",
+                    "shift_mu", default=D.shift_mu, min=0.0, max=10.0, step=0.01,
+                    tooltip=f"The constant shift (1024 px FLUX: {FLUX_MU_1024}).",
                 ),
                 io.Combo.Input(
-                    "scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="simple",
+                    "scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default=D.scheduler,
                     tooltip="ComfyUI scheduler (FLUX: simple).",
                 ),
             ],

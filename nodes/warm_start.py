@@ -5,7 +5,10 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
-from ..patch.warm_start import METHODS, upsample_latent, warm_start_sigmas
+from ..core.flow_matching import FLUX_MU_1024
+from ..patch.warm_start import METHODS, WarmStartOptions, upsample_latent, warm_start_sigmas
+
+D = WarmStartOptions()  # defaults, from UltraGen
 
 
 class UltraGenWarmStartLatent(io.ComfyNode):
@@ -29,31 +32,31 @@ class UltraGenWarmStartLatent(io.ComfyNode):
                     "target_height", default=4096, min=64, max=16384, step=16, tooltip="Target height in pixels."
                 ),
                 io.Combo.Input(
-                    "method", options=list(METHODS), default="latent bicubic",
+                    "method", options=list(METHODS), default=D.method,
                     tooltip="latent bicubic: fast, keeps structure (UltraGen). RGB upsample: decode, upsample, "
                     "re-encode (clean but soft). LFM mix: low band of the first + high band of the second "
                     "(ScaleDiff). RGB and LFM need the VAE.",
                 ),
                 io.Float.Input(
-                    "sharpen", default=0.0, min=0.0, max=2.0, step=0.05,
+                    "sharpen", default=D.sharpen, min=0.0, max=2.0, step=0.05,
                     tooltip="Unsharp-mask amount on the upsampled image (0 = off; 0.2-0.5 counters upsampling blur).",
                 ),
-                io.Int.Input("steps", default=28, min=1, max=200, tooltip="Total steps of the full schedule."),
+                io.Int.Input("steps", default=D.steps, min=1, max=200, tooltip="Total steps of the full schedule."),
                 io.Int.Input(
-                    "skip", default=10, min=0, max=199,
+                    "skip", default=D.skip, min=0, max=199,
                     tooltip="Steps skipped from the start (UltraGen: 10 of 28). More = closer to the low-res "
                     "image and faster; fewer = more freedom for new detail.",
                 ),
                 io.Float.Input(
-                    "start_sigma", default=0.0, min=0.0, max=1.0, step=0.01,
+                    "start_sigma", default=D.start_sigma, min=0.0, max=1.0, step=0.01,
                     tooltip="Start at exactly this noise level instead (0 = use skip). ScaleDiff restarts at 0.6.",
                 ),
                 io.Float.Input(
-                    "shift_mu", default=1.15, min=0.0, max=10.0, step=0.01,
-                    tooltip="Constant FLUX shift of the schedule (1024 px FLUX: 1.15), at any size.",
+                    "shift_mu", default=D.shift_mu, min=0.0, max=10.0, step=0.01,
+                    tooltip=f"Constant FLUX shift of the schedule (1024 px FLUX: {FLUX_MU_1024}), at any size.",
                 ),
                 io.Combo.Input(
-                    "scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default="simple",
+                    "scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default=D.scheduler,
                     tooltip="ComfyUI scheduler of the full schedule (FLUX: simple).",
                 ),
                 io.Vae.Input("vae", optional=True, tooltip="The FLUX VAE; needed by RGB upsample and LFM mix."),

@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 
 from ..core import AttentionRules
+from ..core.flow_matching import FLUX_MU_1024
 from ..errors import UltraGenError
 from ..kernels import BACKENDS
 
@@ -51,7 +52,7 @@ class PatchOptions:
     text_sees: Literal["context", "all"] = "context"
     ntk_factor: float = 10.0
     constant_shift: bool = True
-    shift_mu: float = 1.15
+    shift_mu: float = FLUX_MU_1024
     backend: str = "auto"
     npa_patch: int = 32
     npa_window: int = 64

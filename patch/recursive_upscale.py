@@ -17,6 +17,7 @@ import comfy.utils
 import latent_preview
 import torch
 
+from ..core.flow_matching import FLUX_MU_1024
 from ..errors import UltraGenError
 from .exact_vae import exact_decode
 from .flux_family import LATENT_CHANNELS
@@ -43,7 +44,7 @@ class StageSettings:
     scheduler: str = "simple"
     method: str = "latent bicubic"
     sharpen: float = 0.0
-    shift_mu: float = 1.15
+    shift_mu: float = FLUX_MU_1024
     guidance_scope: str = "local"
 
     def target(self, samples: torch.Tensor) -> tuple[int, int]:

@@ -17,6 +17,8 @@ import math
 import comfy.model_sampling
 import torch
 
+from ..core.flow_matching import FLUX_MU_1024
+
 # A chunked FLUX step (chunked_blocks.py) holds a block's input (1U) and q, k, v (3U) through attention,
 # plus the rotary table (U/6), one slice's temporaries and the weights of the layer in use, where U is
 # tokens x hidden x the compute dtype's size. bench/vram_cards.py measured the step's peak above what was
@@ -42,7 +44,7 @@ def constant_shift_sampling(model_config, mu: float):
     return sampling
 
 
-def constant_shift_sigmas(steps: int, mu: float = 1.15, scheduler: str = "simple") -> torch.Tensor:
+def constant_shift_sigmas(steps: int, mu: float = FLUX_MU_1024, scheduler: str = "simple") -> torch.Tensor:
     """ComfyUI's own ``scheduler`` for ``steps`` steps, on FLUX sampling with shift ``mu`` at any size."""
     import comfy.samplers
 

@@ -9,9 +9,12 @@ of the second).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import comfy.utils
 import torch
 
+from ..core.flow_matching import FLUX_MU_1024
 from ..core.frequency import mix_frequencies, sharpen
 from ..core.sigmas import remaining_sigmas
 from ..errors import UltraGenError
@@ -77,8 +80,22 @@ def upsample_latent(
     return mix_frequencies(lat, rgb)
 
 
+@dataclass(frozen=True)
+class WarmStartOptions:
+    """What the Warm-Start Latent node exposes (and Constant-Shift Sigmas its schedule part); defaults
+    follow UltraGen: FLUX's 28-step schedule at 1024 px's shift, its first 10 steps skipped."""
+
+    method: str = "latent bicubic"
+    sharpen: float = 0.0
+    steps: int = 28
+    skip: int = 10
+    start_sigma: float = 0.0
+    shift_mu: float = FLUX_MU_1024
+    scheduler: str = "simple"
+
+
 def warm_start_sigmas(
-    steps: int, skip: int = 0, start_sigma: float = 0.0, mu: float = 1.15, scheduler: str = "simple"
+    steps: int, skip: int = 0, start_sigma: float = 0.0, mu: float = FLUX_MU_1024, scheduler: str = "simple"
 ) -> torch.Tensor:
     """The sigmas a warm-started sampler runs: ComfyUI's schedule with constant shift ``mu``,
     without its first ``skip`` steps (or starting at ``start_sigma`` when that is > 0)."""
