@@ -1,48 +1,28 @@
 """One entry point for block-sparse attention, and the choice of backend.
 
-Why: callers (the FLUX patch, benchmarks, tests) should say *what* to compute (q, k, v
-and a sparsity pattern) and optionally *how* (a backend name); this module checks the
-inputs, picks the fastest backend the device offers, and builds or fetches the
-schedule for that backend's tile shape.
+Why: callers (the FLUX patch, benchmarks, tests) say *what* to compute (q, k, v and a sparsity
+pattern) and optionally *how* (a backend name); this module checks the inputs, picks the first
+backend in preference order that can run the call, and builds or fetches the schedule for that
+backend's tile shape.
+
+A backend is a module with ``NAME``, ``AUTO_DEVICES`` (the device types ``auto`` may pick it on;
+None: any), ``usable(device, dtype, head_dim, training) -> reason or None``, ``tile(device,
+head_dim) -> (block_m, block_n)`` and ``run(q, k, v, schedule, scale, out, training)`` (as in
+NATTEN's backends). A new backend is one module and one entry in :data:`PREFERENCE`.
 """
 
 from __future__ import annotations
+
+from types import ModuleType
 
 import torch
 
 from . import flex, portable, triton_block_sparse
 from .checks import AttentionInputError, check_qkv
 from .schedule import SparsityPattern
-from .triton_env import interpreting
 
-BACKENDS = ("auto", "triton", "flex", "portable")
-
-
-def triton_usable(device: torch.device, dtype: torch.dtype | None = None, head_dim: int | None = None) -> str | None:
-    """None if the Triton kernel can run these inputs, else the reason it cannot."""
-    if not triton_block_sparse.available():
-        return "Triton is not installed"
-    if device.type != "cuda" and not interpreting():
-        return f"the Triton kernel needs a CUDA device (got {device.type})"
-    if dtype is not None and dtype not in triton_block_sparse.SUPPORTED_DTYPES:
-        return f"the Triton kernel takes float16, bfloat16 or float32 (got {dtype})"
-    if head_dim is not None and (head_dim < 16 or head_dim & (head_dim - 1) or head_dim > 256):
-        return f"the Triton kernel needs a power-of-two head_dim from 16 to 256 (got {head_dim})"
-    return None
-
-
-def flex_usable(device: torch.device, head_dim: int | None = None, grad: bool = False) -> str | None:
-    if not flex.available():
-        return "this PyTorch has no flex_attention"
-    if head_dim is not None and (head_dim < 16 or head_dim & (head_dim - 1)):
-        return f"compiled flex_attention needs a power-of-two head_dim (got {head_dim})"
-    if device.type == "cuda" and not triton_block_sparse.available():
-        return "compiled flex_attention on CUDA needs Triton"
-    if device.type not in ("cuda", "cpu"):
-        return f"flex_attention does not run on {device.type}"
-    if grad and device.type != "cuda":
-        return "flex_attention has no backward pass on the CPU"
-    return None
+PREFERENCE: tuple[ModuleType, ...] = (triton_block_sparse, flex, portable)  # what "auto" tries, in order
+BACKENDS = ("auto", *(b.NAME for b in PREFERENCE))
 
 
 def needs_grad(*tensors: torch.Tensor) -> bool:
@@ -50,20 +30,28 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
+def _backend(name: str) -> ModuleType:
+    for b in PREFERENCE:
+        if b.NAME == name:
+            return b
+    raise AttentionInputError(f"backend must be one of {BACKENDS}, got {name!r}")
+
+
 def choose_backend(
     device: torch.device | str, dtype: torch.dtype | None = None, head_dim: int | None = None, grad: bool = False
 ) -> str:
-    """The fastest backend available for these inputs: triton, else flex on CUDA, else portable.
+    """The first backend of :data:`PREFERENCE` that runs these inputs on this device: the Triton kernel,
+    else flex_attention on CUDA, else portable SDPA.
 
-    ``grad``: the result will be differentiated; the Triton kernel is forward-only, so
-    training takes flex (whose compiled kernels have a backward) or portable SDPA.
+    ``grad``: the result will be differentiated; the Triton kernel is forward-only, so training takes
+    flex (whose compiled kernels have a backward) or portable SDPA.
     """
     device = torch.device(device)
-    if device.type == "cuda" and not grad and triton_usable(device, dtype, head_dim) is None:
-        return "triton"
-    if device.type == "cuda" and flex_usable(device, head_dim) is None:
-        return "flex"
-    return "portable"
+    for b in PREFERENCE:
+        here = b.AUTO_DEVICES is None or device.type in b.AUTO_DEVICES
+        if here and b.usable(device, dtype, head_dim, grad) is None:
+            return b.NAME
+    return portable.NAME
 
 
 def describe_backend(device: torch.device | str | None = None) -> str:
@@ -75,11 +63,12 @@ def describe_backend(device: torch.device | str | None = None) -> str:
         return f"portable SDPA on {device.type.upper()} (no CUDA GPU)"
     where = torch.cuda.get_device_name(device)
     name = choose_backend(device)
-    if name == "triton":
+    if name == triton_block_sparse.NAME:
         import triton
 
         return f"triton block-sparse kernel on {where} (Triton {triton.__version__})"
-    return f"{'flex_attention' if name == 'flex' else 'portable SDPA'} on {where} ({triton_usable(device)})"
+    why = triton_block_sparse.usable(device, None, None, False)
+    return f"{'flex_attention' if name == flex.NAME else 'portable SDPA'} on {where} ({why})"
 
 
 def sparse_attention(
@@ -96,38 +85,21 @@ def sparse_attention(
     q, k, v: (B, H, L, D) with L = ``pattern.seq_len``; returns (B, H, L, D).
     ``scale`` defaults to 1 / sqrt(D). ``backend`` is one of :data:`BACKENDS`.
     ``out``: optional (B, H, L, D)-shaped view to write into (e.g. a (B, L, H, D) buffer
-    transposed, the layout ComfyUI wants); the Triton kernel writes it directly.
-    When autograd will differentiate the result (training), ``auto`` skips the forward-only
-    Triton kernel.
+    transposed, the layout ComfyUI wants, or q itself: each query tile is read before its rows
+    are written); the Triton kernel writes it directly. When autograd will differentiate the
+    result (training), ``auto`` skips the forward-only Triton kernel.
     """
     if backend not in BACKENDS:
         raise AttentionInputError(f"backend must be one of {BACKENDS}, got {backend!r}")
     check_qkv(q, k, v, pattern.seq_len)
     head_dim = q.shape[-1]
     scale = head_dim**-0.5 if scale is None else float(scale)
-    grad = needs_grad(q, k, v)
-    if backend == "auto":
-        backend = choose_backend(q.device, q.dtype, head_dim, grad)
-    if backend == "triton":
-        reason = "the Triton kernel is forward-only (no backward for training)" if grad else None
-        reason = reason or triton_usable(q.device, q.dtype, head_dim)
-        if reason:
-            raise AttentionInputError(f"backend 'triton' cannot run here: {reason}; use 'auto', 'flex' or 'portable'")
-        cfg = triton_block_sparse.launch_config(head_dim, q.device)
-        schedule = pattern.block_schedule(cfg.block_m, cfg.block_n, q.device)
-        return triton_block_sparse.block_sparse_attention(
-            q, k, v, schedule, scale, out, num_warps=cfg.num_warps, num_stages=cfg.num_stages, kv_tma=cfg.kv_tma
-        )
-    if backend == "flex":
-        reason = flex_usable(q.device, head_dim, grad)
-        if reason:
-            raise AttentionInputError(f"backend 'flex' cannot run here: {reason}; use 'auto' or 'portable'")
-        schedule = pattern.block_schedule(flex.BLOCK, flex.BLOCK, q.device)
-        result = flex.flex_block_sparse_attention(q, k, v, schedule, scale, backward=grad)
-    else:
-        schedule = pattern.block_schedule(128, 128, q.device)
-        result = portable.portable_block_sparse_attention(q, k, v, schedule, scale)
-    if out is None:
-        return result
-    out.copy_(result)
-    return out
+    training = needs_grad(q, k, v)
+    name = choose_backend(q.device, q.dtype, head_dim, training) if backend == "auto" else backend
+    chosen = _backend(name)
+    reason = chosen.usable(q.device, q.dtype, head_dim, training)
+    if reason:
+        others = ", ".join(repr(n) for n in BACKENDS if n != name)
+        raise AttentionInputError(f"backend {name!r} cannot run here: {reason}; use one of {others}")
+    schedule = pattern.block_schedule(*chosen.tile(q.device, head_dim), q.device)
+    return chosen.run(q, k, v, schedule, scale, out, training)

@@ -22,10 +22,44 @@ except ImportError:  # pragma: no cover - torch older than 2.5
     BlockMask = flex_attention = None
 
 BLOCK = 128  # flex's sparse block size; its kernels tile inside it
+NAME = "flex"
+AUTO_DEVICES = ("cuda",)  # where "auto" may pick it (on a CPU the portable backend is faster)
 
 
 def available() -> bool:
     return flex_attention is not None
+
+
+def usable(device: torch.device, dtype: torch.dtype | None, head_dim: int | None, training: bool) -> str | None:
+    """None if this backend can run such a call, else why not."""
+    if flex_attention is None:
+        return "this PyTorch has no flex_attention"
+    if head_dim is not None and (head_dim < 16 or head_dim & (head_dim - 1)):
+        return f"compiled flex_attention needs a power-of-two head_dim (got {head_dim})"
+    if device.type == "cuda" and not _has_triton():
+        return "compiled flex_attention on CUDA needs Triton"
+    if device.type not in ("cuda", "cpu"):
+        return f"flex_attention does not run on {device.type}"
+    if training and device.type != "cuda":
+        return "flex_attention has no backward pass on the CPU"
+    return None
+
+
+def tile(device: torch.device, head_dim: int) -> tuple[int, int]:
+    return BLOCK, BLOCK
+
+
+def run(q, k, v, schedule: BlockSchedule, scale: float, out: torch.Tensor | None, training: bool) -> torch.Tensor:
+    result = flex_block_sparse_attention(q, k, v, schedule, scale, backward=training)
+    return result if out is None else out.copy_(result)
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _padded(ptr: torch.Tensor, idx: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:

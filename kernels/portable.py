@@ -15,6 +15,23 @@ from .schedule import BlockSchedule, unpack_bits
 
 # Elements of gathered K (or V) per chunk; bounds the extra memory.
 _GATHER_ELEMENTS = 1 << 26
+NAME = "portable"
+AUTO_DEVICES = None  # any device: the fallback of "auto"
+TILE = 128  # schedule tiles: the gather works per query block of this many tokens
+
+
+def usable(device: torch.device, dtype: torch.dtype | None, head_dim: int | None, training: bool) -> str | None:
+    """Always None: SDPA runs wherever PyTorch does, with autograd."""
+    return None
+
+
+def tile(device: torch.device, head_dim: int) -> tuple[int, int]:
+    return TILE, TILE
+
+
+def run(q, k, v, schedule: BlockSchedule, scale: float, out: torch.Tensor | None, training: bool) -> torch.Tensor:
+    result = portable_block_sparse_attention(q, k, v, schedule, scale)
+    return result if out is None else out.copy_(result)
 
 
 def _row_slots(schedule: BlockSchedule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -30,13 +30,46 @@ except ImportError:  # pragma: no cover - Triton older than 3.3
     TensorDescriptor = None
 
 from .schedule import BlockSchedule, unpack_bits
+from .triton_env import interpreting
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+NAME = "triton"
+AUTO_DEVICES = ("cuda",)  # where "auto" may pick it
 
 
 def available() -> bool:
     """Triton is importable (the kernel runs on CUDA, or anywhere under TRITON_INTERPRET=1)."""
     return triton is not None
+
+
+def usable(device: torch.device, dtype: torch.dtype | None, head_dim: int | None, training: bool) -> str | None:
+    """None if this backend can run such a call, else why not."""
+    if triton is None:
+        return "Triton is not installed"
+    if training:
+        return "the Triton kernel is forward-only (no backward for training)"
+    if device.type != "cuda" and not interpreting():
+        return f"the Triton kernel needs a CUDA device (got {device.type})"
+    if dtype is not None and dtype not in SUPPORTED_DTYPES:
+        return f"the Triton kernel takes float16, bfloat16 or float32 (got {dtype})"
+    if head_dim is not None and (head_dim < 16 or head_dim & (head_dim - 1) or head_dim > 256):
+        return f"the Triton kernel needs a power-of-two head_dim from 16 to 256 (got {head_dim})"
+    return None
+
+
+def tile(device: torch.device, head_dim: int) -> tuple[int, int]:
+    """(block_m, block_n) of the schedule this backend runs."""
+    cfg = launch_config(head_dim, device)
+    return cfg.block_m, cfg.block_n
+
+
+def run(q, k, v, schedule: BlockSchedule, scale: float, out: torch.Tensor | None, training: bool) -> torch.Tensor:
+    cfg = launch_config(q.shape[-1], q.device)
+    return block_sparse_attention(
+        q, k, v, schedule, scale, out, num_warps=cfg.num_warps, num_stages=cfg.num_stages, kv_tma=cfg.kv_tma
+    )
 
 
 if triton is not None:
@@ -236,8 +269,9 @@ def block_sparse_attention(
     batch, heads, q_len, head_dim = q.shape
     if out is None:
         out = torch.empty_like(q)
-    if head_dim < 16 or head_dim & (head_dim - 1):
-        raise ValueError(f"the Triton backend needs a power-of-two head_dim >= 16, got {head_dim}")
+    reason = usable(q.device, q.dtype, head_dim, training=False)
+    if reason:
+        raise ValueError(reason)
     k_desc = _tma_descriptor(k, schedule.block_n) if kv_tma else None
     v_desc = _tma_descriptor(v, schedule.block_n) if kv_tma else None
     grid = attention_grid(schedule.num_q_blocks, batch, heads)

@@ -132,7 +132,7 @@ def test_bad_inputs_name_what_differs(monkeypatch):
         sparse_attention(q, k, v, layout, backend="cuda")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     if not torch.cuda.is_available():
-        with pytest.raises(AttentionInputError, match="needs a CUDA device.*use 'auto'"):
+        with pytest.raises(AttentionInputError, match="needs a CUDA device.*use one of 'auto'"):
             sparse_attention(q, k, v, layout, backend="triton")
 
 
@@ -164,3 +164,31 @@ def test_auto_skips_the_forward_only_kernel_when_training():
             sparse_attention(q, k, v, layout, backend="flex")
     with torch.no_grad():  # inference inputs that happen to require grad still take the kernel
         sparse_attention(q, k, v, layout, backend="triton")
+
+
+def test_backends_share_one_interface_and_auto_tries_them_in_order(monkeypatch):
+    """Each backend module answers usable / tile / run; auto takes the first usable one on the device, so a new
+    backend is one module and one entry in PREFERENCE."""
+    import types
+
+    from ultragen.kernels import attention
+
+    for b in attention.PREFERENCE:
+        assert {"NAME", "AUTO_DEVICES", "usable", "tile", "run"} <= set(dir(b)), b.__name__
+    assert attention.BACKENDS == ("auto", "triton", "flex", "portable")
+    cpu = torch.device("cpu")
+    assert choose_backend(cpu) == "portable"  # triton and flex are not auto-picked on a CPU
+    ran = []
+    fake = types.SimpleNamespace(
+        NAME="fake", AUTO_DEVICES=None, usable=lambda *a: None, tile=lambda device, d: (64, 64),
+        run=lambda q, k, v, schedule, scale, out, training: ran.append(schedule.block_m) or v,
+    )  # fmt: skip
+    monkeypatch.setattr(attention, "PREFERENCE", (fake, *attention.PREFERENCE))
+    monkeypatch.setattr(attention, "BACKENDS", ("auto", "fake", *attention.BACKENDS[1:]))
+    layout = NAMED["guidance-global"]
+    q, k, v = qkv(layout)
+    assert attention.sparse_attention(q, k, v, layout) is v and ran == [64]  # auto: the first that is usable
+    fake.usable = lambda *a: "not today"
+    assert choose_backend(cpu) == "portable"
+    with pytest.raises(AttentionInputError, match="backend 'fake' cannot run here: not today"):
+        attention.sparse_attention(q, k, v, layout, backend="fake")
