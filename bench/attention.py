@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tune", action="store_true", help="sweep Triton tile configs at 4096^2 and stop")
     ap.add_argument("--config", help="Triton config BM,BN,warps,stages,tma (e.g. 128,128,8,2,1)")
     ap.add_argument("--profile-once", action="store_true", help="launch the kernel twice at 4096^2 and stop")
-    ap.add_argument("--out", help="JSON path (default: $OUT/attention.json, else bench/results/attention.json)")
+    ap.add_argument("--out", help="JSON path (default: bench/results/attention.json)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench/attention.py needs a CUDA GPU")

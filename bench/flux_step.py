@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
     ap.add_argument("--reps", type=int, default=2, help="timed steps per configuration (8192^2 dense: one)")
     ap.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH)")
-    ap.add_argument("--out", help="JSON path (default: $OUT/flux_step.json, else bench/results/flux_step.json)")
+    ap.add_argument("--out", help="JSON path (default: bench/results/flux_step.json)")
     ap.add_argument("--memory-trace", type=int, metavar="PIXELS", help="peak memory per stage at this size, then stop")
     args = ap.parse_args(argv)
     comfyui_on_gpu("flux_step.py", args.comfyui)

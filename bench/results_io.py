@@ -1,16 +1,14 @@
 """What every benchmark records about its run, and where it writes its JSON.
 
-Results go to ``$OUT/<name>.json`` on the lent GPU machines (whose files come back from
-there), else to ``bench/results/<name>.json``. Importing this also makes the tests' helpers
-importable (``random_models``: FLUX-architecture models with random weights, built by ComfyUI),
-which live with the tests, outside the installed package.
+Results go to ``bench/results/<name>.json`` unless a benchmark is given ``--out``. Importing
+this also makes the tests' helpers importable (``random_models``: FLUX-architecture models with
+random weights, built by ComfyUI), which live with the tests, outside the installed package.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -48,12 +46,7 @@ def run_info() -> dict:
 
 def write_json(name: str, result: dict, path: str | None = None) -> Path:
     """Write ``result``; returns the path written."""
-    if path:
-        out = Path(path)
-    elif os.environ.get("OUT"):
-        out = Path(os.environ["OUT"]) / f"{name}.json"
-    else:
-        out = Path(__file__).parent / "results" / f"{name}.json"
+    out = Path(path) if path else Path(__file__).parent / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     return out

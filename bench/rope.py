@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--reps", type=int, default=2, help="timed steps per configuration")
     ap.add_argument("--kernel-only", action="store_true", help="only the RoPE calls, no FLUX steps")
     ap.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH)")
-    ap.add_argument("--out", help="JSON path (default: $OUT/rope.json, else bench/results/rope.json)")
+    ap.add_argument("--out", help="JSON path (default: bench/results/rope.json)")
     args = ap.parse_args(argv)
     comfyui_on_gpu("rope.py", args.comfyui)
     info = run_info()

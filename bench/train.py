@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps (after 2 warm-up steps)")
     ap.add_argument("--targets", nargs="+", default=["qkv", "all"])
-    ap.add_argument("--out", help="JSON path (default: $OUT/train.json, else bench/results/train.json)")
+    ap.add_argument("--out", help="JSON path (default: bench/results/train.json)")
     args = ap.parse_args(argv)
     comfyui_on_gpu("train.py")
 

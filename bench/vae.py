@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
     ap.add_argument("--full-max", type=int, default=4096, help="largest size to also run the full-image path")
     ap.add_argument("--skip-offload", action="store_true", help="do not time offloaded mode (slow at 8192^2)")
-    ap.add_argument("--out", help="JSON path (default: $OUT/vae.json, else bench/results/vae.json)")
+    ap.add_argument("--out", help="JSON path (default: bench/results/vae.json)")
     args = ap.parse_args(argv)
     comfyui_on_gpu("vae.py")
     import comfy.model_management as mm

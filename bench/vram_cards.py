@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--dynamic-vram", action="store_true", help="ComfyUI 0.29's DynamicVRAM, as its main.py enables it")
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting cells after this many seconds")
     ap.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH)")
-    ap.add_argument("--out", help="JSON path (default: $OUT/vram_cards.json, else bench/results/vram_cards.json)")
+    ap.add_argument("--out", help="JSON path (default: bench/results/vram_cards.json)")
     args = ap.parse_args(argv)
     start = time.perf_counter()
     import_comfyui(args.comfyui, args.dynamic_vram)
