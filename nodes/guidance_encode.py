@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from ..core.guidance import aspect_mismatch
 from ..patch import Guidance
+from ..patch.flux_family import PIXELS_PER_LATENT
 from .types import UltraGenGuidance
 
 
@@ -58,13 +59,14 @@ class UltraGenLowResGuidanceEncode(io.ComfyNode):
             raise ValueError(
                 f"Low-Res Guidance Encode: expected an image latent (B, C, H, W), got {tuple(samples.shape)}"
             )
-        width, height = samples.shape[-1] * 8, samples.shape[-2] * 8
+        width, height = samples.shape[-1] * PIXELS_PER_LATENT, samples.shape[-2] * PIXELS_PER_LATENT
         if width > target_width or height > target_height:
             raise ValueError(
                 f"Low-Res Guidance Encode: the guidance ({width}x{height} px) is larger than the target "
                 f"({target_width}x{target_height} px); guidance is the low-res version of the target"
             )
-        if aspect_mismatch(samples.shape[-1], samples.shape[-2], target_width // 8, target_height // 8):
+        target_cells = (target_width // PIXELS_PER_LATENT, target_height // PIXELS_PER_LATENT)
+        if aspect_mismatch(samples.shape[-1], samples.shape[-2], *target_cells):
             raise ValueError(
                 f"Low-Res Guidance Encode: the guidance ({width}x{height} px) and the target ({target_width}x"
                 f"{target_height} px) differ in shape, so the guidance would be stretched; make the low-res image "

@@ -11,6 +11,10 @@ it is supported.
 from __future__ import annotations
 
 LATENT_CHANNELS = 16  # FLUX.1's VAE latent (FLUX.2: 128 at 1/16 of the pixels)
+# Pixels per latent cell along each side (ComfyUI's latent_format.spacial_downscale_ratio; FLUX.2: 16).
+PIXELS_PER_LATENT = 8
+# The longest text FLUX.1 takes (T5 tokens of FLUX.1-dev; schnell uses 256): what the memory estimate assumes.
+MAX_TEXT_TOKENS = 512
 
 
 def other_family(diffusion_model) -> str | None:

@@ -61,7 +61,7 @@ from ..kernels import sparse_attention
 from ..kernels.rope import apply_rope
 from .call_state import CallState, HandOver, active_call, calling
 from .chunked_blocks import BlockContext, double_block, fallback_reason, flux1_blocks, single_block
-from .flux_family import other_family
+from .flux_family import MAX_TEXT_TOKENS, other_family
 from .host import check_host
 from .inplace_gelu import inplace_gelu_patches
 from .options import Guidance, PatchOptions, UltraGenPatchError
@@ -420,7 +420,7 @@ class InstalledPatch:
     def extra_tokens(self, input_shape) -> int:
         """Tokens besides the image in a call of this latent shape (for the memory estimate)."""
         guid = self.patch.guidance.grid() if self.patch.guidance is not None else (0, 0)
-        return 512 + guid[0] * guid[1]
+        return MAX_TEXT_TOKENS + guid[0] * guid[1]
 
 
 def _rotate(q, k, table, kwargs) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ from ..core import AttentionRules
 from ..core.flow_matching import FLUX_MU_1024
 from ..errors import UltraGenError
 from ..kernels import BACKENDS
+from .flux_family import PIXELS_PER_LATENT
 
 
 class UltraGenPatchError(UltraGenError, ValueError):
@@ -35,7 +36,7 @@ class Guidance:
 
     def ratio(self) -> float:
         """Target width over guidance width, in pixels (the papers use 4)."""
-        return self.target_width / (self.latent.shape[-1] * 8)
+        return self.target_width / (self.latent.shape[-1] * PIXELS_PER_LATENT)
 
 
 @dataclass(frozen=True)

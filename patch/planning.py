@@ -16,6 +16,7 @@ import torch
 from ..core import GuidanceSegment, ImageSegment, Layout, ReferenceSegment, TextSegment
 from ..core.guidance import aspect_mismatch, guidance_ids
 from ..core.token_order import WindowOrder, window_first_order
+from .flux_family import PIXELS_PER_LATENT
 from .options import Guidance, PatchOptions, UltraGenPatchError
 
 NODE = "UltraGen Attention Patch"
@@ -56,20 +57,22 @@ def check_guidance_fits(guidance: Guidance, latent_hw: tuple[int, int], patch: i
     """Raise if ``guidance`` cannot guide a latent of ``latent_hw``; return a warning when it only
     was encoded for another size of the same aspect (positions are then scaled to this size)."""
     gh, gw = guidance.grid(patch)
-    height, width = latent_hw[0] * 8, latent_hw[1] * 8
+    height, width = latent_hw[0] * PIXELS_PER_LATENT, latent_hw[1] * PIXELS_PER_LATENT
+    guidance_h, guidance_w = (s * PIXELS_PER_LATENT for s in guidance.latent.shape[-2:])
     if gh > -(-latent_hw[0] // patch) or gw > -(-latent_hw[1] // patch):
         raise UltraGenPatchError(
-            f"{NODE}: the guidance ({guidance.latent.shape[-1] * 8}x{guidance.latent.shape[-2] * 8} px) is larger "
+            f"{NODE}: the guidance ({guidance_w}x{guidance_h} px) is larger "
             f"than the image being sampled ({width}x{height} px); guidance must be the low-res image: encode a "
             "smaller one in Low-Res Guidance Encode, or sample at a larger size"
         )
     if aspect_mismatch(guidance.latent.shape[-1], guidance.latent.shape[-2], latent_hw[1], latent_hw[0]):
         raise UltraGenPatchError(
-            f"{NODE}: the guidance ({guidance.latent.shape[-1] * 8}x{guidance.latent.shape[-2] * 8} px) has another "
+            f"{NODE}: the guidance ({guidance_w}x{guidance_h} px) has another "
             f"shape than the image being sampled ({width}x{height} px) and would be stretched over it; make the "
             "low-res image and the sampled latent the same aspect ratio"
         )
-    if abs(guidance.target_height - height) > 8 or abs(guidance.target_width - width) > 8:
+    off = max(abs(guidance.target_height - height), abs(guidance.target_width - width))
+    if off > PIXELS_PER_LATENT:
         return (
             f"UltraGen: the guidance was encoded for {guidance.target_width}x{guidance.target_height} px but the "
             f"sampler runs at {width}x{height} px; guidance positions are scaled to the sampled size."

@@ -20,7 +20,7 @@ import torch
 from ..core.flow_matching import FLUX_MU_1024
 from ..errors import UltraGenError
 from .exact_vae import exact_decode
-from .flux_family import LATENT_CHANNELS
+from .flux_family import LATENT_CHANNELS, PIXELS_PER_LATENT
 from .flux_patch import UltraGenFluxPatch
 from .options import Guidance, PatchOptions
 from .warm_start import upsample_latent, warm_start_sigmas
@@ -49,7 +49,7 @@ class StageSettings:
 
     def target(self, samples: torch.Tensor) -> tuple[int, int]:
         """(width, height) in pixels of the next stage, on the 16-pixel grid FLUX works on."""
-        w, h = samples.shape[-1] * 8, samples.shape[-2] * 8
+        w, h = samples.shape[-1] * PIXELS_PER_LATENT, samples.shape[-2] * PIXELS_PER_LATENT
         return max(16, round(w * self.scale / 16) * 16), max(16, round(h * self.scale / 16) * 16)
 
 

@@ -14,6 +14,7 @@ import torch
 
 from ..core.frequency import low_pass
 from ..core.guidance import aspect_mismatch
+from .flux_family import PIXELS_PER_LATENT
 
 GAMMA_SCHEDULES = ("sigma", "sigma squared", "constant")
 log = logging.getLogger("UltraGen")
@@ -54,10 +55,10 @@ class StructureGuidance:
                 )
             if ref.shape[-2:] != like.shape[-2:]:
                 if aspect_mismatch(ref.shape[-1], ref.shape[-2], like.shape[-1], like.shape[-2]):
+                    ref_w, ref_h, w, h = (s * PIXELS_PER_LATENT for s in (*ref.shape[-1:-3:-1], *like.shape[-1:-3:-1]))
                     raise ValueError(
-                        f"Structure Guidance: the reference is {ref.shape[-1] * 8}x{ref.shape[-2] * 8} px but the "
-                        f"sampler runs at {like.shape[-1] * 8}x{like.shape[-2] * 8} px, another shape; connect the "
-                        "latent the sampler starts from (e.g. Warm-Start Latent's output)"
+                        f"Structure Guidance: the reference is {ref_w}x{ref_h} px but the sampler runs at {w}x{h} px, "
+                        "another shape; connect the latent the sampler starts from (e.g. Warm-Start Latent's output)"
                     )
                 # Same shape, another size: its low band is the same picture, so it is resized (a stated rule).
                 log.info(

@@ -18,7 +18,7 @@ from ..core.flow_matching import FLUX_MU_1024
 from ..core.frequency import mix_frequencies, sharpen
 from ..core.sigmas import remaining_sigmas
 from ..errors import UltraGenError
-from .flux_family import LATENT_CHANNELS
+from .flux_family import LATENT_CHANNELS, PIXELS_PER_LATENT
 from .sampling import constant_shift_sigmas
 
 METHODS = ("latent bicubic", "RGB upsample", "LFM mix")
@@ -29,7 +29,8 @@ class WarmStartError(UltraGenError, ValueError):
 
 
 def _latent_bicubic(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    return comfy.utils.common_upscale(samples, width // 8, height // 8, "bicubic", "disabled")
+    cells = (width // PIXELS_PER_LATENT, height // PIXELS_PER_LATENT)
+    return comfy.utils.common_upscale(samples, *cells, "bicubic", "disabled")
 
 
 def _rgb_upsample(samples: torch.Tensor, width: int, height: int, vae, amount: float) -> torch.Tensor:
@@ -57,7 +58,7 @@ def upsample_latent(
             f"the latent has {samples.shape[1]} channels, but FLUX.1's have {LATENT_CHANNELS}: connect a latent "
             "made by FLUX (its KSampler, or VAE Encode with FLUX's ae.safetensors)"
         )
-    src_w, src_h = samples.shape[-1] * 8, samples.shape[-2] * 8
+    src_w, src_h = samples.shape[-1] * PIXELS_PER_LATENT, samples.shape[-2] * PIXELS_PER_LATENT
     if width < src_w or height < src_h:
         raise WarmStartError(
             f"the target {width}x{height} px is smaller than the low-res latent ({src_w}x{src_h} px); "
