@@ -49,7 +49,7 @@ def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
     return triton_gelu_tanh_(x)
 
 
-def gelu_grid(rows: int, cols: int, block_r: int = 4, block_c: int = 1024) -> tuple[int, int]:
+def gelu_launch_grid(rows: int, cols: int, block_r: int = 4, block_c: int = 1024) -> tuple[int, int]:
     """(row tiles, column tiles): rows on axis 0, whose limit is 2^31 - 1 programs (axis 1 stops at 65,535)."""
     return (-(-rows // block_r), -(-cols // block_c))
 
@@ -58,7 +58,7 @@ def triton_gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
     """The Triton kernel itself (CUDA, or Triton's CPU interpreter); x must fold into rows (:func:`row_layout`)."""
     rows, cols, row_stride = row_layout(x)
     block_r, block_c = 4, 1024
-    grid = gelu_grid(rows, cols, block_r, block_c)
+    grid = gelu_launch_grid(rows, cols, block_r, block_c)
     _gelu_tanh_rows[grid](x, rows, cols, row_stride, SQRT_2_OVER_PI, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
     return x
 

@@ -120,7 +120,7 @@ if triton is not None:
             _rotate_tile(src, ko_ptr + h * so_h + out_offsets, live, c00, c01, c10, c11, BLOCK_L, DP)
 
 
-def rope_grid(batch: int, groups: int, length: int, block_l: int) -> tuple[int, int]:
+def rope_launch_grid(batch: int, groups: int, length: int, block_l: int) -> tuple[int, int]:
     """(groups x token blocks, batch): the token blocks on axis 0, whose limit is 2^31 - 1 programs
     (axes 1 and 2 stop at 65,535: 16384^2 has 1,048,576 image tokens, 65,536 blocks of 16)."""
     return (groups * -(-length // block_l), batch)
@@ -142,7 +142,7 @@ def _rope_triton(
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     heads = next(n for n in (heads_per_program, 4, 2, 1) if h % n == 0)
-    _rope_kernel[rope_grid(b, h // heads, length, block_l)](
+    _rope_kernel[rope_launch_grid(b, h // heads, length, block_l)](
         q, k, pe, q_out, k_out, length,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         pe.stride(0) if pe.shape[0] > 1 else 0, pe.stride(2),

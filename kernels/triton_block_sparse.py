@@ -240,7 +240,7 @@ def _tma_descriptor(x: torch.Tensor, block_n: int):
     return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block_n, x.shape[-1]])
 
 
-def attention_grid(q_blocks: int, batch: int, heads: int) -> tuple[int, int]:
+def attention_launch_grid(q_blocks: int, batch: int, heads: int) -> tuple[int, int]:
     """(query blocks, batch x heads): the query blocks on axis 0, whose limit is 2^31 - 1 programs (axes 1 and 2
     stop at 65,535; 32768^2 has 4.2 M image tokens, 32,768 blocks of 128)."""
     return (q_blocks, batch * heads)
@@ -274,7 +274,7 @@ def block_sparse_attention(
         raise ValueError(reason)
     k_desc = _tma_descriptor(k, schedule.block_n) if kv_tma else None
     v_desc = _tma_descriptor(v, schedule.block_n) if kv_tma else None
-    grid = attention_grid(schedule.num_q_blocks, batch, heads)
+    grid = attention_launch_grid(schedule.num_q_blocks, batch, heads)
     compiled = _block_sparse_fwd[grid](
         q, k if k_desc is None else k_desc, v if v_desc is None else v_desc, out,
         schedule.full_ptr, _nonempty(schedule.full_idx), schedule.part_ptr, _nonempty(schedule.part_idx),

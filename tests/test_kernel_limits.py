@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from ultragen.kernels import sparse_attention
-from ultragen.kernels.gelu import gelu_grid
-from ultragen.kernels.rope import rope_grid
-from ultragen.kernels.triton_block_sparse import attention_grid
+from ultragen.kernels.gelu import gelu_launch_grid
+from ultragen.kernels.rope import rope_launch_grid
+from ultragen.kernels.triton_block_sparse import attention_launch_grid
 
 from layouts import NAMED
 from reference import dense_mask, masked_attention
@@ -31,12 +31,12 @@ def test_every_launch_grid_fits_at_huge_images(pixels):
     tokens = (pixels // 16) ** 2 + 512 + (pixels // 64) ** 2  # image + text + guidance, FLUX.1
     assert tokens > 65_535 * 16  # past axis 1's limit even in blocks of 16 tokens
     batch, heads, hidden = 2, 24, 3072
-    assert fits(rope_grid(batch, heads // 8, tokens, 16))
-    assert fits(attention_grid(-(-tokens // 128), batch, heads))
-    assert fits(gelu_grid(batch * tokens, 4 * hidden))
+    assert fits(rope_launch_grid(batch, heads // 8, tokens, 16))
+    assert fits(attention_launch_grid(-(-tokens // 128), batch, heads))
+    assert fits(gelu_launch_grid(batch * tokens, 4 * hidden))
     # The launchers put the token count on axis 0: it alone grows with the image.
-    assert rope_grid(batch, 3, tokens, 16)[0] == 3 * -(-tokens // 16)
-    assert attention_grid(-(-tokens // 128), batch, heads) == (-(-tokens // 128), batch * heads)
+    assert rope_launch_grid(batch, 3, tokens, 16)[0] == 3 * -(-tokens // 16)
+    assert attention_launch_grid(-(-tokens // 128), batch, heads) == (-(-tokens // 128), batch * heads)
 
 
 @pytest.mark.parametrize("backend", ["triton", "portable"])

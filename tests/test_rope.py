@@ -102,7 +102,7 @@ def test_grid_fits_cudas_limits_past_8k(pixels):
     axis 0 holds every (head group, token block), up to 2^31 - 1; axis 1 (batch) stays far below 65,535."""
     tokens = (pixels // 16) ** 2
     length = 512 + tokens + tokens // 16
-    grid = rope.rope_grid(batch=2, groups=3, length=length, block_l=16)
+    grid = rope.rope_launch_grid(batch=2, groups=3, length=length, block_l=16)
     assert grid == (3 * -(-length // 16), 2)
     assert grid[0] < 2**31 and grid[1] <= 65535
     assert -(-length // 16) > 65535  # the old layout (token blocks on axis 1) could not launch this
