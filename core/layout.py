@@ -213,7 +213,7 @@ def _predicate(layout: Layout, device: torch.device):
         if r.guidance_scope == "local":
             image_guidance = _near(t.wy[q], t.wx[q], t.wy[k], t.wx[k], r.guidance_radius)
         guidance_guidance = True
-        if r.guidance_sees == "local":
+        if r.guidance_self_scope == "local":
             guidance_guidance = _near(t.wy[q], t.wx[q], t.wy[k], t.wx[k], r.guidance_self_radius)
         context = everyone_sees | is_guidance
         image_row = everyone_sees | (is_image & image_image) | (is_guidance & image_guidance)

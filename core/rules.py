@@ -64,7 +64,17 @@ SEGMENT_KIND = {TextSegment: TEXT, ImageSegment: IMAGE, GuidanceSegment: GUIDANC
 
 @dataclass(frozen=True)
 class AttentionRules:
-    """Who may attend to whom; see the module docstring. Defaults follow UltraGen."""
+    """Who may attend to whom. Defaults follow UltraGen. Everyone sees text and references.
+
+    - ``text_sees``: text and reference queries see the context (text, references, guidance), or
+      ``"all"`` tokens;
+    - ``image_sees``: image queries see image keys in their window's ``neighbour_radius`` windows, or
+      ScaleDiff's ``"npa"`` neighbourhood of their patch;
+    - ``guidance_scope``: image queries see all guidance tokens, or (``"local"``) those whose home
+      window lies within ``guidance_radius`` windows of theirs;
+    - ``guidance_self_scope``: guidance queries see all guidance tokens, or those within
+      ``guidance_self_radius`` windows.
+    """
 
     text_sees: Literal["context", "all"] = "context"
     image_sees: Literal["windows", "npa"] = "windows"
@@ -74,7 +84,7 @@ class AttentionRules:
     npa_offset: tuple[int, int] = (0, 0)
     guidance_scope: Literal["global", "local"] = "local"
     guidance_radius: int = 1
-    guidance_sees: Literal["global", "local"] = "global"
+    guidance_self_scope: Literal["global", "local"] = "global"
     guidance_self_radius: int = 2
 
     @classmethod
@@ -88,7 +98,7 @@ class AttentionRules:
             "text_sees": ("context", "all"),
             "image_sees": ("windows", "npa"),
             "guidance_scope": ("global", "local"),
-            "guidance_sees": ("global", "local"),
+            "guidance_self_scope": ("global", "local"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -75,7 +75,9 @@ def _pair_rule(rules: AttentionRules, kq: int, kk: int, q: dict, k: dict):
     if kq == IMAGE and kk == GUIDANCE:
         return (True, False) if rules.guidance_scope == "global" else _near_ranges(q, k, rules.guidance_radius)
     if kq == GUIDANCE and kk == GUIDANCE:
-        return (True, False) if rules.guidance_sees == "global" else _near_ranges(q, k, rules.guidance_self_radius)
+        if rules.guidance_self_scope == "global":
+            return (True, False)
+        return _near_ranges(q, k, rules.guidance_self_radius)
     if kk == IMAGE:  # text, guidance or reference queries looking at image keys
         return (True, False) if (kq != GUIDANCE and rules.text_sees == "all") else (False, True)
     return True, False  # text or reference queries looking at guidance

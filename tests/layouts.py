@@ -14,7 +14,7 @@ NAMED = {
     "guidance-global": Layout((TextSegment(5), ImageSegment(12, 12, window=(4, 4)), GuidanceSegment(3, 3))),
     "guidance-local": Layout(
         (TextSegment(9), ImageSegment(16, 12, window=(4, 4), order="hilbert"), GuidanceSegment(4, 3)),
-        AttentionRules(guidance_scope="local", guidance_radius=0, guidance_sees="local", guidance_self_radius=1),
+        AttentionRules(guidance_scope="local", guidance_radius=0, guidance_self_scope="local", guidance_self_radius=1),
     ),
     "radius-0-text-all": Layout(
         (TextSegment(3), ImageSegment(10, 10, window=(5, 5)), GuidanceSegment(5, 5)),
@@ -47,7 +47,7 @@ def random_layout(rng: random.Random) -> Layout:
         text_sees=rng.choice(["context", "all"]),
         guidance_scope=rng.choice(["global", "local"]),
         guidance_radius=rng.randint(0, 2),
-        guidance_sees=rng.choice(["global", "local"]),
+        guidance_self_scope=rng.choice(["global", "local"]),
         guidance_self_radius=rng.randint(0, 2),
     )
     if rng.random() < 0.35:

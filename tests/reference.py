@@ -100,7 +100,7 @@ def allowed(q: dict, k: dict, rules, image_size: tuple[int, int]) -> bool:
     if q["kind"] in ("text", "reference"):
         return context or (rules.text_sees == "all")
     if q["kind"] == "guidance":
-        if k["kind"] == "guidance" and rules.guidance_sees == "local":
+        if k["kind"] == "guidance" and rules.guidance_self_scope == "local":
             return _chebyshev(q["w"], k["w"]) <= rules.guidance_self_radius
         return context
     # image query
