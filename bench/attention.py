@@ -99,7 +99,7 @@ def check(config: tuple | None) -> list[dict]:
         "2048 global": flux_layout(2048, "global"),
         "2048 local": flux_layout(2048, "local"),
         "odd 1000x1336 local, hilbert": Layout(
-            (TextSegment(300), ImageSegment(62, 83, order="hilbert"), GuidanceSegment(15, 21)),
+            (TextSegment(300), ImageSegment(62, 83, token_order="hilbert"), GuidanceSegment(15, 21)),
             AttentionRules(guidance_scope="local", guidance_self_scope="local"),
         ),
         "npa offset (7, 23)": Layout(

@@ -46,7 +46,7 @@ from .rules import (
     Segment,
 )
 from .tile_classifier import tile_classifier
-from .token_order import WINDOW_CURVES, window_first_order, window_rank
+from .token_order import TOKEN_ORDERS, window_first_order, window_rank
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,8 +90,8 @@ class Layout:
             if min(size) < 1:
                 raise LayoutError(f"{type(seg).__name__} must have at least one token, got {seg}")
         img = self.image
-        if img.order not in WINDOW_CURVES:
-            raise LayoutError(f"window order must be one of {WINDOW_CURVES}, got {img.order!r}")
+        if img.token_order not in TOKEN_ORDERS:
+            raise LayoutError(f"token_order must be one of {TOKEN_ORDERS}, got {img.token_order!r}")
         if min(img.window) < 1:
             raise LayoutError(f"window must be at least 1x1 tokens, got {img.window}")
         g = self.guidance
@@ -149,7 +149,7 @@ def _guidance_order(img: ImageSegment, g: GuidanceSegment, device: torch.device)
     wy = ((2 * gy + 1) * img.height) // (2 * g.height * wh)
     wx = ((2 * gx + 1) * img.width) // (2 * g.width * ww)
     n_rows, n_cols = -(-img.height // wh), -(-img.width // ww)
-    rank = window_rank(n_rows, n_cols, img.order, device)[wy * n_cols + wx]
+    rank = window_rank(n_rows, n_cols, img.token_order, device)[wy * n_cols + wx]
     perm = torch.argsort(rank * (g.height * g.width) + gy * g.width + gx)
     return perm, wy[perm], wx[perm]
 
@@ -173,7 +173,7 @@ def _token_table(layout: Layout, device: torch.device) -> TokenTable:
         part = slice(start, stop)
         cols["kind"][part] = SEGMENT_KIND[type(seg)]
         if isinstance(seg, ImageSegment):
-            order = window_first_order(seg.height, seg.width, seg.window, seg.order, device)
+            order = window_first_order(seg.height, seg.width, seg.window, seg.token_order, device)
             for name in ("y", "x", "wy", "wx"):
                 cols[name][part] = getattr(order, name).to(torch.int32)
             if layout.rules.image_sees == "npa":

@@ -33,7 +33,7 @@ class ImageSegment:
     height: int
     width: int
     window: tuple[int, int] = (16, 16)
-    order: Literal["raster", "hilbert"] = "raster"
+    token_order: Literal["window-first", "hilbert"] = "window-first"  # windows in raster order, or Hilbert
 
 
 @dataclass(frozen=True)

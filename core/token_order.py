@@ -19,8 +19,8 @@ from typing import Literal
 
 import torch
 
-WindowCurve = Literal["raster", "hilbert"]
-WINDOW_CURVES: tuple[str, ...] = ("raster", "hilbert")
+TokenOrder = Literal["window-first", "hilbert"]
+TOKEN_ORDERS: tuple[str, ...] = ("window-first", "hilbert")
 
 
 def hilbert_index(x: torch.Tensor, y: torch.Tensor, side: int) -> torch.Tensor:
@@ -49,8 +49,8 @@ def hilbert_index(x: torch.Tensor, y: torch.Tensor, side: int) -> torch.Tensor:
     return d
 
 
-def window_rank(n_rows: int, n_cols: int, curve: WindowCurve, device: torch.device) -> torch.Tensor:
-    """Rank of each window of an (n_rows, n_cols) window grid in the chosen curve.
+def window_rank(n_rows: int, n_cols: int, token_order: TokenOrder, device: torch.device) -> torch.Tensor:
+    """Rank of each window of an (n_rows, n_cols) window grid in the chosen token order.
 
     Returns a (n_rows * n_cols,) int64 tensor indexed by raster window index. For the
     Hilbert curve on a grid that is not a power-of-two square, windows are sorted by
@@ -58,10 +58,10 @@ def window_rank(n_rows: int, n_cols: int, curve: WindowCurve, device: torch.devi
     contiguous and neighbours stay close.
     """
     count = n_rows * n_cols
-    if curve == "raster":
+    if token_order == "window-first":
         return torch.arange(count, device=device)
-    if curve != "hilbert":
-        raise ValueError(f"window order must be one of {WINDOW_CURVES}, got {curve!r}")
+    if token_order != "hilbert":
+        raise ValueError(f"token_order must be one of {TOKEN_ORDERS}, got {token_order!r}")
     side = 1
     while side < max(n_rows, n_cols):
         side *= 2
@@ -85,7 +85,7 @@ class WindowOrder:
     height: int
     width: int
     window: tuple[int, int]
-    curve: str
+    token_order: str
     perm: torch.Tensor
     inverse: torch.Tensor
     y: torch.Tensor
@@ -103,7 +103,7 @@ def window_first_order(
     height: int,
     width: int,
     window: tuple[int, int] = (16, 16),
-    curve: WindowCurve = "raster",
+    token_order: TokenOrder = "window-first",
     device: torch.device | str = "cpu",
 ) -> WindowOrder:
     """The window-first order of an (height, width) grid; cached per shape and device."""
@@ -112,19 +112,19 @@ def window_first_order(
         raise ValueError(f"token grid must be at least 1x1, got {height}x{width}")
     if window[0] < 1 or window[1] < 1:
         raise ValueError(f"window must be at least 1x1 tokens, got {window[0]}x{window[1]}")
-    return _window_first_order(height, width, (int(window[0]), int(window[1])), curve, device)
+    return _window_first_order(height, width, (int(window[0]), int(window[1])), token_order, device)
 
 
 @functools.lru_cache(maxsize=64)
 def _window_first_order(
-    height: int, width: int, window: tuple[int, int], curve: str, device: torch.device
+    height: int, width: int, window: tuple[int, int], token_order: str, device: torch.device
 ) -> WindowOrder:
     wh, ww = window
     y = torch.arange(height, device=device).repeat_interleave(width)
     x = torch.arange(width, device=device).repeat(height)
     wy, wx = y // wh, x // ww
     n_win_cols = -(-width // ww)
-    rank = window_rank(-(-height // wh), n_win_cols, curve, device)
+    rank = window_rank(-(-height // wh), n_win_cols, token_order, device)
     # Sort key: window rank first, then raster order inside the window.
     key = rank[wy * n_win_cols + wx] * (wh * ww) + (y % wh) * ww + (x % ww)
     perm = torch.argsort(key)
@@ -134,7 +134,7 @@ def _window_first_order(
         height=height,
         width=width,
         window=window,
-        curve=curve,
+        token_order=token_order,
         perm=perm,
         inverse=inverse,
         y=y[perm],

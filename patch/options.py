@@ -73,11 +73,6 @@ class PatchOptions:
         """(rows, columns) of a window, in tokens."""
         return (self.window, self.window)
 
-    @property
-    def curve(self) -> str:
-        """The order windows follow each other in (core's name for ``token_order``)."""
-        return "hilbert" if self.token_order == "hilbert" else "raster"
-
     def npa_offsets(self) -> tuple[int, ...]:
         """The shifts NPA's patch grid may take along each axis: a few, so tile schedules stay cached."""
         return tuple(range(0, self.npa_patch, max(1, min(8, self.npa_patch))))

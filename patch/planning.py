@@ -88,7 +88,7 @@ def plan_size(dm, options: PatchOptions, guidance: Guidance | None, latent: torc
     ``latent``: the guidance latent in model space (float32), or None without guidance; its
     noise is drawn from ``noise_seed`` (the sampling seed).
     """
-    order = window_first_order(size[0], size[1], options.window_size, options.curve, device)
+    order = window_first_order(size[0], size[1], options.window_size, options.token_order, device)
     ids = torch.zeros(order.perm.numel(), 3, dtype=torch.float32, device=device)
     ids[:, 1], ids[:, 2] = order.y, order.x
     plan = SizePlan(order=order, image_ids=rope_positions(ids, rope_options))
@@ -97,7 +97,7 @@ def plan_size(dm, options: PatchOptions, guidance: Guidance | None, latent: torc
     gh, gw = guidance.grid(dm.patch_size)
     latent = latent.to(device, torch.float32)
     noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(noise_seed)).to(device)
-    layout = Layout((ImageSegment(size[0], size[1], options.window_size, options.curve), GuidanceSegment(gh, gw)))
+    layout = Layout((ImageSegment(size[0], size[1], options.window_size, options.token_order), GuidanceSegment(gh, gw)))
     perm = layout.guidance_order(device)
     return SizePlan(
         order=order,
@@ -125,7 +125,7 @@ def npa_offset(options: PatchOptions, seed: int, sigma: float) -> tuple[int, int
 def call_layout(options: PatchOptions, grid: tuple[int, int], text_len: int, n_ref: int,
                 guidance_grid: tuple[int, int] | None, offset: tuple[int, int]) -> Layout:  # fmt: skip
     """The attention layout of a call: [text | image (window-first) | references | guidance]."""
-    segments = [TextSegment(text_len), ImageSegment(grid[0], grid[1], options.window_size, options.curve)]
+    segments = [TextSegment(text_len), ImageSegment(grid[0], grid[1], options.window_size, options.token_order)]
     if n_ref:
         segments.append(ReferenceSegment(n_ref))
     if guidance_grid is not None:

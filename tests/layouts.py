@@ -9,11 +9,11 @@ from ultragen.core import AttentionRules, GuidanceSegment, ImageSegment, Layout,
 NAMED = {
     "partial-border-windows": Layout((TextSegment(7), ImageSegment(9, 13, window=(4, 4)))),
     "odd-text-non-square-hilbert": Layout(
-        (TextSegment(13), ImageSegment(11, 6, window=(4, 3), order="hilbert"), GuidanceSegment(3, 2))
+        (TextSegment(13), ImageSegment(11, 6, window=(4, 3), token_order="hilbert"), GuidanceSegment(3, 2))
     ),
     "guidance-global": Layout((TextSegment(5), ImageSegment(12, 12, window=(4, 4)), GuidanceSegment(3, 3))),
     "guidance-local": Layout(
-        (TextSegment(9), ImageSegment(16, 12, window=(4, 4), order="hilbert"), GuidanceSegment(4, 3)),
+        (TextSegment(9), ImageSegment(16, 12, window=(4, 4), token_order="hilbert"), GuidanceSegment(4, 3)),
         AttentionRules(guidance_scope="local", guidance_radius=0, guidance_self_scope="local", guidance_self_radius=1),
     ),
     "radius-0-text-all": Layout(
@@ -22,7 +22,7 @@ NAMED = {
     ),
     "npa-offset": Layout((TextSegment(6), ImageSegment(17, 14)), AttentionRules.npa(patch=4, window=8, offset=(1, 3))),
     "npa-hilbert-guidance": Layout(
-        (TextSegment(4), ImageSegment(12, 16, window=(4, 4), order="hilbert"), GuidanceSegment(3, 4)),
+        (TextSegment(4), ImageSegment(12, 16, window=(4, 4), token_order="hilbert"), GuidanceSegment(3, 4)),
         AttentionRules.npa(patch=5, window=9, offset=(4, 2), guidance_scope="local"),
     ),
     "reference-tokens": Layout(
@@ -38,7 +38,7 @@ NAMED = {
 def random_layout(rng: random.Random) -> Layout:
     h, w = rng.randint(3, 20), rng.randint(3, 20)
     window = (rng.randint(2, 8), rng.randint(2, 8))
-    segs = [TextSegment(rng.randint(1, 33)), ImageSegment(h, w, window, rng.choice(["raster", "hilbert"]))]
+    segs = [TextSegment(rng.randint(1, 33)), ImageSegment(h, w, window, rng.choice(["window-first", "hilbert"]))]
     if rng.random() < 0.7:
         segs.append(GuidanceSegment(rng.randint(1, h), rng.randint(1, w)))
     if rng.random() < 0.3:

@@ -1,8 +1,8 @@
 """Dense references built straight from the written rules, token by token.
 
-Deliberately shares no code with ``core/``: the window-first order, the Hilbert curve,
+Deliberately shares no code with ``core/``: the window-first order, the Hilbert token_order,
 guidance home windows and NPA boxes are all recomputed here in plain Python (exact
-fractions, recursive curve construction), so a bug in the vectorised versions shows up
+fractions, recursive token_order construction), so a bug in the vectorised versions shows up
 as a mismatch instead of being reproduced.
 """
 
@@ -14,7 +14,7 @@ import torch
 
 
 def hilbert_cells(order: int) -> list[tuple[int, int]]:
-    """Cells (x, y) of a 2^order square in Hilbert-curve order, built recursively."""
+    """Cells (x, y) of a 2^order square in Hilbert-token_order order, built recursively."""
     if order == 0:
         return [(0, 0)]
     prev = hilbert_cells(order - 1)
@@ -27,9 +27,9 @@ def hilbert_cells(order: int) -> list[tuple[int, int]]:
     )
 
 
-def window_sequence(n_rows: int, n_cols: int, curve: str) -> list[tuple[int, int]]:
-    """Window (row, col) pairs in curve order."""
-    if curve == "raster":
+def window_sequence(n_rows: int, n_cols: int, token_order: str) -> list[tuple[int, int]]:
+    """Window (row, col) pairs in token_order order."""
+    if token_order == "window-first":
         return [(r, c) for r in range(n_rows) for c in range(n_cols)]
     order = 0
     while (1 << order) < max(n_rows, n_cols):
@@ -37,12 +37,12 @@ def window_sequence(n_rows: int, n_cols: int, curve: str) -> list[tuple[int, int
     return [(y, x) for x, y in hilbert_cells(order) if y < n_rows and x < n_cols]
 
 
-def image_tokens(height: int, width: int, window: tuple[int, int], curve: str) -> list[tuple[int, int]]:
+def image_tokens(height: int, width: int, window: tuple[int, int], token_order: str) -> list[tuple[int, int]]:
     """(y, x) of each image token in window-first order."""
     wh, ww = window
     n_rows, n_cols = -(-height // wh), -(-width // ww)
     out = []
-    for r, c in window_sequence(n_rows, n_cols, curve):
+    for r, c in window_sequence(n_rows, n_cols, token_order):
         for y in range(r * wh, min((r + 1) * wh, height)):
             for x in range(c * ww, min((c + 1) * ww, width)):
                 out.append((y, x))
@@ -76,11 +76,11 @@ def sequence(layout) -> list[dict]:
         elif name == "ReferenceSegment":
             toks += [{"kind": "reference"} for _ in range(seg.length)]
         elif name == "ImageSegment":
-            for y, x in image_tokens(seg.height, seg.width, seg.window, seg.order):
+            for y, x in image_tokens(seg.height, seg.width, seg.window, seg.token_order):
                 toks.append({"kind": "image", "y": y, "x": x, "w": (y // seg.window[0], x // seg.window[1])})
         elif name == "GuidanceSegment":
             n_rows, n_cols = -(-img.height // img.window[0]), -(-img.width // img.window[1])
-            rank = {w: i for i, w in enumerate(window_sequence(n_rows, n_cols, img.order))}
+            rank = {w: i for i, w in enumerate(window_sequence(n_rows, n_cols, img.token_order))}
             cells = [(gy, gx) for gy in range(seg.height) for gx in range(seg.width)]
             homes = {c: home_window(*c, (seg.height, seg.width), (img.height, img.width), img.window) for c in cells}
             for gy, gx in sorted(cells, key=lambda c: (rank[homes[c]], c)):

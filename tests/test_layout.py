@@ -95,7 +95,7 @@ def test_8k_schedule_memory_is_proportional_to_tiles():
         (lambda: Layout((TextSegment(4),)), "exactly one image"),
         (lambda: Layout((ImageSegment(4, 4), ImageSegment(4, 4))), "at most one image"),
         (lambda: Layout((TextSegment(0), ImageSegment(4, 4))), "at least one token"),
-        (lambda: Layout((ImageSegment(4, 4, order="zigzag"),)), "window order"),
+        (lambda: Layout((ImageSegment(4, 4, token_order="zigzag"),)), "token_order must be one of"),
         (lambda: Layout((ImageSegment(4, 4),), AttentionRules(text_sees="image")), "text_sees"),
         (lambda: Layout((ImageSegment(4, 4),), AttentionRules(neighbour_radius=-1)), "neighbour_radius"),
         (lambda: Layout((ImageSegment(4, 4),), AttentionRules.npa(patch=4, window=2)), "key window >= patch"),

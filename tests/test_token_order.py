@@ -10,22 +10,22 @@ from reference import hilbert_cells, image_tokens
 SHAPES = [(1, 1, (16, 16)), (16, 16, (16, 16)), (9, 13, (4, 4)), (7, 20, (3, 6)), (32, 24, (8, 8)), (5, 31, (16, 4))]
 
 
-@pytest.mark.parametrize("curve", ["raster", "hilbert"])
+@pytest.mark.parametrize("token_order", ["window-first", "hilbert"])
 @pytest.mark.parametrize("h,w,window", SHAPES)
-def test_round_trip_and_structure(h, w, window, curve):
-    order = window_first_order(h, w, window, curve)
+def test_round_trip_and_structure(h, w, window, token_order):
+    order = window_first_order(h, w, window, token_order)
     tokens = torch.randn(2, h * w, 3)
     there = to_window_first(tokens, order)
     assert torch.equal(to_raster(there, order), tokens)
     assert sorted(order.perm.tolist()) == list(range(h * w))
-    # The order is the one written in the reference: windows in curve order, raster inside.
-    assert list(zip(order.y.tolist(), order.x.tolist(), strict=True)) == image_tokens(h, w, window, curve)
+    # The order is the one written in the reference: windows in token_order order, raster inside.
+    assert list(zip(order.y.tolist(), order.x.tolist(), strict=True)) == image_tokens(h, w, window, token_order)
     assert torch.equal(order.y * w + order.x, order.perm)
 
 
-@pytest.mark.parametrize("curve", ["raster", "hilbert"])
-def test_partial_border_windows_are_contiguous(curve):
-    order = window_first_order(10, 7, (4, 3), curve)
+@pytest.mark.parametrize("token_order", ["window-first", "hilbert"])
+def test_partial_border_windows_are_contiguous(token_order):
+    order = window_first_order(10, 7, (4, 3), token_order)
     win = (order.wy * 10 + order.wx).tolist()
     seen = []
     for wid in win:
@@ -78,11 +78,11 @@ def test_hilbert_on_irregular_window_grids(rows, cols):
 def test_cached_per_shape():
     a = window_first_order(12, 12, (4, 4), "hilbert")
     assert window_first_order(12, 12, (4, 4), "hilbert") is a
-    assert window_first_order(12, 12, (4, 4), "raster") is not a
+    assert window_first_order(12, 12, (4, 4), "window-first") is not a
 
 
 def test_bad_arguments_are_explained():
-    with pytest.raises(ValueError, match="window order"):
+    with pytest.raises(ValueError, match="token_order must be one of"):
         window_first_order(4, 4, (2, 2), "zigzag")
     with pytest.raises(ValueError, match="at least 1x1"):
         window_first_order(0, 4)
