@@ -80,7 +80,9 @@ def test_pyproject_and_requirements_txt_list_the_same_dependencies():
     from_pyproject = _requirements(PYPROJECT["project"]["dependencies"])
     for name in from_txt.keys() & from_pyproject.keys():
         assert str(from_txt[name]) == str(from_pyproject[name]), name
-    assert from_txt.keys() <= from_pyproject.keys(), "requirements.txt installs what pyproject.toml does not list"
-    assert from_pyproject.keys() - from_txt.keys() == LEFT_TO_COMFYUI
+    assert from_txt.keys() == from_pyproject.keys(), "pyproject.toml and requirements.txt install different things"
+    assert not from_txt.keys() & LEFT_TO_COMFYUI  # never replace ComfyUI's own CUDA PyTorch
     comments = " ".join(line for line in text.splitlines() if line.lstrip().startswith("#"))
     assert all(name in comments for name in LEFT_TO_COMFYUI), "requirements.txt should say why it omits them"
+    extra = _requirements(PYPROJECT["project"]["optional-dependencies"]["torch"])
+    assert extra.keys() == LEFT_TO_COMFYUI  # outside ComfyUI they come from the "torch" extra
