@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ..core.flow_matching import FLUX_MU_1024
 from ..kernels import BACKENDS
-from ..patch import PatchOptions, UltraGenFluxPatch, load_guidance_lora
+from ..patch import PatchOptions, UltraGenFluxPatch, UltraGenPatchError, load_guidance_lora
 from .types import UltraGenGuidance
 
 NO_LORA = "none"
@@ -126,7 +126,7 @@ class UltraGenAttentionPatch(io.ComfyNode):
         if guidance_lora != NO_LORA:
             path = folder_paths.get_full_path("loras", guidance_lora)
             if path is None:
-                raise ValueError(f"UltraGen Attention Patch: LoRA {guidance_lora!r} is not in models/loras")
+                raise UltraGenPatchError(f"UltraGen Attention Patch: LoRA {guidance_lora!r} is not in models/loras")
             lora = load_guidance_lora(path)
         patch = UltraGenFluxPatch(options, guidance=guidance, lora=lora, lora_strength=lora_strength)
         return io.NodeOutput(patch.apply(model))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..core.guidance import aspect_mismatch
-from ..patch import Guidance
+from ..patch import Guidance, UltraGenPatchError
 from ..patch.flux_family import PIXELS_PER_LATENT
 from .types import UltraGenGuidance
 
@@ -48,26 +48,28 @@ class UltraGenLowResGuidanceEncode(io.ComfyNode):
     @classmethod
     def execute(cls, target_width, target_height, image=None, vae=None, latent=None) -> io.NodeOutput:
         if (image is None) == (latent is None):
-            raise ValueError("Low-Res Guidance Encode: connect either an image (with a VAE) or a latent, not both")
+            raise UltraGenPatchError(
+                "Low-Res Guidance Encode: connect either an image (with a VAE) or a latent, not both"
+            )
         if image is not None:
             if vae is None:
-                raise ValueError("Low-Res Guidance Encode: an image needs the VAE connected to encode it")
+                raise UltraGenPatchError("Low-Res Guidance Encode: an image needs the VAE connected to encode it")
             samples = vae.encode(image[:, :, :, :3])
         else:
             samples = latent["samples"]
         if samples.dim() != 4:
-            raise ValueError(
+            raise UltraGenPatchError(
                 f"Low-Res Guidance Encode: expected an image latent (B, C, H, W), got {tuple(samples.shape)}"
             )
         width, height = samples.shape[-1] * PIXELS_PER_LATENT, samples.shape[-2] * PIXELS_PER_LATENT
         if width > target_width or height > target_height:
-            raise ValueError(
+            raise UltraGenPatchError(
                 f"Low-Res Guidance Encode: the guidance ({width}x{height} px) is larger than the target "
                 f"({target_width}x{target_height} px); guidance is the low-res version of the target"
             )
         target_cells = (target_width // PIXELS_PER_LATENT, target_height // PIXELS_PER_LATENT)
         if aspect_mismatch(samples.shape[-1], samples.shape[-2], *target_cells):
-            raise ValueError(
+            raise UltraGenPatchError(
                 f"Low-Res Guidance Encode: the guidance ({width}x{height} px) and the target ({target_width}x"
                 f"{target_height} px) differ in shape, so the guidance would be stretched; make the low-res image "
                 "the target's aspect ratio (or set the target to a multiple of the low-res size)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import comfy.samplers
 from comfy_api.latest import io
 
+from ..patch import UltraGenPatchError
 from ..patch.exact_vae import exact_encode
 from ..patch.recursive_upscale import StageSettings, recursive_upscale
 from ..patch.warm_start import METHODS
@@ -65,7 +66,7 @@ class UltraGenRecursiveUpscale(io.ComfyNode):
         sharpen, shift_mu, guidance_scope, latent=None, image=None,
     ) -> io.NodeOutput:  # fmt: skip
         if (latent is None) == (image is None):
-            raise ValueError("Recursive Upscale: connect either a latent or an image to upscale, not both")
+            raise UltraGenPatchError("Recursive Upscale: connect either a latent or an image to upscale, not both")
         samples = latent["samples"] if latent is not None else exact_encode(vae, image)
         settings = StageSettings(
             scale=scale, steps=steps, skip=skip, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,

@@ -22,7 +22,7 @@ from ..errors import UltraGenError
 from .exact_vae import exact_decode
 from .flux_family import LATENT_CHANNELS, PIXELS_PER_LATENT
 from .flux_patch import UltraGenFluxPatch
-from .options import Guidance, PatchOptions
+from .options import Guidance, PatchOptions, UltraGenPatchError
 from .warm_start import upsample_latent, warm_start_sigmas
 
 PREVIEW_SIZE = 512
@@ -55,11 +55,11 @@ class StageSettings:
 
 def check_settings(settings: StageSettings, stages: int) -> None:
     if stages < 1:
-        raise ValueError(f"Recursive Upscale needs at least 1 stage, got {stages}")
+        raise UltraGenPatchError(f"Recursive Upscale needs at least 1 stage, got {stages}")
     if settings.scale <= 1:
-        raise ValueError(f"scale per stage must be above 1 (it upscales), got {settings.scale}")
+        raise UltraGenPatchError(f"scale per stage must be above 1 (it upscales), got {settings.scale}")
     if settings.sampler_name not in comfy.samplers.SAMPLER_NAMES:
-        raise ValueError(f"sampler must be one of ComfyUI's samplers, got {settings.sampler_name!r}")
+        raise UltraGenPatchError(f"sampler must be one of ComfyUI's samplers, got {settings.sampler_name!r}")
 
 
 def run_stage(

@@ -18,6 +18,7 @@ import comfy.model_sampling
 import torch
 
 from ..core.flow_matching import FLUX_MU_1024
+from .options import UltraGenPatchError
 
 # A chunked FLUX step (chunked_blocks.py) holds a block's input (1U) and q, k, v (3U) through attention,
 # plus the rotary table (U/6), one slice's temporaries and the weights of the layer in use, where U is
@@ -49,9 +50,9 @@ def constant_shift_sigmas(steps: int, mu: float = FLUX_MU_1024, scheduler: str =
     import comfy.samplers
 
     if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
+        raise UltraGenPatchError(f"steps must be at least 1, got {steps}")
     if scheduler not in comfy.samplers.SCHEDULER_NAMES:
-        raise ValueError(f"scheduler must be one of {comfy.samplers.SCHEDULER_NAMES}, got {scheduler!r}")
+        raise UltraGenPatchError(f"scheduler must be one of {comfy.samplers.SCHEDULER_NAMES}, got {scheduler!r}")
     return comfy.samplers.calculate_sigmas(constant_shift_sampling(None, mu), scheduler, steps).float()
 
 

@@ -15,6 +15,7 @@ import torch
 from ..core.frequency import low_pass
 from ..core.guidance import aspect_mismatch
 from .flux_family import PIXELS_PER_LATENT
+from .options import UltraGenPatchError
 
 GAMMA_SCHEDULES = ("sigma", "sigma squared", "constant")
 log = logging.getLogger("UltraGen")
@@ -28,7 +29,7 @@ def gamma(sigma: torch.Tensor, strength: float, schedule: str) -> torch.Tensor:
         return strength * sigma**2
     if schedule == "constant":
         return torch.full_like(sigma, strength)
-    raise ValueError(f"gamma schedule must be one of {GAMMA_SCHEDULES}, got {schedule!r}")
+    raise UltraGenPatchError(f"gamma schedule must be one of {GAMMA_SCHEDULES}, got {schedule!r}")
 
 
 class StructureGuidance:
@@ -49,14 +50,14 @@ class StructureGuidance:
         if key not in self._low_ref:
             ref = self.latent_format.process_in(self.reference.to(like.device, torch.float32))
             if ref.shape[1] != like.shape[1]:
-                raise ValueError(
+                raise UltraGenPatchError(
                     f"Structure Guidance: the reference latent has {ref.shape[1]} channels but the model predicts "
                     f"{like.shape[1]}; use a latent of this model's VAE"
                 )
             if ref.shape[-2:] != like.shape[-2:]:
                 if aspect_mismatch(ref.shape[-1], ref.shape[-2], like.shape[-1], like.shape[-2]):
                     ref_w, ref_h, w, h = (s * PIXELS_PER_LATENT for s in (*ref.shape[-1:-3:-1], *like.shape[-1:-3:-1]))
-                    raise ValueError(
+                    raise UltraGenPatchError(
                         f"Structure Guidance: the reference is {ref_w}x{ref_h} px but the sampler runs at {w}x{h} px, "
                         "another shape; connect the latent the sampler starts from (e.g. Warm-Start Latent's output)"
                     )
@@ -67,7 +68,7 @@ class StructureGuidance:
                 )  # fmt: skip
                 ref = comfy.utils.common_upscale(ref, like.shape[-1], like.shape[-2], "bicubic", "disabled")
             if like.shape[0] % ref.shape[0]:  # a CFG call holds whole copies of the latent batch
-                raise ValueError(
+                raise UltraGenPatchError(
                     f"Structure Guidance: the reference holds {ref.shape[0]} latents, which does not divide the "
                     f"sampler's batch of {like.shape[0]}; connect one reference, or one per latent"
                 )

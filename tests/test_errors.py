@@ -41,3 +41,17 @@ def test_every_error_has_the_one_base_and_a_builtin_one():
             continue
         assert issubclass(cls, UltraGenError), f"{module}.{name}"
         assert any(issubclass(cls, b) for b in (ValueError, RuntimeError, ImportError)), f"{module}.{name}"
+
+
+def test_the_node_facing_layers_raise_only_the_packs_errors():
+    """patch/, nodes/ and training/ reach artists: what they raise is an UltraGenError (with its message style:
+    where, what is wrong, what to change), never a bare ValueError or RuntimeError."""
+    bare = []
+    for package in ("patch", "nodes", "training"):
+        for path in sorted((ROOT / package).glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
+                    name = getattr(node.exc.func, "id", None)
+                    if name in ("ValueError", "RuntimeError", "Exception"):
+                        bare.append(f"{package}/{path.name}:{node.lineno}")
+    assert bare == []

@@ -29,6 +29,7 @@ from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora.layer import Linear as PeftLoraLinear
 
 from ..core.guidance_lora import GUIDANCE_LAYERS
+from .settings import TrainingError
 
 Targets = Literal["qkv", "all"]
 TARGETS: dict[str, tuple[str, ...]] = {
@@ -79,7 +80,7 @@ def _layer_cls(rows: GuidanceRows, targets: Targets) -> type[PeftLoraLinear]:
                 self.out_features = full
 
         def merge(self, *args, **kwargs):
-            raise RuntimeError("a guidance-row LoRA cannot be merged into the weights: it changes guidance rows only")
+            raise TrainingError("a guidance-row LoRA cannot be merged into the weights: it changes guidance rows only")
 
         def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             result = self.base_layer(x, *args, **kwargs)
@@ -121,7 +122,7 @@ def inject_guidance_lora(
     the global generator, so equal settings start equal. Returns the adapted layer paths.
     """
     if targets not in TARGETS:
-        raise ValueError(f"targets must be one of {sorted(TARGETS)}, got {targets!r}")
+        raise TrainingError(f"targets must be one of {sorted(TARGETS)}, got {targets!r}")
     pattern = "^(?:" + "|".join(TARGETS[targets]) + ")$"
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=pattern, lora_dropout=0.0, init_lora_weights=True)
     config._register_custom_module({torch.nn.Linear: _layer_cls(rows, targets)})
@@ -160,10 +161,10 @@ def load_lora_tensors(diffusion_model: torch.nn.Module, tensors: dict[str, torch
         for part in ("lora_A", "lora_B"):
             key = f"{name}.{part}.weight"
             if key not in tensors:
-                raise ValueError(f"the checkpoint has no {key}: was it trained with other targets?")
+                raise TrainingError(f"the checkpoint has no {key}: was it trained with other targets?")
             weight = getattr(m, part)[ADAPTER].weight
             if tensors[key].shape != weight.shape:
-                raise ValueError(
+                raise TrainingError(
                     f"{key} is {tuple(tensors[key].shape)} in the checkpoint but {tuple(weight.shape)} here: "
                     "was it trained with another rank or model?"
                 )
@@ -171,4 +172,4 @@ def load_lora_tensors(diffusion_model: torch.nn.Module, tensors: dict[str, torch
                 weight.copy_(tensors[key])
     extra = {k.rsplit(".", 2)[0] for k in tensors if k.endswith((".lora_A.weight", ".lora_B.weight"))} - set(modules)
     if extra:
-        raise ValueError(f"the checkpoint adapts layers this run does not: {sorted(extra)[:3]} (other targets?)")
+        raise TrainingError(f"the checkpoint adapts layers this run does not: {sorted(extra)[:3]} (other targets?)")
