@@ -101,7 +101,7 @@ class UltraGenAttentionPatch(io.ComfyNode):
                     "flex (PyTorch flex_attention), portable (any device).",
                 ),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="The model with windowed attention, for the high-res sampler.")],
         )  # fmt: skip
 
     @classmethod

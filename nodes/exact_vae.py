@@ -35,7 +35,7 @@ class UltraGenVAEDecodeExact(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The VAE (FLUX: ae.safetensors)."),
                 _offload_input(),
             ],
-            outputs=[io.Image.Output()],
+            outputs=[io.Image.Output(tooltip="The decoded image, exactly as a full-image VAE Decode gives it.")],
         )
 
     @classmethod
@@ -56,7 +56,7 @@ class UltraGenVAEEncodeExact(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The VAE (FLUX: ae.safetensors)."),
                 _offload_input(),
             ],
-            outputs=[io.Latent.Output()],
+            outputs=[io.Latent.Output(tooltip="The encoded latent, exactly as a full-image VAE Encode gives it.")],
         )
 
     @classmethod

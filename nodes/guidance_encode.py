@@ -42,7 +42,10 @@ class UltraGenLowResGuidanceEncode(io.ComfyNode):
                     tooltip="The low-res latent (e.g. the output of the low-res KSampler), instead of image + VAE.",
                 ),
             ],
-            outputs=[UltraGenGuidance.Output(display_name="guidance")],
+            outputs=[UltraGenGuidance.Output(
+                display_name="guidance",
+                tooltip="The low-res image as guidance for UltraGen Attention Patch at the target size.",
+            )],
         )  # fmt: skip
 
     @classmethod

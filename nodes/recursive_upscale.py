@@ -57,7 +57,10 @@ class UltraGenRecursiveUpscale(io.ComfyNode):
                                "authors' choice); global: the whole previous stage (steps ~15% longer at 4K, "
                                "~70% at 8K)."),
             ],
-            outputs=[io.Image.Output(display_name="image"), io.Latent.Output(display_name="latent")],
+            outputs=[
+                io.Image.Output(display_name="image", tooltip="The upscaled image of the last stage."),
+                io.Latent.Output(display_name="latent", tooltip="Its latent, for the next Recursive Upscale."),
+            ],
         )  # fmt: skip
 
     @classmethod

@@ -34,7 +34,7 @@ class UltraGenConstantShiftSigmas(io.ComfyNode):
                     tooltip="ComfyUI scheduler (FLUX: simple).",
                 ),
             ],
-            outputs=[io.Sigmas.Output(display_name="sigmas")],
+            outputs=[io.Sigmas.Output(display_name="sigmas", tooltip="The schedule, for a sampler's sigmas.")],
         )  # fmt: skip
 
     @classmethod

@@ -36,7 +36,7 @@ class UltraGenStructureGuidance(io.ComfyNode):
                     "constant.",
                 ),
             ],
-            outputs=[io.Model.Output()],
+            outputs=[io.Model.Output(tooltip="The model steered toward the reference's structure.")],
         )  # fmt: skip
 
     @classmethod

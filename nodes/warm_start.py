@@ -61,7 +61,10 @@ class UltraGenWarmStartLatent(io.ComfyNode):
                 ),
                 io.Vae.Input("vae", optional=True, tooltip="The FLUX VAE; needed by RGB upsample and LFM mix."),
             ],
-            outputs=[io.Latent.Output(display_name="latent"), io.Sigmas.Output(display_name="sigmas")],
+            outputs=[
+                io.Latent.Output(display_name="latent", tooltip="The upsampled latent, the sampler's latent_image."),
+                io.Sigmas.Output(display_name="sigmas", tooltip="The sigmas left to run, for the sampler's sigmas."),
+            ],
         )  # fmt: skip
 
     @classmethod

@@ -243,3 +243,71 @@ def test_workflow_runs_end_to_end_in_comfyuis_executor(registry, model_files, tm
     saved = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*.png"))
     prefixes = sorted(n["inputs"]["filename_prefix"] for n in prompt.values() if n["class_type"] == "SaveImage")
     assert len(saved) == len(prefixes) and all(any(s.startswith(p) for s in saved) for p in prefixes), saved
+
+
+# -- how the workflows read when opened ---------------------------------------------------------
+VIEWPORT = (1280, 720)  # a laptop's browser window, in screen pixels
+
+
+def drawn_height(registry, node: dict) -> int:
+    """What ComfyUI's frontend draws: 20 px a socket row, 24 px a widget (seed controls included), 14 px of
+    margins, 80 px more per multiline text box — 366 px for the Attention Patch, as seen in the frontend."""
+    import nodes
+
+    if node["type"] == "Note":
+        return node["size"][1]
+    spec = nodes.NODE_CLASS_MAPPINGS[node["type"]].INPUT_TYPES()
+    multiline = sum(1 for sec in spec.values() if isinstance(sec, dict) for e in sec.values()
+                    if len(e) > 1 and isinstance(e[1], dict) and e[1].get("multiline"))  # fmt: skip
+    rows = max(len(node["inputs"]), len(node["outputs"]))
+    return 20 * rows + 24 * len(node["widgets_values"]) + 14 + 80 * multiline
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_layout_reads_left_to_right_without_overlaps(registry, name):
+    ui, _ = load(name)
+    boxes = {}
+    for n in ui["nodes"]:
+        (x, y), (w, h) = n["pos"], n["size"]
+        boxes[n["id"]] = (x, y, x + w, y + max(h, drawn_height(registry, n)))
+    ids = sorted(boxes)
+    for i, a in enumerate(ids):
+        for b in ids[i + 1 :]:
+            (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = boxes[a], boxes[b]
+            assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0, f"nodes {a} and {b} overlap"
+    # The Note is in sight when the workflow opens (the saved view, a laptop-sized window).
+    ds = ui["extra"]["ds"]
+    view = (-ds["offset"][0], -ds["offset"][1], -ds["offset"][0] + VIEWPORT[0] / ds["scale"],
+            -ds["offset"][1] + VIEWPORT[1] / ds["scale"])  # fmt: skip
+    note = next(boxes[n["id"]] for n in ui["nodes"] if n["type"] == "Note")
+    assert view[0] <= note[0] and view[1] <= note[1] and note[2] <= view[2] and note[3] <= view[3]
+    # One group per stage, left to right, each holding its nodes; the first is the 1K base.
+    groups = ui["groups"]
+    assert [g["title"] for g in groups][0] == "1K base" and len(groups) >= 2
+    lefts = [g["bounding"][0] for g in groups]
+    assert lefts == sorted(lefts)
+    for g, nxt in zip(groups, groups[1:], strict=False):
+        assert g["bounding"][0] + g["bounding"][2] <= nxt["bounding"][0]
+    for n in ui["nodes"]:
+        if n["type"] == "Note":
+            continue
+        x0, y0, x1, y1 = boxes[n["id"]]
+        gx, gy, gw, gh = next(b for b in (g["bounding"] for g in groups) if b[0] <= x0 < b[0] + b[2])
+        assert gy <= y0 and y1 <= gy + gh and x1 <= gx + gw, f"node {n['id']} sticks out of its group"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_node_has_a_title_of_its_own(registry, name):
+    import nodes
+
+    ui, _ = load(name)
+    shown = [n.get("title") or nodes.NODE_DISPLAY_NAME_MAPPINGS.get(n["type"], n["type"]) for n in ui["nodes"]]
+    assert len(shown) == len(set(shown)), sorted(t for t in shown if shown.count(t) > 1)
+
+
+def test_every_output_of_the_packs_nodes_says_what_it_is(comfyui):
+    from ultragen.nodes import NODES
+
+    outputs = [(n.GET_SCHEMA().node_id, o) for n in NODES for o in n.GET_SCHEMA().outputs]
+    assert len(outputs) == 10
+    assert all(o.tooltip for _, o in outputs), [node for node, o in outputs if not o.tooltip]

@@ -47,6 +47,7 @@ class Node:
     type: str
     inputs: dict
     title: str | None = None
+    stage: str = ""
 
     def __getitem__(self, slot: int) -> Out:
         return Out(self.id, slot)
@@ -57,9 +58,14 @@ class Graph:
     name: str
     nodes: list[Node] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    current_stage: str = ""
+
+    def stage(self, name: str) -> None:
+        """Nodes made from now on belong to stage ``name`` (a group on the canvas, left to right)."""
+        self.current_stage = name
 
     def node(self, type_: str, title: str | None = None, **inputs) -> Node:
-        n = Node(len(self.nodes) + 1, type_, inputs, title)
+        n = Node(len(self.nodes) + 1, type_, inputs, title, self.current_stage)
         self.nodes.append(n)
         return n
 
@@ -104,17 +110,71 @@ def to_api(graph: Graph) -> dict:
     return prompt
 
 
-def _depths(graph: Graph) -> dict[int, int]:
+# Canvas geometry, in the frontend's units. A node's height is what ComfyUI's frontend draws for its sockets and
+# widgets (20 px a socket row, 24 px a widget, 14 px of margins: 366 px for the Attention Patch's 2 sockets and
+# 13 widgets, as seen in the frontend); a multiline text box takes 80 px more.
+NODE_WIDTH, COLUMN_GAP, ROW_GAP, STAGE_GAP = 340, 50, 40, 120
+NOTE_POS, NOTE_SIZE = (40, 40), (760, 320)
+GROUP_TITLE, GROUP_PAD = 50, 20
+VIEW = {"scale": 0.6, "offset": [0, 0]}  # opens with the Note and the first stages in sight
+STAGE_COLORS = ("#3f5f8a", "#3f7a5a", "#8a6a3f", "#7a3f6a")
+
+
+def node_height(type_: str) -> int:
+    """The height ComfyUI's frontend gives a node of this type (see the constants above)."""
+    import nodes
+
+    spec = nodes.NODE_CLASS_MAPPINGS[type_].INPUT_TYPES()
+    inputs_def, outputs_def = definition(type_)
+    sockets = sum(1 for _, _, widget, _, _ in inputs_def if not widget)
+    widgets = sum(1 + seed for _, _, widget, seed, _ in inputs_def if widget)
+    multiline = sum(
+        1 for section in spec.values() if isinstance(section, dict) for entry in section.values()
+        if len(entry) > 1 and isinstance(entry[1], dict) and entry[1].get("multiline")
+    )  # fmt: skip
+    return 20 * max(sockets, len(outputs_def)) + 24 * widgets + 14 + 80 * multiline
+
+
+def _stage_depths(graph: Graph) -> dict[int, int]:
+    """Each node's column inside its stage: one more than its deepest input of the same stage."""
+    by_id = {n.id: n for n in graph.nodes}
     depth: dict[int, int] = {}
     for n in graph.nodes:  # nodes are created after their inputs
-        srcs = [v.node for v in n.inputs.values() if isinstance(v, Out)]
-        depth[n.id] = 1 + max((depth[s] for s in srcs), default=-1)
+        same = [v.node for v in n.inputs.values() if isinstance(v, Out) and by_id[v.node].stage == n.stage]
+        depth[n.id] = 1 + max((depth[s] for s in same), default=-1)
     return depth
 
 
+def layout(graph: Graph) -> tuple[dict[int, tuple[int, int, int]], list[dict]]:
+    """(node id -> (x, y, height)), groups: the stages left to right below the Note, each in columns by
+    depth inside the stage, nodes stacked with their real heights."""
+    depth = _stage_depths(graph)
+    stages = list(dict.fromkeys(n.stage for n in graph.nodes))
+    top = NOTE_POS[1] + NOTE_SIZE[1] + 60 + GROUP_TITLE
+    placed: dict[int, tuple[int, int, int]] = {}
+    groups = []
+    x0 = NOTE_POS[0] + GROUP_PAD
+    for i, stage in enumerate(stages):
+        members = [n for n in graph.nodes if n.stage == stage]
+        columns = max(depth[n.id] for n in members) + 1
+        bottoms = [top] * columns
+        for n in members:
+            c = depth[n.id]
+            h = node_height(n.type)
+            placed[n.id] = (x0 + c * (NODE_WIDTH + COLUMN_GAP), bottoms[c], h)
+            bottoms[c] += h + ROW_GAP
+        width = columns * NODE_WIDTH + (columns - 1) * COLUMN_GAP
+        groups.append({
+            "title": stage, "color": STAGE_COLORS[i % len(STAGE_COLORS)], "font_size": 24, "flags": {},
+            "bounding": [x0 - GROUP_PAD, top - GROUP_TITLE, width + 2 * GROUP_PAD,
+                         max(bottoms) - ROW_GAP - top + GROUP_TITLE + GROUP_PAD],
+        })  # fmt: skip
+        x0 += width + 2 * GROUP_PAD + STAGE_GAP
+    return placed, groups
+
+
 def to_ui(graph: Graph) -> dict:
-    depth = _depths(graph)
-    rows: dict[int, int] = {}
+    placed, groups = layout(graph)
     links, ui_nodes = [], []
     outputs: dict[int, list] = {}
     for n in graph.nodes:
@@ -141,23 +201,22 @@ def to_ui(graph: Graph) -> dict:
                     links.append([link, value.node, value.slot, n.id, len(sockets), kind])
                     outputs[value.node][value.slot]["links"].append(link)
                 sockets.append({"name": name, "type": kind, "link": link})
-        row = rows.get(depth[n.id], 0)
-        rows[depth[n.id]] = row + 1
+        x, y, height = placed[n.id]
         ui_nodes.append({
-            "id": n.id, "type": n.type, "pos": [40 + 380 * depth[n.id], 40 + 260 * row], "size": [340, 200],
+            "id": n.id, "type": n.type, "pos": [x, y], "size": [NODE_WIDTH, height],
             "flags": {}, "order": order, "mode": 0, "inputs": sockets, "outputs": outputs[n.id],
             "properties": {"Node name for S&R": n.type}, "widgets_values": widgets,
             **({"title": n.title} if n.title else {}),
         })  # fmt: skip
     for i, text in enumerate(graph.notes):
         ui_nodes.append({
-            "id": len(graph.nodes) + 1 + i, "type": "Note", "pos": [40, -300 - 320 * i], "size": [700, 280],
-            "flags": {}, "order": len(ui_nodes), "mode": 0, "inputs": [], "outputs": [],
+            "id": len(graph.nodes) + 1 + i, "type": "Note", "pos": [NOTE_POS[0], NOTE_POS[1] + i * (NOTE_SIZE[1] + 20)],
+            "size": list(NOTE_SIZE), "flags": {}, "order": len(ui_nodes), "mode": 0, "inputs": [], "outputs": [],
             "properties": {}, "widgets_values": [text],
         })  # fmt: skip
     return {
         "last_node_id": len(ui_nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
-        "groups": [], "config": {}, "extra": {"ds": {"scale": 0.6, "offset": [0, 0]}}, "version": 0.4,
+        "groups": groups, "config": {}, "extra": {"ds": dict(VIEW)}, "version": 0.4,
     }  # fmt: skip
 
 
@@ -166,6 +225,7 @@ def to_ui(graph: Graph) -> dict:
 
 def _base(g: Graph, width: int = 1024, height: int = 1024):
     """Loaders, prompt, and the 1K FLUX image everything starts from."""
+    g.stage("1K base")
     model = g.node("UNETLoader", unet_name="flux1-dev.safetensors", weight_dtype="default")
     clip = g.node("DualCLIPLoader", clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors", type="flux")
     vae = g.node("VAELoader", vae_name="ae.safetensors")
@@ -214,6 +274,7 @@ def _sample_and_save(g: Graph, model, positive, vae, warm, seed: int, prefix: st
 def flux_from_1k(size: int) -> Graph:
     g = Graph(f"flux_{size // 1024}k_from_1k")
     model, positive, _, vae, low = _base(g)
+    g.stage(f"{size // 1024}K")
     _ultragen_stage(g, model, positive, vae, low[0], size, "local", 43, f"ultragen/{size // 1024}k")
     g.note(
         f"UltraGen: FLUX at {size}x{size} from a 1024x1024 image.\n\n"
@@ -236,6 +297,7 @@ def flux_8k_recursive() -> Graph:
     model, positive, negative, vae, low = _base(g)
     latent = low[0]
     for size, seed, scope in ((2048, 43, "local"), (4096, 44, "local"), (8192, 45, "local")):
+        g.stage(f"{size // 1024}K")
         stage = g.node("UltraGenRecursiveUpscale", title=f"Upscale to {size // 1024}K", model=model[0],
                        positive=positive[0], negative=negative[0], vae=vae[0], latent=latent, seed=seed, stages=1,
                        scale=2.0, steps=28, skip=10, cfg=1.0, sampler_name="euler", scheduler="simple",
@@ -248,7 +310,8 @@ def flux_8k_recursive() -> Graph:
         "Each window sees the previous stage around its own area (local guidance, as in the authors' code); "
         "global guidance is possible but much slower at 8K.\n"
         "Set stages > 1 on one node to do several doublings in one node instead.\n"
-        "Needs: 8K takes ~55 GB of GPU memory in bf16 (H100/H200 class); 4K ~30 GB.\n"
+        "Memory: the 8K steps fit a 24 GB card with ComfyUI's DynamicVRAM (its default on NVIDIA), 4K a 12 GB "
+        "card with fp8 weights; the exact decode keeps 8K's activations in CPU memory on such cards (slower).\n"
         f"{MODEL_FILES}"
     )
     return g
@@ -259,6 +322,7 @@ def scalediff_4k() -> Graph:
     model, positive, _, vae, low = _base(g)
     latent = low[0]
     for size, seed in ((2048, 43), (4096, 44)):
+        g.stage(f"{size // 1024}K")
         warm = g.node("UltraGenWarmStartLatent", title=f"LFM to {size // 1024}K", latent=latent, target_width=size,
                       target_height=size, method="LFM mix", sharpen=0.0, steps=30, skip=0, start_sigma=0.6,
                       shift_mu=1.15, scheduler="simple", vae=vae[0])  # fmt: skip
@@ -274,11 +338,26 @@ def scalediff_4k() -> Graph:
     return g
 
 
+def distinct_titles(g: Graph) -> Graph:
+    """A node type that appears in several stages gets the stage in its title ("KSampler Select (4K)"), so the
+    canvas and ComfyUI's progress say which copy is running; explicit titles stay."""
+    import nodes
+
+    stages_of: dict[str, set[str]] = {}
+    for n in g.nodes:
+        stages_of.setdefault(n.type, set()).add(n.stage)
+    for n in g.nodes:
+        if n.title is None and len(stages_of[n.type]) > 1:
+            name = nodes.NODE_DISPLAY_NAME_MAPPINGS.get(n.type, n.type)
+            n.title = f"{name} ({n.stage.split()[0]})"
+    return g
+
+
 WORKFLOWS = {
-    "flux_2k_from_1k": lambda: flux_from_1k(2048),
-    "flux_4k_from_1k": lambda: flux_from_1k(4096),
-    "flux_8k_recursive": flux_8k_recursive,
-    "scalediff_4k": scalediff_4k,
+    "flux_2k_from_1k": lambda: distinct_titles(flux_from_1k(2048)),
+    "flux_4k_from_1k": lambda: distinct_titles(flux_from_1k(4096)),
+    "flux_8k_recursive": lambda: distinct_titles(flux_8k_recursive()),
+    "scalediff_4k": lambda: distinct_titles(scalediff_4k()),
 }
 
 
