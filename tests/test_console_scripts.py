@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-SCRIPTS = {"ultragen-train": "ultragen.training.cli", "ultragen-evaluate": "ultragen.evaluation.cli"}
+SCRIPTS = {
+    "ultragen-train": "ultragen.training.cli", "ultragen-evaluate": "ultragen.evaluation.cli",
+    "ultragen-run": "ultragen.runner.cli",
+}  # fmt: skip
 
 
 def run(script: str, args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
@@ -49,7 +52,7 @@ def test_help_needs_no_comfyui(tmp_path, script):
     result = run(script, ["-h"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: {script} "), result.stdout
-    option = "--checkpoint" if script == "ultragen-train" else "--images"
+    option = {"ultragen-train": "--checkpoint", "ultragen-evaluate": "--images", "ultragen-run": "--prompt"}[script]
     assert option in result.stdout and "Traceback" not in result.stderr
 
 

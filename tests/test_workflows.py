@@ -125,8 +125,10 @@ def test_no_api_file_where_the_template_scan_looks(comfyui, tmp_path, monkeypatc
         data = json.loads(f.read_text())
         assert not is_api_workflow(data), f"{f}: an API-format file where the template browser lists it"
         assert is_ui_workflow(data), f"{f}: the template browser would fail to open it"
-    api_files = sorted(API_DIR.glob("*.json"))
+    api_files = sorted(API_DIR.glob("*.api.json"))
     assert [f.name for f in api_files] == sorted(f"{name}.api.json" for name in NAMES)
+    declared = sorted(f.name for f in API_DIR.glob("*.json") if f not in api_files)
+    assert declared == sorted(f"{name}.inputs.json" for name in NAMES)  # what ultragen-run's options set
     assert all(is_api_workflow(json.loads(f.read_text())) for f in api_files)
     assert not {f.resolve() for f in api_files} & {f.resolve() for f in matched}
 

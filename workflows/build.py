@@ -59,6 +59,17 @@ class Graph:
     nodes: list[Node] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     current_stage: str = ""
+    inputs: dict[str, list[dict]] = field(default_factory=dict)  # what ultragen-run's options set
+
+    def expose(self, option: str, node: Node, input_name: str, scale: float = 1.0, offset: int = 0) -> None:
+        """``ultragen-run --<option> V`` sets ``node``'s ``input_name`` to ``V * scale + offset`` (sizes rounded
+        down to FLUX's 16-pixel grid)."""
+        entry = {"node": str(node.id), "input": input_name}
+        if scale != 1.0:
+            entry["scale"] = scale
+        if offset:
+            entry["offset"] = offset
+        self.inputs.setdefault(option, []).append(entry)
 
     def stage(self, name: str) -> None:
         """Nodes made from now on belong to stage ``name`` (a group on the canvas, left to right)."""
@@ -223,8 +234,9 @@ def to_ui(graph: Graph) -> dict:
 # -- the workflows --------------------------------------------------------------------------
 
 
-def _base(g: Graph, width: int = 1024, height: int = 1024):
-    """Loaders, prompt, and the 1K FLUX image everything starts from."""
+def _base(g: Graph, width: int = 1024, height: int = 1024, size_scale: float = 0.25):
+    """Loaders, prompt, and the 1K FLUX image everything starts from (``size_scale``: its size over the
+    final image's, for ultragen-run's --width and --height)."""
     g.stage("1K base")
     model = g.node("UNETLoader", unet_name="flux1-dev.safetensors", weight_dtype="default")
     clip = g.node("DualCLIPLoader", clip_name1="clip_l.safetensors", clip_name2="t5xxl_fp16.safetensors", type="flux")
@@ -236,6 +248,10 @@ def _base(g: Graph, width: int = 1024, height: int = 1024):
     low = g.node("KSampler", title="Low-res 1K", model=model[0], seed=42, steps=28, cfg=1.0, sampler_name="euler",
                  scheduler="simple", positive=positive[0], negative=negative[0], latent_image=empty[0],
                  denoise=1.0)  # fmt: skip
+    g.expose("prompt", text, "text")
+    g.expose("seed", low, "seed")
+    g.expose("width", empty, "width", scale=size_scale)
+    g.expose("height", empty, "height", scale=size_scale)
     preview = g.node("VAEDecode", samples=low[0], vae=vae[0])
     g.node("SaveImage", images=preview[0], filename_prefix="ultragen/1k")
     return model, positive, negative, vae, low
@@ -256,12 +272,16 @@ def _ultragen_stage(g: Graph, model, positive, vae, latent, size: int, scope: st
     warm = g.node("UltraGenWarmStartLatent", latent=latent, target_width=size, target_height=size,
                   method="latent bicubic", sharpen=0.0, steps=28, skip=10, start_sigma=0.0, shift_mu=1.15,
                   scheduler="simple")  # fmt: skip
+    for node in (guidance, warm):
+        g.expose("width", node, "target_width")
+        g.expose("height", node, "target_height")
     return _sample_and_save(g, patched, positive, vae, warm, seed, prefix)
 
 
 def _sample_and_save(g: Graph, model, positive, vae, warm, seed: int, prefix: str):
     """SamplerCustomAdvanced on a warm start (its latent and sigmas), exact decode, save."""
     noise = g.node("RandomNoise", noise_seed=seed)
+    g.expose("seed", noise, "noise_seed", offset=seed - 42)
     guider = g.node("BasicGuider", model=model[0], conditioning=positive[0])
     sampler = g.node("KSamplerSelect", sampler_name="euler")
     sampled = g.node("SamplerCustomAdvanced", noise=noise[0], guider=guider[0], sampler=sampler[0],
@@ -273,7 +293,7 @@ def _sample_and_save(g: Graph, model, positive, vae, warm, seed: int, prefix: st
 
 def flux_from_1k(size: int) -> Graph:
     g = Graph(f"flux_{size // 1024}k_from_1k")
-    model, positive, _, vae, low = _base(g)
+    model, positive, _, vae, low = _base(g, size_scale=1024 / size)
     g.stage(f"{size // 1024}K")
     _ultragen_stage(g, model, positive, vae, low[0], size, "local", 43, f"ultragen/{size // 1024}k")
     g.note(
@@ -294,7 +314,7 @@ def flux_from_1k(size: int) -> Graph:
 
 def flux_8k_recursive() -> Graph:
     g = Graph("flux_8k_recursive")
-    model, positive, negative, vae, low = _base(g)
+    model, positive, negative, vae, low = _base(g, size_scale=1 / 8)
     latent = low[0]
     for size, seed, scope in ((2048, 43, "local"), (4096, 44, "local"), (8192, 45, "local")):
         g.stage(f"{size // 1024}K")
@@ -303,6 +323,7 @@ def flux_8k_recursive() -> Graph:
                        scale=2.0, steps=28, skip=10, cfg=1.0, sampler_name="euler", scheduler="simple",
                        method="latent bicubic", sharpen=0.0, shift_mu=1.15, guidance_scope=scope)  # fmt: skip
         g.node("SaveImage", images=stage[0], filename_prefix=f"ultragen/{size // 1024}k")
+        g.expose("seed", stage, "seed", offset=seed - 42)
         latent = stage[1]
     g.note(
         "UltraGen recursive: 1K -> 2K -> 4K -> 8K. Each Recursive Upscale node doubles the size, using the "
@@ -319,13 +340,15 @@ def flux_8k_recursive() -> Graph:
 
 def scalediff_4k() -> Graph:
     g = Graph("scalediff_4k")
-    model, positive, _, vae, low = _base(g)
+    model, positive, _, vae, low = _base(g, size_scale=1 / 4)
     latent = low[0]
     for size, seed in ((2048, 43), (4096, 44)):
         g.stage(f"{size // 1024}K")
         warm = g.node("UltraGenWarmStartLatent", title=f"LFM to {size // 1024}K", latent=latent, target_width=size,
                       target_height=size, method="LFM mix", sharpen=0.0, steps=30, skip=0, start_sigma=0.6,
                       shift_mu=1.15, scheduler="simple", vae=vae[0])  # fmt: skip
+        g.expose("width", warm, "target_width", scale=size / 4096)
+        g.expose("height", warm, "target_height", scale=size / 4096)
         npa = _attention_patch(g, model, mode="npa", ntk_factor=1.0)
         guided = g.node("UltraGenStructureGuidance", model=npa[0], reference=warm[0], strength=1.0, schedule="sigma")
         latent = _sample_and_save(g, guided, positive, vae, warm, seed, f"scalediff/{size // 1024}k")[0]
@@ -386,7 +409,9 @@ def main() -> None:
         graph = build()
         (UI_DIR / f"{name}.json").write_text(json.dumps(to_ui(graph), indent=2) + "\n")
         (API_DIR / f"{name}.api.json").write_text(json.dumps(to_api(graph), indent=2) + "\n")
-        print(f"wrote example_workflows/{name}.json and workflows/api/{name}.api.json ({len(graph.nodes)} nodes)")
+        (API_DIR / f"{name}.inputs.json").write_text(json.dumps(graph.inputs, indent=2) + "\n")
+        print(f"wrote example_workflows/{name}.json, workflows/api/{name}.api.json and .inputs.json "
+              f"({len(graph.nodes)} nodes)")  # fmt: skip
 
 
 if __name__ == "__main__":
