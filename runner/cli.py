@@ -1,6 +1,7 @@
 """``ultragen-run WORKFLOW.api.json --prompt "..." --seed N --width W --height H --out DIR``
 
-Runs a shipped (or any API-format) workflow in this process through ComfyUI's executor: progress
+Runs a shipped (or any API-format) workflow in this process through ComfyUI's executor (or queues it
+on a running ComfyUI with ``--server URL``): progress
 per node and per sampling step, images saved in ``--out``, missing model files listed before
 anything loads, Ctrl-C cancels cleanly. Which inputs ``--prompt``, ``--seed``, ``--width`` and
 ``--height`` set is declared per workflow (``<name>.inputs.json`` beside it); ``--set`` sets any input.
@@ -29,6 +30,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="NODE.INPUT=VALUE",
                    help="set any input of the workflow (JSON values; repeatable)")  # fmt: skip
     p.add_argument("--out", default="ultragen-output", help="folder for the saved images (default: %(default)s)")
+    p.add_argument("--server", metavar="URL", help="queue on this running ComfyUI (e.g. http://127.0.0.1:8188) "
+                   "instead of running in this process")  # fmt: skip
     p.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH, or the ComfyUI this pack is in)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU (slow; for trying a workflow out)")
     return p
@@ -55,10 +58,15 @@ def main(argv: list[str] | None = None) -> int:
         prompt, declared = load_workflow(path)
         options = {o: getattr(args, o) for o in OPTIONS}
         prompt = apply_options(prompt, declared, options, args.set, path.name)
-        from .local import load_comfyui, run
+        if args.server:
+            from .server import run_on_server
 
-        load_comfyui(args.comfyui, args.cpu)
-        result = run(prompt, Path(args.out))
+            result = run_on_server(prompt, args.server, Path(args.out))
+        else:
+            from .local import load_comfyui, run
+
+            load_comfyui(args.comfyui, args.cpu)
+            result = run(prompt, Path(args.out))
     except RunError as exc:
         raise SystemExit(f"ultragen-run: {exc}") from None
     for image in result.images:

@@ -59,6 +59,11 @@ def validate(prompt: dict) -> list[str]:
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt(str(uuid.uuid4()), prompt, None))
     if valid:
         return outputs
+    raise invalid_workflow(error, node_errors)
+
+
+def invalid_workflow(error: dict, node_errors: dict) -> RunError:
+    """ComfyUI's validation result as one message: every missing model file first, then the rest."""
     missing, other = [], []
     for node_id, entry in (node_errors or {}).items():
         for e in entry.get("errors", []):
@@ -70,9 +75,9 @@ def validate(prompt: dict) -> list[str]:
             else:
                 other.append(f"node {node_id} ({entry.get('class_type')}): {e.get('message')}: {e.get('details')}")
     if missing:
-        raise RunError("missing model files, nothing was loaded:\n  " + "\n  ".join(missing))
-    detail = "\n  ".join(other) or f"{error.get('message')}: {error.get('details')}"
-    raise RunError(f"the workflow does not validate:\n  {detail}")
+        return RunError("missing model files, nothing was loaded:\n  " + "\n  ".join(missing))
+    detail = "\n  ".join(other) or f"{(error or {}).get('message')}: {(error or {}).get('details')}"
+    return RunError(f"the workflow does not validate:\n  {detail}")
 
 
 @dataclass

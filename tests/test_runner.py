@@ -175,3 +175,97 @@ def model_files(tmp_path, monkeypatch):
             (tmp_path / folder / name).touch()
         folder_paths.add_model_folder_path(folder, str(tmp_path / folder))
     return tmp_path
+
+
+# -- --server: a ComfyUI started by the test on 127.0.0.1 --------------------------------------
+
+
+# ComfyUI's main.py, as `python main.py ARGS`. One environment serves every snapshot (the newest one's
+# requirements): 0.3.64 would refuse to start because the newer comfyui-workflow-templates package moved its
+# templates folder, so a templates folder that does not exist is left unserved (nothing the tests use).
+SERVE = """
+import os, runpy, sys
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.getcwd())
+import comfy.options
+comfy.options.enable_args_parsing()  # as main.py does first, so that the arguments (--cpu) are read
+import app.frontend_management as fm
+found = fm.FrontendManager.templates_path
+fm.FrontendManager.templates_path = classmethod(lambda cls: (lambda p: p if p and os.path.isdir(p) else None)(found()))
+runpy.run_path("main.py", run_name="__main__")
+"""
+
+
+@pytest.fixture(scope="module")
+def comfyui_server(comfyui, tmp_path_factory):
+    """ComfyUI's own main.py serving on a free port of 127.0.0.1 (CPU), stopped after the module."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from ultragen.comfy_env import find_comfyui
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path_factory.mktemp("server-output")
+    log = tmp_path_factory.mktemp("server-log") / "comfyui.log"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    (find_comfyui() / "custom_nodes").mkdir(exist_ok=True)  # 0.3.64 lists it even with custom nodes disabled
+    argv = ["main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--output-directory", str(out),
+            "--disable-auto-launch", "--disable-all-custom-nodes"]  # fmt: skip
+    frontend = (find_comfyui() / "app" / "frontend_management.py").read_text()
+    old_templates = "def templates_path" in frontend  # 0.3.64 serves the templates package's old folder
+    command = [sys.executable, "-c", SERVE, *argv] if old_templates else [sys.executable, *argv]
+    with open(log, "w") as sink:
+        server = subprocess.Popen(command, cwd=find_comfyui(), stdout=sink, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                urllib.request.urlopen(url + "/system_stats", timeout=2).read()
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"ComfyUI did not start:\n{log.read_text()[-3000:]}") from None
+                time.sleep(1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def test_server_mode_queues_follows_and_fetches_the_images(comfyui_server, tmp_path):
+    from ultragen.runner.server import run_on_server
+
+    prompt = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 48, "batch_size": 2, "color": 255},
+              "_meta": {"title": "A white square"}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": "run/white"}},
+    }  # fmt: skip
+    stream = io.StringIO()
+    result = run_on_server(prompt, comfyui_server, tmp_path / "out", stream)
+    assert result.status == "done", result.message
+    assert [p.relative_to(tmp_path / "out").parent.as_posix() for p in result.images] == ["run", "run"]
+    from PIL import Image
+
+    with Image.open(result.images[0]) as image:
+        assert image.size == (64, 48) and image.getpixel((3, 3))[:3] == (0, 0, 255)  # EmptyImage's color is RGB int
+    assert "A white square" in stream.getvalue()
+
+
+def test_server_mode_names_missing_model_files(comfyui_server, tmp_path):
+    from ultragen.runner.server import run_on_server
+
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "nope.safetensors"}},
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "3": {"class_type": "VAEDecode", "inputs": {"samples": ["2", 0], "vae": ["1", 2]}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 0], "filename_prefix": "x"}},
+    }
+    with pytest.raises(RunError, match=r"(?s)missing model files.*models/checkpoints/nope\.safetensors"):
+        run_on_server(prompt, comfyui_server, tmp_path / "out", io.StringIO())
