@@ -154,16 +154,19 @@ class UltraGenFluxPatch:
             log.warning("UltraGen: this FLUX model's blocks are not FLUX.1's kind; they run whole (more memory)")
             return
         taken = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
+        kept = []
         for kind, count in (("double_block", len(dm.double_blocks)), ("single_block", len(dm.single_blocks))):
             for i in range(count):
                 if (kind, i) in taken:
-                    log.warning(
-                        "UltraGen: another node replaces FLUX's %s %d; it keeps its replacement and UltraGen's "
-                        "windowed attention, without UltraGen's memory-saving slices (more memory at high "
-                        "resolution)", kind.replace("_", " "), i,
-                    )  # fmt: skip
-                    continue
-                m.set_model_patch_replace(functools.partial(hooks.block, kind, i), "dit", kind, i)
+                    kept.append(f"{kind.split('_')[0]} {i}")
+                else:
+                    m.set_model_patch_replace(functools.partial(hooks.block, kind, i), "dit", kind, i)
+        if kept:
+            log.warning(
+                "UltraGen: another node replaces FLUX's blocks (%s); they keep that replacement and UltraGen's "
+                "windowed attention, without UltraGen's memory-saving slices (more memory at high resolution)",
+                ", ".join(kept),
+            )
 
     def run_options(self, seed: int, guidance: Guidance | None = None) -> dict:
         """``transformer_options`` entries that make the model calls given them one run with ``seed``

@@ -262,3 +262,26 @@ def test_style_lora_weight_patches_change_the_output_as_without_the_patch(flux, 
     plain = denoise(patched(flux, **IDENTITY), x, 0.6, ctx, y)
     assert (out - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
     assert (out - plain).abs().max().item() > 1e-3
+
+
+def test_another_nodes_block_replacement_is_kept_with_one_warning(flux, caplog):
+    """A PuLID/Redux-style node that replaced a block first keeps it; the other blocks are chunked; one warning."""
+    from comfy_flux import denoise
+
+    seen = []
+
+    def theirs(args, extra):
+        seen.append(1)
+        return extra["original_block"](args)
+
+    m = flux.clone()
+    m.set_model_patch_replace(theirs, "dit", "single_block", 1)
+    caplog.set_level(logging.WARNING)
+    model = patched(m, **IDENTITY)
+    warnings = [r.getMessage() for r in caplog.records if "replaces FLUX's blocks" in r.getMessage()]
+    assert len(warnings) == 1 and "single 1" in warnings[0]
+    x, ctx, y = inputs(h=16, w=20)
+    out = denoise(model, x, 0.6, ctx, y)
+    assert seen == [1]  # their replacement ran (once, for the one call)
+    ref = denoise(m, x, 0.6, ctx, y)
+    assert (out - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
