@@ -133,6 +133,7 @@ def run(prompt: dict, out_dir: Path, stream: TextIO = sys.stderr) -> RunResult:
     outputs = validate(prompt)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    previous_output = folder_paths.get_output_directory()
     folder_paths.set_output_directory(str(out_dir))
     before = set(out_dir.rglob("*"))
     progress = Progress(prompt, stream)
@@ -152,6 +153,7 @@ def run(prompt: dict, out_dir: Path, stream: TextIO = sys.stderr) -> RunResult:
             signal.signal(signal.SIGINT, previous)
         comfy.utils.set_progress_bar_global_hook(None)
         comfy.model_management.interrupt_current_processing(False)
+        folder_paths.set_output_directory(previous_output)
     seconds = time.perf_counter() - start
     stream.write("\n")
     images = sorted(p for p in set(out_dir.rglob("*")) - before if p.is_file())
