@@ -13,6 +13,8 @@ they are; everything else is split.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import comfy.model_management
 import comfy.utils
 import torch
@@ -20,6 +22,7 @@ from comfy.ldm.modules.diffusionmodules.model import AttnBlock, Decoder, Encoder
 
 from ..core import split_ops
 from ..errors import UltraGenError
+from .layer_weights import take_weight
 
 # Activations at or below this many elements run through the module itself.
 DIRECT_ELEMENTS = 1 << 24
@@ -57,22 +60,31 @@ class _Runner:
         """Run ``module`` on the whole (small) activation."""
         return module(x.to(self.compute)).to(self.storage)
 
+    def taken(self, module: torch.nn.Module, x: torch.Tensor):
+        """``module``'s weights as its own forward would use them (cast, LoRA functions, moved to the compute
+        device by ComfyUI) for the split operations, which read ``weight`` and ``bias`` directly."""
+        weights = take_weight(module, torch.empty(0, device=self.compute, dtype=x.dtype))
+        if weights is None:  # a layer of another kind: its parameters as they are
+            return module
+        return SimpleNamespace(weight=weights[0], bias=weights[1], num_groups=getattr(module, "num_groups", None),
+                               eps=getattr(module, "eps", None))  # fmt: skip
+
     def norm_silu(self, norm, x: torch.Tensor):
         stats = split_ops.group_stats(x, norm.num_groups, norm.eps, self.band, self.compute)
-        return split_ops.group_norm_silu(norm, stats)
+        return split_ops.group_norm_silu(self.taken(norm, x), stats)
 
     def resnet(self, block: ResnetBlock, x: torch.Tensor) -> torch.Tensor:
         if self.small(x):
             return self.whole(block, x)
-        h = split_ops.conv3x3(x, block.conv1, self.norm_silu(block.norm1, x), **self.split)
+        h = split_ops.conv3x3(x, self.taken(block.conv1, x), self.norm_silu(block.norm1, x), **self.split)
         if block.in_channels != block.out_channels:
-            shortcut = block.conv_shortcut if block.use_conv_shortcut else block.nin_shortcut
+            shortcut = self.taken(block.conv_shortcut if block.use_conv_shortcut else block.nin_shortcut, x)
             skip = (split_ops.conv3x3 if block.use_conv_shortcut else split_ops.conv1x1)(x, shortcut, **self.split)
             del x
         else:
             skip = x  # identity: each output band overwrites its own input rows, no longer needed
         pre = self.norm_silu(block.norm2, h)
-        return split_ops.conv3x3(h, block.conv2, pre, out=skip, add=skip, **self.split)
+        return split_ops.conv3x3(h, self.taken(block.conv2, h), pre, out=skip, add=skip, **self.split)
 
     def attention(self, block: AttnBlock, x: torch.Tensor) -> torch.Tensor:
         return self.whole(block, x)  # global by nature; sits at 1/8 resolution
@@ -88,17 +100,17 @@ class _Runner:
         if self.small(x):
             x = x.to(self.compute)
             return net.conv_out(torch.nn.functional.silu(net.norm_out(x)))
-        return split_ops.conv3x3(x, net.conv_out, self.norm_silu(net.norm_out, x), **self.split)
+        return split_ops.conv3x3(x, self.taken(net.conv_out, x), self.norm_silu(net.norm_out, x), **self.split)
 
     def conv_in(self, x: torch.Tensor) -> torch.Tensor:
         if self.small(x):
             return self.whole(self.net.conv_in, x)
-        return split_ops.conv3x3(x.to(self.storage), self.net.conv_in, **self.split)
+        return split_ops.conv3x3(x.to(self.storage), self.taken(self.net.conv_in, x), **self.split)
 
     def resample(self, module, split_fn, x: torch.Tensor) -> torch.Tensor:
         """The up- or downsampling of a level; split when it has a convolution and x is large."""
         if module.with_conv and not self.small(x):
-            return split_fn(x, module.conv, **self.split)
+            return split_fn(x, self.taken(module.conv, x), **self.split)
         return self.whole(module, x)
 
 

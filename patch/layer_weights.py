@@ -1,4 +1,4 @@
-"""A linear layer's weight, taken once for a whole block call, the way the layer's own forward takes it.
+"""A layer's weight, taken once for a whole block call (or VAE layer), the way the layer's own forward takes it.
 
 Why: the chunked FLUX blocks (``chunked_blocks.py``) run each linear layer on many slices of
 the sequence. Calling the layer per slice would repeat ComfyUI's per-call work per slice:
@@ -11,7 +11,8 @@ LoRA functions, casts and moves exactly as the layer's forward would) and used f
 ComfyUI 0.29 casts into per-stream buffers that the next cast reuses, and DynamicVRAM hands
 out weights pinned only until ``uncast_bias_weight``; a weight held across other casts is
 therefore cloned first. Layers of any other kind (GGUF, quantized scaled-mm, a class another
-node installed) run their own forward on each slice: slower, never wrong.
+node installed) run their own forward on each slice: slower, never wrong. The exact VAE takes its
+convolutions' and group norms' weights the same way (ComfyUI may stream or cast a VAE's weights too).
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ import comfy.ops
 import torch
 import torch.nn.functional as F
 
-_STANDARD = comfy.ops.disable_weight_init.Linear  # manual_cast.Linear inherits its forward
+# ComfyUI's own cast-on-forward layers (manual_cast's inherit their forward) and the torch layers they extend.
+_STANDARD = {
+    torch.nn.Linear: comfy.ops.disable_weight_init.Linear,
+    torch.nn.Conv2d: comfy.ops.disable_weight_init.Conv2d,
+    torch.nn.GroupNorm: comfy.ops.disable_weight_init.GroupNorm,
+}
 
 
 def _is_guidance_forward(module: torch.nn.Module) -> bool:
@@ -28,7 +34,8 @@ def _is_guidance_forward(module: torch.nn.Module) -> bool:
 
 
 def _standard(module: torch.nn.Module) -> bool:
-    """A plain linear layer, or ComfyUI's own cast-on-forward one (no other node's forward or hooks on it)."""
+    """A plain linear, conv or group-norm layer, or ComfyUI's own cast-on-forward one (no other node's forward or
+    hooks on it)."""
     # Another node's forward on this layer is honoured. (ComfyUI's undone object patches leave the class's own
     # forward bound on the instance, which replaces nothing.)
     own = module.__dict__.get("forward")
@@ -38,14 +45,17 @@ def _standard(module: torch.nn.Module) -> bool:
     if module._forward_hooks or module._forward_pre_hooks:
         return False  # hooks see each slice
     cls = type(module)
-    if cls.forward is torch.nn.Linear.forward:
-        return True
-    return (
-        isinstance(module, _STANDARD)
-        and cls.forward is _STANDARD.forward
-        and cls.forward_comfy_cast_weights is _STANDARD.forward_comfy_cast_weights
-        and type(module.weight) in (torch.Tensor, torch.nn.Parameter)  # not a QuantizedTensor
-    )
+    for plain, comfy_layer in _STANDARD.items():
+        if cls.forward is plain.forward:
+            return True
+        if (
+            isinstance(module, comfy_layer)
+            and cls.forward is comfy_layer.forward
+            and cls.forward_comfy_cast_weights is comfy_layer.forward_comfy_cast_weights
+            and type(module.weight) in (torch.Tensor, torch.nn.Parameter)  # not a QuantizedTensor
+        ):
+            return True
+    return False
 
 
 def _casts(module: torch.nn.Module) -> bool:

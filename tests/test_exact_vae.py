@@ -68,3 +68,28 @@ def test_where_activations_live_by_hand(monkeypatch):
     assert _storage(gpu, "auto", 1500, torch.float32) == cpu  # 18,000 bytes > 9,000
     assert _storage(gpu, "always", 1, torch.float16) == cpu and _storage(gpu, "never", 10**9, torch.float32) == gpu
     assert _storage(cpu, "always", 1, torch.float16) == cpu  # on a CPU there is nowhere else
+
+
+def test_weights_come_through_comfyuis_cast_as_in_its_own_decode(vae, monkeypatch):
+    """A partially loaded or DynamicVRAM VAE: ComfyUI casts each layer's weight on use and applies weight functions
+    (LoRA patches) there. The split layers take their weights the same way, so the exact decode still equals
+    ComfyUI's own decode with the same functions."""
+    import comfy.ops
+
+    from ultragen.patch.exact_vae import exact_decode
+
+    z = torch.randn(1, 16, 6, 5, generator=torch.Generator().manual_seed(5))
+    vae.decode(z)  # loaded first: ComfyUI's (full) load resets the layers' weight functions
+    decoder = vae.first_stage_model.decoder
+    layers = [m for m in decoder.modules() if isinstance(m, (comfy.ops.disable_weight_init.Conv2d,
+                                                             comfy.ops.disable_weight_init.GroupNorm))]  # fmt: skip
+    for m in layers:
+        monkeypatch.setattr(m, "comfy_cast_weights", True, raising=False)
+    conv = decoder.up[0].block[0].conv1  # a convolution that runs split
+    delta = torch.randn(conv.weight.shape, generator=torch.Generator().manual_seed(4)) * 0.02
+    monkeypatch.setattr(conv, "weight_function", [lambda w: w + delta.to(w)], raising=False)
+    full = vae.decode(z)
+    split = exact_decode(vae, z, band_elements=TINY_BANDS, direct_elements=0)
+    assert (split - full).abs().max().item() <= 2e-5
+    monkeypatch.setattr(conv, "weight_function", [], raising=False)
+    assert (vae.decode(z) - full).abs().max().item() > 1e-4  # the function mattered
