@@ -1,0 +1,223 @@
+"""A whole image, end to end: the shipped workflows through ComfyUI's executor, per node, against the dense way.
+
+Each shipped API workflow runs headless in ComfyUI's own executor (``ultragen-run``'s in-process path)
+with its loaders swapped: FLUX.1-dev with random bf16 weights (full architecture), FLUX's VAE with
+random weights, and text encoders replaced by conditioning of the real shapes (T5: 512 x 4096,
+pooled CLIP: 768) — so every number is a real step, decode and transfer, none an image-quality claim.
+Beside each workflow, in the same run, the way an artist would do it without the pack: FLUX sampled
+at the target size (28 Euler steps, ComfyUI's default sampling), decoded with ComfyUI's tiled VAE
+decode. Dense steps at 8192^2 take about 90 s each: ``--dense-steps N`` runs N of them and scales the
+sampling time to 28 (said in the table).
+
+Per node: seconds and peak GPU memory; per workflow: the whole image and its ratio to dense.
+
+    COMFYUI_PATH=/path/to/ComfyUI python bench/pipeline.py [--workflows flux_4k_from_1k flux_8k_recursive]
+    COMFYUI_PATH=/path/to/ComfyUI python bench/pipeline.py --tiny   # a CPU smoke run on tiny models
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from results_io import run_info, write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+API = ROOT / "workflows" / "api"
+STEPS = 28
+TARGETS = {"flux_4k_from_1k": 4.0, "flux_8k_recursive": 12.0}  # whole image, dense / UltraGen (issue 15)
+FINAL_SIZE = {"flux_2k_from_1k": 2048, "flux_4k_from_1k": 4096, "flux_8k_recursive": 8192, "scalediff_4k": 4096}
+
+
+def swap_loaders(tiny: bool) -> None:
+    """ComfyUI's FLUX loaders replaced by random-weight models of the real (or, ``tiny``, CPU-sized) shapes."""
+    import nodes
+
+    from random_models import flux_vae, tiny_flux
+
+    cache: dict = {}
+
+    class RandomUNETLoader(nodes.UNETLoader):
+        def load_unet(self, unet_name, weight_dtype):
+            if "model" not in cache:
+                if tiny:
+                    cache["model"] = tiny_flux(seed=1)
+                else:
+                    from vram_cards import build  # FLUX.1-dev on the CPU, filled on the GPU: fast
+
+                    cache["model"] = build("bf16")
+            return (cache["model"],)
+
+    class RealShapedText:
+        """Conditioning of FLUX's real shapes (T5 tokens and pooled CLIP), seeded by the prompt."""
+
+        def tokenize(self, text: str):
+            return text
+
+        def encode_from_tokens_scheduled(self, tokens, **kwargs):
+            g = torch.Generator().manual_seed(sum(map(ord, tokens)) % 2**31)
+            text, pooled = ((8, 64), 32) if tiny else ((512, 4096), 768)
+            cond = torch.randn(1, *text, generator=g)
+            return [[cond, {"pooled_output": torch.randn(1, pooled, generator=g), "guidance": 3.5}]]
+
+    class RandomCLIPLoader(nodes.DualCLIPLoader):
+        def load_clip(self, clip_name1, clip_name2, type, device="default"):
+            return (RealShapedText(),)
+
+    class RandomVAELoader(nodes.VAELoader):
+        def load_vae(self, vae_name):
+            return (flux_vae(seed=2),)
+
+    nodes.NODE_CLASS_MAPPINGS.update(
+        UNETLoader=RandomUNETLoader, DualCLIPLoader=RandomCLIPLoader, VAELoader=RandomVAELoader
+    )
+
+
+def model_files(folder: Path) -> None:
+    """Empty files of the workflows' model names, so that ComfyUI's validation finds them."""
+    import folder_paths
+
+    for kind, names in {"diffusion_models": ["flux1-dev.safetensors"], "vae": ["ae.safetensors"],
+                        "text_encoders": ["clip_l.safetensors", "t5xxl_fp16.safetensors"]}.items():  # fmt: skip
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (folder / kind / name).touch()
+        folder_paths.add_model_folder_path(kind, str(folder / kind))
+
+
+def dense_prompt(size: int, steps: int) -> dict:
+    """FLUX at the target size the plain way: loaders, KSampler (Euler, simple), tiled VAE decode, save."""
+    shipped = json.loads((API / "flux_4k_from_1k.api.json").read_text())
+    keep = {k: v for k, v in shipped.items() if v["class_type"] in (
+        "UNETLoader", "DualCLIPLoader", "VAELoader", "CLIPTextEncode", "FluxGuidance", "ConditioningZeroOut",
+        "EmptyLatentImage", "KSampler")}  # fmt: skip
+    of_type = {v["class_type"]: k for k, v in keep.items()}
+    keep[of_type["EmptyLatentImage"]]["inputs"].update(width=size, height=size)
+    keep[of_type["KSampler"]]["inputs"]["steps"] = steps
+    keep[of_type["KSampler"]]["_meta"] = {"title": "KSampler (dense)"}
+    sampler, vae = of_type["KSampler"], of_type["VAELoader"]
+    keep["900"] = {"class_type": "VAEDecodeTiled", "inputs": {
+        "samples": [sampler, 0], "vae": [vae, 0], "tile_size": 512, "overlap": 64, "temporal_size": 64,
+        "temporal_overlap": 8}}  # fmt: skip
+    keep["901"] = {"class_type": "SaveImage", "inputs": {"images": ["900", 0], "filename_prefix": "dense"}}
+    return keep
+
+
+def shrink(prompt: dict, factor: int, steps: int | None) -> dict:
+    """Sizes divided by ``factor`` and step counts set (the --tiny smoke run)."""
+    prompt = json.loads(json.dumps(prompt))
+    for node in prompt.values():
+        inputs = node["inputs"]
+        for key in ("width", "height", "target_width", "target_height"):
+            if isinstance(inputs.get(key), int):
+                inputs[key] //= factor
+        if steps is not None and "steps" in inputs:
+            inputs["steps"] = steps
+            if "skip" in inputs:
+                inputs["skip"] = min(inputs["skip"], steps - 1)
+        if node["class_type"] == "UltraGenAttentionPatch" and inputs.get("mode") == "npa":
+            inputs["window"] = 4
+        if node["class_type"] == "VAEDecodeTiled":
+            inputs.update(tile_size=64, overlap=16)
+    return prompt
+
+
+def run_measured(prompt: dict, out: Path) -> dict:
+    """Run ``prompt``; per node (in order): seconds and peak GiB."""
+    import ultragen.runner.local as local
+
+    cuda = torch.cuda.is_available()
+    rows: list[dict] = []
+    clock = {"t": time.perf_counter(), "node": None}
+
+    def close(node):
+        if clock["node"] is not None:
+            if cuda:
+                torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+            entry = prompt.get(str(clock["node"]), {})
+            title = (entry.get("_meta") or {}).get("title") or entry.get("class_type", "?")
+            rows.append({"node": str(clock["node"]), "type": entry.get("class_type"), "title": title,
+                         "s": time.perf_counter() - clock["t"], "peak_gib": peak})  # fmt: skip
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        clock.update(t=time.perf_counter(), node=node)
+
+    class Timed(local.Progress):
+        def send_sync(self, event, data, sid=None):
+            if event == "executing":
+                close(data.get("node"))
+            super().send_sync(event, data, sid)
+
+    original = local.Progress
+    local.Progress = Timed
+    try:
+        start = time.perf_counter()
+        result = local.run(prompt, out, io.StringIO())
+        close(None)
+    finally:
+        local.Progress = original
+    if result.status != "done":
+        raise RuntimeError(f"the run did not finish: {result.status} {result.message}")
+    return {"s": time.perf_counter() - start, "nodes": rows, "images": len(result.images)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workflows", nargs="+", default=["flux_4k_from_1k", "flux_8k_recursive"])
+    ap.add_argument("--dense-steps", type=int, default=None, help="dense sampling steps run (scaled to 28); "
+                    "default: 28 up to 4096^2, 3 above")  # fmt: skip
+    ap.add_argument("--tiny", action="store_true", help="tiny models, sizes / 16, 2 steps: a CPU smoke run")
+    ap.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH)")
+    ap.add_argument("--out", help="JSON path (default: bench/results/pipeline.json)")
+    args = ap.parse_args(argv)
+    from ultragen.runner.local import load_comfyui
+
+    load_comfyui(args.comfyui, cpu=args.tiny or not torch.cuda.is_available())
+    swap_loaders(args.tiny)
+    work = Path(tempfile.mkdtemp(prefix="ultragen-pipeline-"))
+    model_files(work / "models")
+    rows = []
+    for name in args.workflows:
+        size = FINAL_SIZE[name]
+        dense_steps = args.dense_steps or (STEPS if size <= 4096 else 3)
+        ours = json.loads((API / f"{name}.api.json").read_text())
+        dense = dense_prompt(size, dense_steps)
+        if args.tiny:
+            ours, dense, dense_steps = shrink(ours, 16, 2), shrink(dense, 16, 2), 2
+        measured_ours = run_measured(ours, work / name)
+        measured_dense = run_measured(dense, work / f"{name}-dense")
+        sampling = sum(r["s"] for r in measured_dense["nodes"] if r["type"] == "KSampler")
+        dense_total = measured_dense["s"] + sampling * (STEPS / dense_steps - 1)
+        rows.append({"workflow": name, "size": size, "ultragen": measured_ours, "dense": measured_dense,
+                     "dense_steps_run": dense_steps, "dense_s_scaled_to_28_steps": dense_total,
+                     "speedup": dense_total / measured_ours["s"]})  # fmt: skip
+        speedup = dense_total / measured_ours["s"]
+        print(f"{name}: UltraGen {measured_ours['s']:.1f} s, dense {dense_total:.1f} s "
+              f"({dense_steps} of {STEPS} steps run), {speedup:.1f}x", flush=True)  # fmt: skip
+    text = "conditioning of the real shapes (T5 512 x 4096, CLIP pooled 768)"
+    result = {**run_info(), "tiny": args.tiny, "random_weights": True, "text_encoders": text, "rows": rows}
+    out = write_json("pipeline", result, args.out)
+    print("\n| workflow | size | UltraGen, whole image | dense (28 steps, tiled decode) | speedup | target |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        target = TARGETS.get(r["workflow"])
+        verdict = "" if target is None else f"≥ {target}x: {'met' if r['speedup'] >= target else 'MISSED'}"
+        dense = r["dense_s_scaled_to_28_steps"]
+        print(f"| {r['workflow']} | {r['size']}² | {r['ultragen']['s']:.1f} s | {dense:.1f} s "
+              f"| {r['speedup']:.1f}x | {verdict} |")  # fmt: skip
+    for r in rows:
+        print(f"\n{r['workflow']}, per node (s, peak GiB):")
+        for n in r["ultragen"]["nodes"]:
+            print(f"  {n['title']:40s} {n['s']:8.2f} s  {n['peak_gib']:6.1f} GiB")
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

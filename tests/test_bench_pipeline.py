@@ -1,0 +1,38 @@
+"""bench/pipeline.py's smoke run (--tiny): the shipped workflow and its dense counterpart through ComfyUI's
+executor, every node timed, the JSON written. The GPU numbers come from the same code (docs/BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("comfyui")
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def test_pipeline_smoke_run_times_every_node(tmp_path, monkeypatch):
+    import folder_paths
+
+    import nodes
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setattr(nodes, "NODE_CLASS_MAPPINGS", dict(nodes.NODE_CLASS_MAPPINGS))  # loaders swapped: undone
+    monkeypatch.setattr(folder_paths, "folder_names_and_paths", copy.deepcopy(folder_paths.folder_names_and_paths))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    sys.modules.pop("pipeline", None)
+    import pipeline
+
+    out = tmp_path / "pipeline.json"
+    pipeline.main(["--tiny", "--workflows", "flux_2k_from_1k", "--out", str(out)])
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    shipped = json.loads((pipeline.API / "flux_2k_from_1k.api.json").read_text())
+    timed = [n["node"] for n in row["ultragen"]["nodes"]]
+    assert sorted(timed) == sorted(shipped)  # every node of the workflow, once
+    assert row["ultragen"]["images"] == 2 and row["dense"]["images"] == 1
+    assert any(n["type"] == "VAEDecodeTiled" for n in row["dense"]["nodes"])  # the dense way decodes in tiles
+    assert row["speedup"] > 0 and result["tiny"] is True and result["random_weights"] is True
