@@ -19,6 +19,7 @@ import comfy.model_management
 import comfy.utils
 import torch
 from comfy.ldm.modules.diffusionmodules.model import AttnBlock, Decoder, Encoder, ResnetBlock
+from einops import rearrange
 
 from ..core import split_ops
 from ..errors import UltraGenError
@@ -202,6 +203,27 @@ def _autoencoder(vae):
     return model
 
 
+def _from_normalised_latent(model, z: torch.Tensor) -> torch.Tensor:
+    """FLUX.2's VAE: its latent is batch-normed over 2x2-unshuffled channels; undo both (at 1/16 of the pixels,
+    cheap) exactly as ComfyUI's ``AutoencodingEngine.decode`` does, before the decoder proper."""
+    bn = getattr(model, "bn", None)
+    if bn is None:
+        return z
+    s = torch.sqrt(bn.running_var.view(1, -1, 1, 1).to(z) + model.bn_eps)
+    z = z * s + bn.running_mean.view(1, -1, 1, 1).to(z)
+    return rearrange(z, "... (c pi pj) i j -> ... c (i pi) (j pj)", pi=model.ps[0], pj=model.ps[1])
+
+
+def _to_normalised_latent(model, z: torch.Tensor) -> torch.Tensor:
+    """The encoder's side of :func:`_from_normalised_latent` (ComfyUI's ``AutoencodingEngine.encode``)."""
+    bn = getattr(model, "bn", None)
+    if bn is None:
+        return z
+    z = rearrange(z, "... c (i pi) (j pj) -> ... (c pi pj) i j", pi=model.ps[0], pj=model.ps[1])
+    return torch.nn.functional.batch_norm(z, bn.running_mean.to(z), bn.running_var.to(z), momentum=model.bn_momentum,
+                                          eps=model.bn_eps)  # fmt: skip
+
+
 def exact_decode(vae, samples: torch.Tensor, band_elements: int = split_ops.DEFAULT_BAND_ELEMENTS,
                  direct_elements: int = DIRECT_ELEMENTS, offload: str = "auto",
                  progress: bool = True) -> torch.Tensor:  # fmt: skip
@@ -215,7 +237,7 @@ def exact_decode(vae, samples: torch.Tensor, band_elements: int = split_ops.DEFA
     for i in range(samples.shape[0]):  # one image at a time: statistics are per image anyway
         # inference mode as in ComfyUI's executor: VAE.process_output works in place (ComfyUI 0.29)
         with torch.inference_mode():
-            z = samples[i : i + 1].to(vae.device, vae.vae_dtype)
+            z = _from_normalised_latent(model, samples[i : i + 1].to(vae.device, vae.vae_dtype))
             if getattr(model, "post_quant_conv", None) is not None:
                 z = model.post_quant_conv(z)
             out = decode_latent(model.decoder, z, band_elements, direct_elements, offload, progress)
@@ -237,5 +259,6 @@ def exact_encode(vae, pixels: torch.Tensor, band_elements: int = split_ops.DEFAU
             if getattr(model, "quant_conv", None) is not None:
                 h = model.quant_conv(h)
             z, _ = model.regularization(h)
+            z = _to_normalised_latent(model, z)
         latents.append(z.to(vae.output_device).float())
     return torch.cat(latents)

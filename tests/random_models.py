@@ -52,15 +52,25 @@ def tiny_flux(seed: int = 0, depth: int = 2, single: int = 2, dtype=torch.float3
     return flux_model(config, dtype=dtype, seed=seed, load_device=device)
 
 
-def flux_vae(seed: int = 0):
+def flux_vae(seed: int = 0, flux2: bool = False):
     """ComfyUI's VAE with FLUX's autoencoder architecture (16 channels, 8x) and seeded random
-    weights, loaded the way ComfyUI loads ae.safetensors: from a state dict."""
+    weights, loaded the way ComfyUI loads ae.safetensors: from a state dict. ``flux2``: FLUX.2's
+    (32 channels, and a batch norm over 2x2-unshuffled latents: 128 channels at 1/16), which
+    ComfyUI recognises by its ``bn.*`` entries where it knows FLUX.2."""
     import comfy.sd
     from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder
 
     gen = torch.Generator().manual_seed(seed)
+    config = dict(FLUX_VAE, z_channels=32) if flux2 else FLUX_VAE
     state = {}
-    for prefix, net in (("encoder.", Encoder(**FLUX_VAE)), ("decoder.", Decoder(**FLUX_VAE))):
+    if flux2:  # with quant convs (1x1), as FLUX.2's ae file has them; ComfyUI reads the latent batch norm there
+        state["bn.running_mean"] = torch.randn(128, generator=gen) * 0.1
+        state["bn.running_var"] = torch.rand(128, generator=gen) + 0.5
+        state["quant_conv.weight"] = torch.randn(64, 64, 1, 1, generator=gen) / 8
+        state["quant_conv.bias"] = torch.zeros(64)
+        state["post_quant_conv.weight"] = torch.randn(32, 32, 1, 1, generator=gen) / 32**0.5
+        state["post_quant_conv.bias"] = torch.zeros(32)
+    for prefix, net in (("encoder.", Encoder(**config)), ("decoder.", Decoder(**config))):
         for name, p in net.state_dict().items():
             if p.dim() > 1:  # conv / linear weights: variance-preserving
                 value = torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5

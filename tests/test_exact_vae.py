@@ -93,3 +93,31 @@ def test_weights_come_through_comfyuis_cast_as_in_its_own_decode(vae, monkeypatc
     assert (split - full).abs().max().item() <= 2e-5
     monkeypatch.setattr(conv, "weight_function", [], raising=False)
     assert (vae.decode(z) - full).abs().max().item() > 1e-4  # the function mattered
+
+
+def test_flux2_vae_latents_decode_and_encode_exactly(comfyui):
+    """FLUX.2's VAE (32 channels; latents batch-normed over 2x2-unshuffled channels: 128 at 1/16) gives ComfyUI's own
+    result too, never a wrong-shaped latent. (A ComfyUI without FLUX.2, 0.3.64, cannot load that VAE file at all.)"""
+    import comfy.supported_models
+
+    from ultragen.patch.exact_vae import exact_decode, exact_encode
+
+    from comfy_flux import flux_vae
+
+    if not hasattr(comfy.supported_models, "Flux2"):
+        with pytest.raises(RuntimeError, match="size mismatch"):  # read as a video VAE: ComfyUI's own refusal
+            flux_vae(seed=3, flux2=True)
+        return
+    vae = flux_vae(seed=3, flux2=True)
+    assert vae.first_stage_model.bn is not None
+    channels, factor = 128, 16
+    g = torch.Generator().manual_seed(6)
+    z = torch.randn(1, channels, 48 // factor, 64 // factor, generator=g)
+    full = vae.decode(z)
+    split = exact_decode(vae, z, band_elements=TINY_BANDS, direct_elements=0)
+    assert split.shape == full.shape == (1, 48, 64, 3) and (split - full).abs().max().item() <= 2e-5
+    pixels = torch.rand(1, 48, 64, 3, generator=g)
+    ref = vae.encode(pixels)
+    ours = exact_encode(vae, pixels, band_elements=TINY_BANDS, direct_elements=0)
+    assert ours.shape == ref.shape == (1, channels, 48 // factor, 64 // factor)
+    assert (ours - ref).abs().max().item() <= 5e-5 * max(1.0, ref.abs().max().item())
