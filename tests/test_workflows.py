@@ -249,6 +249,8 @@ def test_workflow_runs_end_to_end_in_comfyuis_executor(registry, model_files, tm
 
 # -- how the workflows read when opened ---------------------------------------------------------
 VIEWPORT = (1280, 720)  # a laptop's browser window, in screen pixels
+CHROME = (58, 85)  # the frontend's left toolbar and top bars (tabs, graph breadcrumb), screen pixels
+TITLE_BAR = 30  # drawn above a node's position
 
 
 def drawn_height(registry, node: dict) -> int:
@@ -277,12 +279,13 @@ def test_layout_reads_left_to_right_without_overlaps(registry, name):
         for b in ids[i + 1 :]:
             (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = boxes[a], boxes[b]
             assert ax1 <= bx0 or bx1 <= ax0 or ay1 <= by0 or by1 <= ay0, f"nodes {a} and {b} overlap"
-    # The Note is in sight when the workflow opens (the saved view, a laptop-sized window).
+    # The Note, title bar included, is in sight when the workflow opens: the saved view in a laptop-sized window,
+    # clear of the frontend's left toolbar and top bars (CHROME; seen in ComfyUI 0.29's frontend).
     ds = ui["extra"]["ds"]
-    view = (-ds["offset"][0], -ds["offset"][1], -ds["offset"][0] + VIEWPORT[0] / ds["scale"],
-            -ds["offset"][1] + VIEWPORT[1] / ds["scale"])  # fmt: skip
-    note = next(boxes[n["id"]] for n in ui["nodes"] if n["type"] == "Note")
-    assert view[0] <= note[0] and view[1] <= note[1] and note[2] <= view[2] and note[3] <= view[3]
+    x0, y0, x1, y1 = next(boxes[n["id"]] for n in ui["nodes"] if n["type"] == "Note")
+    screen = [(v + ds["offset"][i % 2]) * ds["scale"] for i, v in enumerate((x0, y0 - TITLE_BAR, x1, y1))]
+    assert screen[0] >= CHROME[0] and screen[1] >= CHROME[1], screen
+    assert screen[2] <= VIEWPORT[0] and screen[3] <= VIEWPORT[1], screen
     # One group per stage, left to right, each holding its nodes; the first is the 1K base.
     groups = ui["groups"]
     assert [g["title"] for g in groups][0] == "1K base" and len(groups) >= 2

@@ -127,7 +127,9 @@ def to_api(graph: Graph) -> dict:
 NODE_WIDTH, COLUMN_GAP, ROW_GAP, STAGE_GAP = 340, 50, 40, 120
 NOTE_POS, NOTE_SIZE = (40, 40), (760, 320)
 GROUP_TITLE, GROUP_PAD = 50, 20
-VIEW = {"scale": 0.6, "offset": [0, 0]}  # opens with the Note and the first stages in sight
+# Opens with the Note and the first stage in sight, clear of the frontend's left toolbar (58 px) and top bars
+# (tabs and the graph breadcrumb, ~85 px): screen = (canvas + offset) x scale.
+VIEW = {"scale": 0.6, "offset": [120, 140]}
 STAGE_COLORS = ("#3f5f8a", "#3f7a5a", "#8a6a3f", "#7a3f6a")
 
 
