@@ -83,14 +83,31 @@ def fallback_reason(args: dict, call: CallState | None) -> str | None:
             "UltraGen runs those blocks whole, which needs more memory at high resolution"
         )
     vec = args["vec"]
-    if not isinstance(vec, torch.Tensor):
-        return "this model's blocks share one modulation (FLUX.2); UltraGen runs them whole (more memory)"
-    if vec.shape[0] != args["img"].shape[0]:
+    shift = _first_shift(vec)
+    if vec_batch(vec) != args["img"].shape[0] or (shift is not None and shift.dim() == 3 and shift.shape[1] > 1):
         return (
             "reference tokens are modulated at timestep 0 (Edit Model Reference Method: index_timestep_zero); "
             "UltraGen runs FLUX's blocks whole for them, which needs more memory at high resolution"
         )
     return None
+
+
+def _first(vec):
+    """The first tensor-like record of a block's ``vec``: FLUX.1's vector, or FLUX.2's first precomputed
+    modulation (nested tuples of (shift, scale, gate) records)."""
+    while isinstance(vec, (tuple, list)):
+        vec = vec[0]
+    return vec
+
+
+def _first_shift(vec):
+    return getattr(_first(vec), "shift", None)
+
+
+def vec_batch(vec) -> int:
+    """The batch a block's modulation input is for."""
+    first = _first(vec)
+    return getattr(first, "shift", first).shape[0]
 
 
 def _modulated(norm: torch.nn.Module, x: torch.Tensor, mod) -> torch.Tensor:
@@ -208,8 +225,11 @@ def _attend(qkv: torch.Tensor, ctx: BlockContext) -> None:
 def double_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
     """ComfyUI's ``DoubleStreamBlock.forward`` (FLUX.1), chunked; ``prefix``: the block's module path."""
     img, txt, vec = args["img"], args["txt"], args["vec"]
-    img_mod1, img_mod2 = block.img_mod(vec)
-    txt_mod1, txt_mod2 = block.txt_mod(vec)
+    if getattr(block, "modulation", True):  # FLUX.1: each block modulates from the vector
+        img_mod1, img_mod2 = block.img_mod(vec)
+        txt_mod1, txt_mod2 = block.txt_mod(vec)
+    else:  # FLUX.2: the model computed every block's modulation once
+        (img_mod1, img_mod2), (txt_mod1, txt_mod2) = vec
     n_txt = txt.shape[1]
     heads, hidden = block.num_heads, block.hidden_size
     chunk = _chunk_for(img, n_txt + img.shape[1], hidden)
@@ -248,7 +268,7 @@ def single_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
     """ComfyUI's ``SingleStreamBlock.forward`` (FLUX.1), chunked; linear1 runs as its q/k/v part before
     attention and its MLP part after (the same products, split by output rows)."""
     x, vec = args["img"], args["vec"]
-    mod, _ = block.modulation(vec)
+    mod = block.modulation(vec)[0] if block.modulation is not None else vec
     length = x.shape[1]
     heads, hidden = block.num_heads, block.hidden_size
     chunk = _chunk_for(x, length, hidden)
@@ -273,18 +293,17 @@ def single_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
     return HandOver(img=x)
 
 
-def flux1_blocks(diffusion_model) -> bool:
-    """Whether the model's blocks are FLUX.1's kind (GELU MLPs, per-block modulation), which this module computes."""
+def chunkable_blocks(diffusion_model) -> bool:
+    """Whether this module computes the model's blocks: FLUX.1's (GELU MLPs, per-block modulation) or FLUX.2's
+    (SiLU-gated MLPs, modulation computed once per call, no biases) — not Ovis' (a third MLP layout)."""
     double = diffusion_model.double_blocks[0] if len(diffusion_model.double_blocks) else None
     single = diffusion_model.single_blocks[0] if len(diffusion_model.single_blocks) else None
     ok_double = double is None or (
-        type(double) is comfy.ldm.flux.layers.DoubleStreamBlock and getattr(double, "modulation", True) is True
+        type(double) is comfy.ldm.flux.layers.DoubleStreamBlock
         and isinstance(double.img_mlp, torch.nn.Sequential) and len(double.img_mlp) == 3
         and not getattr(double, "flipped_img_txt", False)
     )  # fmt: skip
     ok_single = single is None or (
-        type(single) is comfy.ldm.flux.layers.SingleStreamBlock and single.modulation is not None
-        and not getattr(single, "yak_mlp", False)
-        and getattr(single, "mlp_hidden_dim_first", single.mlp_hidden_dim) == single.mlp_hidden_dim
+        type(single) is comfy.ldm.flux.layers.SingleStreamBlock and not getattr(single, "yak_mlp", False)
     )  # fmt: skip
     return ok_double and ok_single

@@ -60,7 +60,7 @@ from ..core.token_order import to_raster, to_window_first
 from ..kernels import sparse_attention
 from ..kernels.rope import apply_rope
 from .call_state import CallState, HandOver, active_call, calling
-from .chunked_blocks import BlockContext, double_block, fallback_reason, flux1_blocks, single_block
+from .chunked_blocks import BlockContext, chunkable_blocks, double_block, fallback_reason, single_block
 from .flux_family import MAX_TEXT_TOKENS, other_family
 from .host import check_host
 from .inplace_gelu import inplace_gelu_patches
@@ -150,8 +150,8 @@ class UltraGenFluxPatch:
     def _install_chunked_blocks(m, dm, hooks: InstalledPatch) -> None:
         """Every FLUX.1 block computed a slice of tokens at a time; a block another node already replaces keeps
         that node's replacement (whose attention still reaches the patch's override), with a warning."""
-        if not flux1_blocks(dm):
-            log.warning("UltraGen: this FLUX model's blocks are not FLUX.1's kind; they run whole (more memory)")
+        if not chunkable_blocks(dm):
+            log.warning("UltraGen: this model's blocks are neither FLUX.1's nor FLUX.2's; they run whole (more memory)")
             return
         taken = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
         kept = []

@@ -195,7 +195,12 @@ def test_fallback_reasons():
         assert fallback_reason({"img": img, "vec": vec}, None) == ""
         assert fallback_reason({"img": img, "vec": vec}, call) is None
         assert "index_timestep_zero" in fallback_reason({"img": img, "vec": torch.zeros(4, 8)}, call)
-        assert "FLUX.2" in fallback_reason({"img": img, "vec": (vec, vec)}, call)
+        from comfy.ldm.flux.layers import ModulationOut
+
+        per_call = ModulationOut(*(torch.zeros(2, 1, 8),) * 3)  # FLUX.2: modulations computed once per call
+        assert fallback_reason({"img": img, "vec": ((per_call, per_call), (per_call, per_call))}, call) is None
+        per_group = ModulationOut(*(torch.zeros(2, 2, 8),) * 3)  # FLUX.2 with references at timestep 0
+        assert "index_timestep_zero" in fallback_reason({"img": img, "vec": ((per_group, per_group),) * 2}, call)
         options = {"patches": {"attn1_output_patch": [print]}}
         assert "attn1_patch" in fallback_reason({"img": img, "vec": vec, "transformer_options": options}, call)
     with torch.enable_grad():
@@ -286,3 +291,56 @@ def test_another_nodes_block_replacement_is_kept_with_one_warning(flux, caplog):
     assert seen == [1]  # their replacement ran (once, for the one call)
     ref = denoise(m, x, 0.6, ctx, y)
     assert (out - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+FLUX2 = dict(image_model="flux2", in_channels=128, out_channels=128, patch_size=1, axes_dim=[12, 12, 12, 12],
+             theta=2000, mlp_ratio=3.0, global_modulation=True, mlp_silu_act=True, qkv_bias=False, ops_bias=False,
+             txt_ids_dims=[3], vec_in_dim=None, guidance_embed=False)  # fmt: skip
+
+
+@pytest.mark.parametrize("family", ["FLUX.1", "FLUX.2"])
+@pytest.mark.parametrize("tokens", [1, 5, 4096])
+def test_each_block_equals_comfyuis_own_block(comfyui, slices, family, tokens):
+    """Block by block, against ComfyUI's DoubleStreamBlock / SingleStreamBlock on the same inputs (dense attention):
+    FLUX.1's blocks and FLUX.2's (modulations computed once per call, SiLU-gated MLPs, no biases)."""
+    from types import SimpleNamespace
+
+    import comfy.supported_models
+
+    from ultragen.patch.chunked_blocks import BlockContext, chunkable_blocks, double_block, single_block
+
+    from random_models import TINY_FLUX, flux_model
+
+    if family == "FLUX.2" and not hasattr(comfy.supported_models, "Flux2"):
+        return  # this ComfyUI (0.3.64) has no FLUX.2 blocks to compare with
+    config = dict(TINY_FLUX, depth=1, depth_single_blocks=1, **(FLUX2 if family == "FLUX.2" else {}))
+    dm = flux_model(config, config_class="Flux2" if family == "FLUX.2" else "Flux").model.diffusion_model
+    assert chunkable_blocks(dm)
+    slices(tokens)
+    g = torch.Generator().manual_seed(11)
+    batch, n_txt, n_img, hidden = 2, 5, 13, dm.hidden_size
+    img, txt = torch.randn(batch, n_img, hidden, generator=g), torch.randn(batch, n_txt, hidden, generator=g)
+    ids = torch.randint(0, 9, (batch, n_txt + n_img, len(dm.params.axes_dim)), generator=g).float()
+    v = torch.randn(batch, hidden, generator=g)
+
+    def attend(q, k, v_, call):
+        q.copy_(torch.nn.functional.scaled_dot_product_attention(q, k, v_))
+
+    call = SimpleNamespace(rotary_table=None, n_guid=0, qkv_buffer=None, guidance_rows_override=None)
+    ctx = BlockContext(call, attend, lambda name: None, 1.0)
+    with torch.inference_mode():
+        pe = dm.pe_embedder(ids)
+        if family == "FLUX.2":
+            double_vec = (dm.double_stream_modulation_img(v), dm.double_stream_modulation_txt(v))
+            single_vec = dm.single_stream_modulation(v)[0]
+        else:
+            double_vec = single_vec = v
+        block = dm.double_blocks[0]
+        ref_img, ref_txt = block(img=img.clone(), txt=txt.clone(), vec=double_vec, pe=pe)
+        out = double_block(block, {"img": img.clone(), "txt": txt.clone(), "vec": double_vec, "pe": pe}, ctx, "d")
+        out_img, out_txt = out["img"], out["txt"]
+        x = torch.cat((txt, img), 1)
+        ref_x = dm.single_blocks[0](x.clone(), vec=single_vec, pe=pe)
+        out_x = single_block(dm.single_blocks[0], {"img": x.clone(), "vec": single_vec, "pe": pe}, ctx, "s")["img"]
+    for ours, ref in ((out_img, ref_img), (out_txt, ref_txt), (out_x, ref_x)):
+        assert (ours - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
