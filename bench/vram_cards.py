@@ -16,7 +16,8 @@ How an N-GiB card is emulated on a bigger GPU, between cells of one process:
   comfy-aimdo's VRAM headroom is set to total - N as ``--reserve-vram`` would.
 
 Per cell: runs or OOM (and where), seconds for the step (the model call; loading excluded),
-peak GiB allocated during it, weights resident, and the step's peak activations in units
+peak GiB allocated during it, weights resident (with DynamicVRAM: what comfy-aimdo holds outside PyTorch's
+allocator), and the step's peak activations in units
 U = tokens x 3072 x 2 bytes (the memory above what was allocated when the step began).
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/vram_cards.py [--cards 12 24] [--sizes 4096] [--dynamic-vram]
@@ -167,6 +168,19 @@ def tokens(pixels: int, mode: str) -> int:
     return n + ((pixels // 64) ** 2 if mode.startswith("ultragen") else 0)
 
 
+def aimdo_vram_gib() -> float | None:
+    """GPU memory DynamicVRAM (comfy-aimdo) holds outside PyTorch's allocator, its weights; None without it."""
+    try:
+        import comfy.memory_management  # ComfyUI 0.29 and newer
+    except ImportError:
+        return None
+    if not getattr(comfy.memory_management, "aimdo_enabled", False):
+        return None
+    import comfy_aimdo.control
+
+    return comfy_aimdo.control.get_total_vram_usage() / 2**30
+
+
 def step(model, pixels: int) -> dict:
     """One Euler step through comfy.sample; the model call timed and measured by an APPLY_MODEL wrapper."""
     import comfy.model_management as mm
@@ -185,6 +199,9 @@ def step(model, pixels: int) -> dict:
         torch.cuda.synchronize()
         seen["s"] = time.perf_counter() - t0
         seen["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        aimdo = aimdo_vram_gib()
+        if aimdo is not None:
+            seen["aimdo_vram_gib"] = aimdo
         return out
 
     m = model.clone()
