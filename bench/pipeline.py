@@ -39,20 +39,20 @@ def swap_loaders(tiny: bool) -> None:
     """ComfyUI's FLUX loaders replaced by random-weight models of the real (or, ``tiny``, CPU-sized) shapes."""
     import nodes
 
+    from comfy_flux import flux_loaders
     from random_models import flux_vae, tiny_flux
 
     cache: dict = {}
 
-    class RandomUNETLoader(nodes.UNETLoader):
-        def load_unet(self, unet_name, weight_dtype):
-            if "model" not in cache:
-                if tiny:
-                    cache["model"] = tiny_flux(seed=1)
-                else:
-                    from vram_cards import build  # FLUX.1-dev on the CPU, filled on the GPU: fast
+    def unet(name):
+        if "model" not in cache:
+            if tiny:
+                cache["model"] = tiny_flux(seed=1)
+            else:
+                from vram_cards import build  # FLUX.1-dev on the CPU, filled on the GPU: fast
 
-                    cache["model"] = build("bf16")
-            return (cache["model"],)
+                cache["model"] = build("bf16")
+        return cache["model"]
 
     class RealShapedText:
         """Conditioning of FLUX's real shapes (T5 tokens and pooled CLIP), seeded by the prompt."""
@@ -66,17 +66,7 @@ def swap_loaders(tiny: bool) -> None:
             cond = torch.randn(1, *text, generator=g)
             return [[cond, {"pooled_output": torch.randn(1, pooled, generator=g), "guidance": 3.5}]]
 
-    class RandomCLIPLoader(nodes.DualCLIPLoader):
-        def load_clip(self, clip_name1, clip_name2, type, device="default"):
-            return (RealShapedText(),)
-
-    class RandomVAELoader(nodes.VAELoader):
-        def load_vae(self, vae_name):
-            return (flux_vae(seed=2),)
-
-    nodes.NODE_CLASS_MAPPINGS.update(
-        UNETLoader=RandomUNETLoader, DualCLIPLoader=RandomCLIPLoader, VAELoader=RandomVAELoader
-    )
+    nodes.NODE_CLASS_MAPPINGS.update(flux_loaders(unet, lambda name: RealShapedText(), lambda name: flux_vae(seed=2)))
 
 
 def model_files(folder: Path) -> None:

@@ -28,8 +28,7 @@ class CallState:
     order: WindowOrder
     image_ids: torch.Tensor
     n_ref: int
-    img_in: torch.nn.Module  # the model's input projection, which embeds the guidance tokens too
-    diffusion_model: torch.nn.Module  # the FLUX model being called (its blocks, for the chunked blocks)
+    diffusion_model: torch.nn.Module  # the FLUX model being called (its img_in embeds the guidance tokens too)
     warn_once: Callable[[str, str], None]  # the run's one-time warnings (key, message)
     guidance_grid: tuple[int, int] | None = None
     guidance_tokens: torch.Tensor | None = None  # (B, n_guid, C * p * p), sequence order, not yet embedded
@@ -37,6 +36,7 @@ class CallState:
     npa_offset: tuple[int, int] = (0, 0)
     rotary_table: torch.Tensor | None = None  # (B, 1, L, D / 2, 2, 2): RoPE for this call's sequence
     qkv_buffer: torch.Tensor | None = None  # (B, L, 3, H, D): the chunked blocks' q, k, v, reused by every block
+    slice_tokens: int | None = None  # the chunked blocks' slice size, chosen by the call's first block
     layout: Layout | None = None  # the attention layout, built by the first block's attention
     guidance_rows_override: int | None = None  # set by a chunked block around a layer's per-slice forward
     embedding_guidance: bool = False  # True while img_in embeds the guidance tokens (a training LoRA reads it)

@@ -28,6 +28,8 @@ autograd records (training), when another node patches attention inside the bloc
 
 from __future__ import annotations
 
+import functools
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -43,6 +45,7 @@ from .call_state import CallState, HandOver
 from .inplace_gelu import InPlaceGELU
 from .layer_weights import TakenLinear
 
+log = logging.getLogger("UltraGen")
 MAX_CHUNK_TOKENS = 16384  # big enough that the GEMMs run at full speed; ~1.5 GiB of temporaries at FLUX.1's width
 MIN_CHUNK_TOKENS = 256
 MIN_SLICES = 12  # a slice's temporaries stay near 1.3U at any size (at 4096^2 a 16384-token slice alone was 3.7U)
@@ -65,9 +68,12 @@ def chunk_tokens(length: int, batch: int, hidden: int, element_size: int, free_b
     return max(1, min(tokens, length))
 
 
-def _chunk_for(x: torch.Tensor, length: int, hidden: int) -> int:
-    free = comfy.model_management.get_free_memory(x.device) if x.device.type == "cuda" else None
-    return chunk_tokens(length, x.shape[0], hidden, x.element_size(), free)
+def _chunk_for(call: CallState, x: torch.Tensor, length: int, hidden: int) -> int:
+    """The call's slice size: chosen from the free memory by its first block, kept for the other 56."""
+    if call.slice_tokens is None:
+        free = comfy.model_management.get_free_memory(x.device) if x.device.type == "cuda" else None
+        call.slice_tokens = chunk_tokens(length, x.shape[0], hidden, x.element_size(), free)
+    return call.slice_tokens
 
 
 def fallback_reason(args: dict, call: CallState | None) -> str | None:
@@ -232,7 +238,7 @@ def double_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
         (img_mod1, img_mod2), (txt_mod1, txt_mod2) = vec
     n_txt = txt.shape[1]
     heads, hidden = block.num_heads, block.hidden_size
-    chunk = _chunk_for(img, n_txt + img.shape[1], hidden)
+    chunk = _chunk_for(ctx.call, img, n_txt + img.shape[1], hidden)
     table = ctx.call.rotary_table if ctx.call.rotary_table is not None else args.get("pe")
     n_guid = ctx.call.n_guid
     qkv = _qkv_buffer(ctx.call, img, n_txt + img.shape[1], heads, hidden // heads)
@@ -271,7 +277,7 @@ def single_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
     mod = block.modulation(vec)[0] if block.modulation is not None else vec
     length = x.shape[1]
     heads, hidden = block.num_heads, block.hidden_size
-    chunk = _chunk_for(x, length, hidden)
+    chunk = _chunk_for(ctx.call, x, length, hidden)
     table = ctx.call.rotary_table if ctx.call.rotary_table is not None else args.get("pe")
     guidance_from = length - ctx.call.n_guid
     split = 3 * hidden
@@ -307,3 +313,26 @@ def chunkable_blocks(diffusion_model) -> bool:
         type(single) is comfy.ldm.flux.layers.SingleStreamBlock and not getattr(single, "yak_mlp", False)
     )  # fmt: skip
     return ok_double and ok_single
+
+
+def install_chunked_blocks(m, dm, replacement: Callable[[str, int, dict, dict], dict]) -> None:
+    """Install ``replacement(kind, index, args, extra)`` as ComfyUI's block replacement for every block of ``dm``
+    on the clone ``m``; a block another node already replaces keeps that replacement (whose attention still
+    reaches the patch's override), said once."""
+    if not chunkable_blocks(dm):
+        log.warning("UltraGen: this model's blocks are neither FLUX.1's nor FLUX.2's; they run whole (more memory)")
+        return
+    taken = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
+    kept = []
+    for kind, count in (("double_block", len(dm.double_blocks)), ("single_block", len(dm.single_blocks))):
+        for i in range(count):
+            if (kind, i) in taken:
+                kept.append(f"{kind.split('_')[0]} {i}")
+            else:
+                m.set_model_patch_replace(functools.partial(replacement, kind, i), "dit", kind, i)
+    if kept:
+        log.warning(
+            "UltraGen: another node replaces FLUX's blocks (%s); they keep that replacement and UltraGen's "
+            "windowed attention, without UltraGen's memory-saving slices (more memory at high resolution)",
+            ", ".join(kept),
+        )

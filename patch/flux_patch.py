@@ -41,8 +41,6 @@ Sequence seen by attention: [text | image (window-first) | references | guidance
 
 from __future__ import annotations
 
-import functools
-import logging
 from dataclasses import dataclass, field
 
 import comfy.ldm.flux.model
@@ -60,7 +58,7 @@ from ..core.token_order import to_raster, to_window_first
 from ..kernels import sparse_attention
 from ..kernels.rope import apply_rope
 from .call_state import CallState, HandOver, active_call, calling
-from .chunked_blocks import BlockContext, chunkable_blocks, double_block, fallback_reason, single_block
+from .chunked_blocks import BlockContext, double_block, fallback_reason, install_chunked_blocks, single_block
 from .flux_family import MAX_TEXT_TOKENS, other_family
 from .host import check_host
 from .inplace_gelu import inplace_gelu_patches
@@ -70,7 +68,6 @@ from .rotary_table import RotaryTable
 from .run_state import PatchRun
 from .sampling import constant_shift_sampling, memory_estimate_wrapper
 
-log = logging.getLogger("UltraGen")
 KEY = "ultragen"  # transformer_options: the model call being run (read by the attention override)
 RUN_KEY = "ultragen_run"  # transformer_options: the sampling run (PatchRun)
 
@@ -139,34 +136,12 @@ class UltraGenFluxPatch:
             m.add_object_patch(
                 "model_sampling", constant_shift_sampling(model.model.model_config, self.options.shift_mu)
             )
-        self._install_chunked_blocks(m, dm, hooks)
+        install_chunked_blocks(m, dm, hooks.block)
         for path, layer in self.lora.items():
             if path != "img_in":  # img_in sees the guidance tokens alone: applied in post_input
                 forward = guidance_rows_forward(dm.get_submodule(path), layer, hooks.guidance_rows, self.lora_strength)
                 m.add_object_patch(f"diffusion_model.{path}.forward", forward)
         return m
-
-    @staticmethod
-    def _install_chunked_blocks(m, dm, hooks: InstalledPatch) -> None:
-        """Every FLUX.1 block computed a slice of tokens at a time; a block another node already replaces keeps
-        that node's replacement (whose attention still reaches the patch's override), with a warning."""
-        if not chunkable_blocks(dm):
-            log.warning("UltraGen: this model's blocks are neither FLUX.1's nor FLUX.2's; they run whole (more memory)")
-            return
-        taken = m.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
-        kept = []
-        for kind, count in (("double_block", len(dm.double_blocks)), ("single_block", len(dm.single_blocks))):
-            for i in range(count):
-                if (kind, i) in taken:
-                    kept.append(f"{kind.split('_')[0]} {i}")
-                else:
-                    m.set_model_patch_replace(functools.partial(hooks.block, kind, i), "dit", kind, i)
-        if kept:
-            log.warning(
-                "UltraGen: another node replaces FLUX's blocks (%s); they keep that replacement and UltraGen's "
-                "windowed attention, without UltraGen's memory-saving slices (more memory at high resolution)",
-                ", ".join(kept),
-            )
 
     def run_options(self, seed: int, guidance: Guidance | None = None) -> dict:
         """``transformer_options`` entries that make the model calls given them one run with ``seed``
@@ -264,8 +239,8 @@ class InstalledPatch:
         size = (x.shape[-2] // p, x.shape[-1] // p)
         plan = self._plan(run, dm, size, x, rope_options)
         n_ref = sum(-(-r.shape[-2] // p) * -(-r.shape[-1] // p) for r in ref_latents or [])
-        call = CallState(grid=size, order=plan.order, image_ids=plan.image_ids, n_ref=n_ref, img_in=dm.img_in,
-                         diffusion_model=dm, warn_once=run.warn_once, guidance_grid=plan.guidance_grid,
+        call = CallState(grid=size, order=plan.order, image_ids=plan.image_ids, n_ref=n_ref, diffusion_model=dm,
+                         warn_once=run.warn_once, guidance_grid=plan.guidance_grid,
                          guidance_ids=plan.guidance_ids)  # fmt: skip
         o = self.options
         if o.mode == "npa":
@@ -333,7 +308,7 @@ class InstalledPatch:
             tokens = call.guidance_tokens.to(img.dtype)
             call.embedding_guidance = True
             try:
-                embedded = call.img_in(tokens)
+                embedded = call.diffusion_model.img_in(tokens)
             finally:
                 call.embedding_guidance = False
             lora = self.patch.lora.get("img_in")

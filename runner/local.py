@@ -116,7 +116,8 @@ class RunResult:
     message: str = ""
 
 
-def _executor(server):
+def prompt_executor(server):
+    """ComfyUI's PromptExecutor, given the cache settings its ``main.py`` would give (0.29 reads them)."""
     import execution
 
     if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:  # ComfyUI 0.29
@@ -146,7 +147,7 @@ def run(prompt: dict, out_dir: Path, stream: TextIO = sys.stderr) -> RunResult:
     previous = signal.signal(signal.SIGINT, cancel) if _main_thread() else None
     start = time.perf_counter()
     try:
-        executor = _executor(progress)
+        executor = prompt_executor(progress)
         executor.execute(prompt, str(uuid.uuid4()), {"client_id": progress.client_id}, outputs)
     finally:
         if previous is not None:

@@ -51,14 +51,30 @@ def sampler_custom_advanced(model, latent: torch.Tensor, positive, negative, cfg
 
 
 def prompt_executor(server):
-    """ComfyUI's PromptExecutor, given the cache settings its ``main.py`` would give (0.29 reads them)."""
-    import inspect
+    """ComfyUI's PromptExecutor as ``ultragen-run`` makes it (the cache settings main.py would give)."""
+    from ultragen.runner.local import prompt_executor as make
 
-    import execution
+    return make(server)
 
-    if "cache_args" in inspect.signature(execution.PromptExecutor).parameters:
-        return execution.PromptExecutor(server, cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0})
-    return execution.PromptExecutor(server)
+
+def flux_loaders(unet, clip, vae) -> dict:
+    """ComfyUI's FLUX loader node classes with their loading replaced: ``unet(name)``, ``clip(name1)`` and
+    ``vae(name)`` return the objects to use (random-weight models: nothing can be downloaded here)."""
+    import nodes
+
+    class UNETLoader(nodes.UNETLoader):
+        def load_unet(self, unet_name, weight_dtype):
+            return (unet(unet_name),)
+
+    class DualCLIPLoader(nodes.DualCLIPLoader):
+        def load_clip(self, clip_name1, clip_name2, type, device="default"):
+            return (clip(clip_name1),)
+
+    class VAELoader(nodes.VAELoader):
+        def load_vae(self, vae_name):
+            return (vae(vae_name),)
+
+    return {"UNETLoader": UNETLoader, "DualCLIPLoader": DualCLIPLoader, "VAELoader": VAELoader}
 
 
 class TinyCLIP:

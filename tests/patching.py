@@ -28,6 +28,17 @@ def inputs(batch=1, h=21, w=37, text=7, seed=0):
     return x.to(device()), ctx.to(device()), y.to(device())
 
 
+def references_and_control(batch: int, n_img: int, seed: int = 5) -> tuple[list, dict]:
+    """Kontext reference latents and ControlNet residuals (over ``n_img`` image tokens, hidden 96) for a tiny FLUX."""
+    g = torch.Generator().manual_seed(seed)
+    refs = [torch.randn(batch, 16, 10, 12, generator=g).to(device())]
+    control = {
+        "input": [torch.randn(batch, n_img, 96, generator=g).to(device()), None],
+        "output": [torch.randn(batch, n_img, 96, generator=g).to(device())],
+    }
+    return refs, control
+
+
 def patched(model, guidance=None, lora=None, strength=1.0, **options):
     from ultragen.patch import PatchOptions, UltraGenFluxPatch
 

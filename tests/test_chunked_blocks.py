@@ -13,7 +13,7 @@ import logging
 import pytest
 import torch
 
-from patching import IDENTITY, device, guidance_of, inputs, one_run, patched
+from patching import IDENTITY, device, guidance_of, inputs, one_run, patched, references_and_control
 
 pytestmark = pytest.mark.usefixtures("comfyui")
 
@@ -67,13 +67,7 @@ def test_chunked_blocks_equal_comfyui_unpatched(flux, slices, monkeypatch, token
     slices(tokens)
     calls = counting_blocks(monkeypatch)
     x, ctx, y = inputs(batch=2, h=21, w=37, text=13)
-    g = torch.Generator().manual_seed(5)
-    refs = [torch.randn(2, 16, 10, 12, generator=g).to(device())]
-    n_img = 11 * 19
-    control = {
-        "input": [torch.randn(2, n_img, 96, generator=g).to(device()), None],
-        "output": [torch.randn(2, n_img, 96, generator=g).to(device())],
-    }
+    refs, control = references_and_control(2, 11 * 19)
     ref = denoise(flux, x, 0.5, ctx, y, ref_latents=refs, control=control)
     out = denoise(patched(flux, **IDENTITY), x, 0.5, ctx, y, ref_latents=refs, control=control)
     assert calls == {"double": 2, "single": 2}  # every block ran chunked
@@ -326,7 +320,7 @@ def test_each_block_equals_comfyuis_own_block(comfyui, slices, family, tokens):
     def attend(q, k, v_, call):
         q.copy_(torch.nn.functional.scaled_dot_product_attention(q, k, v_))
 
-    call = SimpleNamespace(rotary_table=None, n_guid=0, qkv_buffer=None, guidance_rows_override=None)
+    call = SimpleNamespace(rotary_table=None, n_guid=0, qkv_buffer=None, slice_tokens=None, guidance_rows_override=None)
     ctx = BlockContext(call, attend, lambda name: None, 1.0)
     with torch.inference_mode():
         pe = dm.pe_embedder(ids)

@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from patching import IDENTITY, device, guidance_of, inputs, one_run, patched
+from patching import IDENTITY, device, guidance_of, inputs, one_run, patched, references_and_control
 
 pytestmark = pytest.mark.usefixtures("comfyui")
 
@@ -39,13 +39,7 @@ def test_identity_holds_with_batch_kontext_references_and_controlnet(flux):
     from comfy_flux import denoise
 
     x, ctx, y = inputs(batch=2, h=16, w=24)
-    g = torch.Generator().manual_seed(5)
-    refs = [torch.randn(2, 16, 10, 12, generator=g).to(device())]
-    n_img = 8 * 12
-    control = {
-        "input": [torch.randn(2, n_img, 96, generator=g).to(device()), None],
-        "output": [torch.randn(2, n_img, 96, generator=g).to(device())],
-    }
+    refs, control = references_and_control(2, 8 * 12)
     ref = denoise(flux, x, 0.5, ctx, y, ref_latents=refs, control=control)
     for order in ("window-first", "hilbert"):
         out = denoise(patched(flux, token_order=order, **IDENTITY), x, 0.5, ctx, y, ref_latents=refs, control=control)

@@ -70,28 +70,20 @@ def tiny_loaders(comfyui, monkeypatch):
     import nodes
     from ultragen.runner.local import load_comfyui
 
-    from comfy_flux import TinyCLIP, flux_vae, tiny_flux
+    from comfy_flux import TinyCLIP, flux_loaders, flux_vae, tiny_flux
 
     load_comfyui(None, cpu=True)
     calls = []
 
-    class TinyUNETLoader(nodes.UNETLoader):
-        def load_unet(self, unet_name, weight_dtype):
-            calls.append(unet_name)
-            return (tiny_flux(seed=1),)
+    def loaded(make):
+        def load(name):
+            calls.append(name)
+            return make()
 
-    class TinyDualCLIPLoader(nodes.DualCLIPLoader):
-        def load_clip(self, clip_name1, clip_name2, type, device="default"):
-            calls.append(clip_name1)
-            return (TinyCLIP(),)
+        return load
 
-    class TinyVAELoader(nodes.VAELoader):
-        def load_vae(self, vae_name):
-            calls.append(vae_name)
-            return (flux_vae(seed=2),)
-
-    for key, cls in (("UNETLoader", TinyUNETLoader), ("DualCLIPLoader", TinyDualCLIPLoader),
-                     ("VAELoader", TinyVAELoader)):  # fmt: skip
+    loaders = flux_loaders(loaded(lambda: tiny_flux(seed=1)), loaded(TinyCLIP), loaded(lambda: flux_vae(seed=2)))
+    for key, cls in loaders.items():
         monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, key, cls)
     return calls
 

@@ -212,22 +212,10 @@ def test_workflow_runs_end_to_end_in_comfyuis_executor(registry, model_files, tm
 
     import nodes
 
-    from comfy_flux import TinyCLIP, flux_vae, prompt_executor, tiny_flux
+    from comfy_flux import TinyCLIP, flux_loaders, flux_vae, prompt_executor, tiny_flux
 
-    class TinyUNETLoader(nodes.UNETLoader):
-        def load_unet(self, unet_name, weight_dtype):
-            return (tiny_flux(seed=1),)
-
-    class TinyDualCLIPLoader(nodes.DualCLIPLoader):
-        def load_clip(self, clip_name1, clip_name2, type, device="default"):
-            return (TinyCLIP(),)
-
-    class TinyVAELoader(nodes.VAELoader):
-        def load_vae(self, vae_name):
-            return (flux_vae(seed=2),)
-
-    for key, cls in (("UNETLoader", TinyUNETLoader), ("DualCLIPLoader", TinyDualCLIPLoader),
-                     ("VAELoader", TinyVAELoader)):  # fmt: skip
+    loaders = flux_loaders(lambda name: tiny_flux(seed=1), lambda name: TinyCLIP(), lambda name: flux_vae(seed=2))
+    for key, cls in loaders.items():
         monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, key, cls)
     out_dir = tmp_path / "output"
     out_dir.mkdir()

@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
+
+from graph import Graph, Node, Out
+from layout import NODE_WIDTH, NOTE_POS, NOTE_SIZE, VIEW, layout
 
 HERE = Path(__file__).resolve().parent
 UI_DIR = HERE.parent / "example_workflows"  # scanned by ComfyUI's template browser
@@ -33,55 +35,6 @@ MODEL_FILES = (
     "Model files (put them in ComfyUI/models/...): diffusion_models/flux1-dev.safetensors, "
     "text_encoders/clip_l.safetensors, text_encoders/t5xxl_fp16.safetensors, vae/ae.safetensors."
 )
-
-
-@dataclass(frozen=True)
-class Out:
-    node: int
-    slot: int
-
-
-@dataclass
-class Node:
-    id: int
-    type: str
-    inputs: dict
-    title: str | None = None
-    stage: str = ""
-
-    def __getitem__(self, slot: int) -> Out:
-        return Out(self.id, slot)
-
-
-@dataclass
-class Graph:
-    name: str
-    nodes: list[Node] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    current_stage: str = ""
-    inputs: dict[str, list[dict]] = field(default_factory=dict)  # what ultragen-run's options set
-
-    def expose(self, option: str, node: Node, input_name: str, scale: float = 1.0, offset: int = 0) -> None:
-        """``ultragen-run --<option> V`` sets ``node``'s ``input_name`` to ``V * scale + offset`` (sizes rounded
-        down to FLUX's 16-pixel grid)."""
-        entry = {"node": str(node.id), "input": input_name}
-        if scale != 1.0:
-            entry["scale"] = scale
-        if offset:
-            entry["offset"] = offset
-        self.inputs.setdefault(option, []).append(entry)
-
-    def stage(self, name: str) -> None:
-        """Nodes made from now on belong to stage ``name`` (a group on the canvas, left to right)."""
-        self.current_stage = name
-
-    def node(self, type_: str, title: str | None = None, **inputs) -> Node:
-        n = Node(len(self.nodes) + 1, type_, inputs, title, self.current_stage)
-        self.nodes.append(n)
-        return n
-
-    def note(self, text: str) -> None:
-        self.notes.append(text)
 
 
 def definition(type_: str) -> tuple[list[tuple[str, str, bool, bool, object]], list[tuple[str, str]]]:
@@ -121,20 +74,10 @@ def to_api(graph: Graph) -> dict:
     return prompt
 
 
-# Canvas geometry, in the frontend's units. A node's height is what ComfyUI's frontend draws for its sockets and
-# widgets (20 px a socket row, 24 px a widget, 14 px of margins: 366 px for the Attention Patch's 2 sockets and
-# 13 widgets, as seen in the frontend); a multiline text box takes 80 px more.
-NODE_WIDTH, COLUMN_GAP, ROW_GAP, STAGE_GAP = 340, 50, 40, 120
-NOTE_POS, NOTE_SIZE = (40, 40), (760, 320)
-GROUP_TITLE, GROUP_PAD = 50, 20
-# Opens with the Note and the first stage in sight, clear of the frontend's left toolbar (58 px) and top bars
-# (tabs and the graph breadcrumb, ~85 px): screen = (canvas + offset) x scale.
-VIEW = {"scale": 0.6, "offset": [120, 140]}
-STAGE_COLORS = ("#3f5f8a", "#3f7a5a", "#8a6a3f", "#7a3f6a")
-
-
 def node_height(type_: str) -> int:
-    """The height ComfyUI's frontend gives a node of this type (see the constants above)."""
+    """The height ComfyUI's frontend gives a node of this type: 20 px a socket row, 24 px a widget, 14 px of
+    margins (366 px for the Attention Patch's 2 sockets and 13 widgets, as seen in the frontend), 80 px more for
+    a multiline text box."""
     import nodes
 
     spec = nodes.NODE_CLASS_MAPPINGS[type_].INPUT_TYPES()
@@ -148,46 +91,8 @@ def node_height(type_: str) -> int:
     return 20 * max(sockets, len(outputs_def)) + 24 * widgets + 14 + 80 * multiline
 
 
-def _stage_depths(graph: Graph) -> dict[int, int]:
-    """Each node's column inside its stage: one more than its deepest input of the same stage."""
-    by_id = {n.id: n for n in graph.nodes}
-    depth: dict[int, int] = {}
-    for n in graph.nodes:  # nodes are created after their inputs
-        same = [v.node for v in n.inputs.values() if isinstance(v, Out) and by_id[v.node].stage == n.stage]
-        depth[n.id] = 1 + max((depth[s] for s in same), default=-1)
-    return depth
-
-
-def layout(graph: Graph) -> tuple[dict[int, tuple[int, int, int]], list[dict]]:
-    """(node id -> (x, y, height)), groups: the stages left to right below the Note, each in columns by
-    depth inside the stage, nodes stacked with their real heights."""
-    depth = _stage_depths(graph)
-    stages = list(dict.fromkeys(n.stage for n in graph.nodes))
-    top = NOTE_POS[1] + NOTE_SIZE[1] + 60 + GROUP_TITLE
-    placed: dict[int, tuple[int, int, int]] = {}
-    groups = []
-    x0 = NOTE_POS[0] + GROUP_PAD
-    for i, stage in enumerate(stages):
-        members = [n for n in graph.nodes if n.stage == stage]
-        columns = max(depth[n.id] for n in members) + 1
-        bottoms = [top] * columns
-        for n in members:
-            c = depth[n.id]
-            h = node_height(n.type)
-            placed[n.id] = (x0 + c * (NODE_WIDTH + COLUMN_GAP), bottoms[c], h)
-            bottoms[c] += h + ROW_GAP
-        width = columns * NODE_WIDTH + (columns - 1) * COLUMN_GAP
-        groups.append({
-            "title": stage, "color": STAGE_COLORS[i % len(STAGE_COLORS)], "font_size": 24, "flags": {},
-            "bounding": [x0 - GROUP_PAD, top - GROUP_TITLE, width + 2 * GROUP_PAD,
-                         max(bottoms) - ROW_GAP - top + GROUP_TITLE + GROUP_PAD],
-        })  # fmt: skip
-        x0 += width + 2 * GROUP_PAD + STAGE_GAP
-    return placed, groups
-
-
 def to_ui(graph: Graph) -> dict:
-    placed, groups = layout(graph)
+    placed, groups = layout(graph, node_height)
     links, ui_nodes = [], []
     outputs: dict[int, list] = {}
     for n in graph.nodes:
