@@ -6,10 +6,15 @@ random weights, and text encoders replaced by conditioning of the real shapes (T
 pooled CLIP: 768) — so every number is a real step, decode and transfer, none an image-quality claim.
 Beside each workflow, in the same run, the way an artist would do it without the pack: FLUX sampled
 at the target size (28 Euler steps, ComfyUI's default sampling), decoded with ComfyUI's tiled VAE
-decode. Dense steps at 8192^2 take about 90 s each: ``--dense-steps N`` runs N of them and scales the
-sampling time to 28 (said in the table).
+decode. Dense steps at 8192^2 take about 90 s each: ``--dense-steps N`` runs N of them and adds
+28 - N steps of the measured per-step time (the interval between the sampler's step callbacks; with one
+step run, the sampler node's whole time, which also holds its setup: an upper bound, said in the JSON).
 
-Per node: seconds and peak GPU memory; per workflow: the whole image and its ratio to dense.
+Per node: seconds and peak GPU memory; per workflow: the whole image and its ratio to dense. The model
+is built before anything is timed; the first sampler of the UltraGen run (the 1K base) includes loading
+its weights onto the GPU and the Triton compilation, which the dense run after it does not pay.
+On a machine whose Python lacks ComfyUI's video / server requirements (PyAV, pydantic, ...), put
+``bench/stubs`` on ``PYTHONPATH`` with ``STUB_MODULES=av,pydantic,...`` (see its docstring).
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/pipeline.py [--workflows flux_4k_from_1k flux_8k_recursive]
     COMFYUI_PATH=/path/to/ComfyUI python bench/pipeline.py --tiny   # a CPU smoke run on tiny models
@@ -42,17 +47,17 @@ def swap_loaders(tiny: bool) -> None:
     from comfy_flux import flux_loaders
     from random_models import flux_vae, tiny_flux
 
-    cache: dict = {}
+    # Built before anything is timed: a random-weight build is not the file load an artist's UNETLoader
+    # does, and the dense run that follows would find it cached.
+    if tiny:
+        model = tiny_flux(seed=1)
+    else:
+        from vram_cards import build  # FLUX.1-dev on the CPU, filled on the GPU: fast
+
+        model = build("bf16")
 
     def unet(name):
-        if "model" not in cache:
-            if tiny:
-                cache["model"] = tiny_flux(seed=1)
-            else:
-                from vram_cards import build  # FLUX.1-dev on the CPU, filled on the GPU: fast
-
-                cache["model"] = build("bf16")
-        return cache["model"]
+        return model
 
     class RealShapedText:
         """Conditioning of FLUX's real shapes (T5 tokens and pooled CLIP), seeded by the prompt."""
@@ -119,12 +124,12 @@ def shrink(prompt: dict, factor: int, steps: int | None) -> dict:
 
 
 def run_measured(prompt: dict, out: Path) -> dict:
-    """Run ``prompt``; per node (in order): seconds and peak GiB."""
+    """Run ``prompt``; per node (in order): seconds, peak GiB and the times of its progress steps."""
     import ultragen.runner.local as local
 
     cuda = torch.cuda.is_available()
     rows: list[dict] = []
-    clock = {"t": time.perf_counter(), "node": None}
+    clock = {"t": time.perf_counter(), "node": None, "steps": []}
 
     def close(node):
         if clock["node"] is not None:
@@ -134,16 +139,23 @@ def run_measured(prompt: dict, out: Path) -> dict:
             entry = prompt.get(str(clock["node"]), {})
             title = (entry.get("_meta") or {}).get("title") or entry.get("class_type", "?")
             rows.append({"node": str(clock["node"]), "type": entry.get("class_type"), "title": title,
-                         "s": time.perf_counter() - clock["t"], "peak_gib": peak})  # fmt: skip
+                         "s": time.perf_counter() - clock["t"], "peak_gib": peak,
+                         "step_times": [t - clock["t"] for t in clock["steps"]]})  # fmt: skip
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        clock.update(t=time.perf_counter(), node=node)
+        clock.update(t=time.perf_counter(), node=node, steps=[])
 
     class Timed(local.Progress):
         def send_sync(self, event, data, sid=None):
             if event == "executing":
                 close(data.get("node"))
             super().send_sync(event, data, sid)
+
+        def step(self, value, total, *args, **kwargs):
+            if cuda:
+                torch.cuda.synchronize()
+            clock["steps"].append(time.perf_counter())
+            super().step(value, total, *args, **kwargs)
 
     original = local.Progress
     local.Progress = Timed
@@ -158,11 +170,20 @@ def run_measured(prompt: dict, out: Path) -> dict:
     return {"s": time.perf_counter() - start, "nodes": rows, "images": len(result.images)}
 
 
+def dense_step_seconds(sampler: dict) -> tuple[float, str]:
+    """One dense step: the mean interval between the sampler's step callbacks, or (one step run) its node time."""
+    times = sampler["step_times"]
+    if len(times) >= 2:
+        return (times[-1] - times[0]) / (len(times) - 1), "step intervals"
+    return sampler["s"], "the sampler node's time (includes its setup: an upper bound)"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workflows", nargs="+", default=["flux_4k_from_1k", "flux_8k_recursive"])
-    ap.add_argument("--dense-steps", type=int, default=None, help="dense sampling steps run (scaled to 28); "
-                    "default: 28 up to 4096^2, 3 above")  # fmt: skip
+    ap.add_argument("--dense-steps", type=int, nargs="+", default=None,
+                    help="dense sampling steps run (the rest of 28 added at the measured step time), one per "
+                    "workflow; default: 28 up to 4096^2, 2 above")  # fmt: skip
     ap.add_argument("--tiny", action="store_true", help="tiny models, sizes / 16, 2 steps: a CPU smoke run")
     ap.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH)")
     ap.add_argument("--out", help="JSON path (default: bench/results/pipeline.json)")
@@ -174,26 +195,31 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="ultragen-pipeline-"))
     model_files(work / "models")
     rows = []
-    for name in args.workflows:
+    text = "conditioning of the real shapes (T5 512 x 4096, CLIP pooled 768)"
+    result = {**run_info(), "tiny": args.tiny, "random_weights": True, "text_encoders": text, "rows": rows}
+    for i, name in enumerate(args.workflows):
         size = FINAL_SIZE[name]
-        dense_steps = args.dense_steps or (STEPS if size <= 4096 else 3)
+        dense_steps = args.dense_steps[min(i, len(args.dense_steps) - 1)] if args.dense_steps else (
+            STEPS if size <= 4096 else 2)  # fmt: skip
         ours = json.loads((API / f"{name}.api.json").read_text())
         dense = dense_prompt(size, dense_steps)
         if args.tiny:
             ours, dense, dense_steps = shrink(ours, 16, 2), shrink(dense, 16, 2), 2
         measured_ours = run_measured(ours, work / name)
+        rows.append({"workflow": name, "size": size, "ultragen": measured_ours})
+        write_json("pipeline", result, args.out)  # a run cut short in the dense pass keeps this
         measured_dense = run_measured(dense, work / f"{name}-dense")
-        sampling = sum(r["s"] for r in measured_dense["nodes"] if r["type"] == "KSampler")
-        dense_total = measured_dense["s"] + sampling * (STEPS / dense_steps - 1)
-        rows.append({"workflow": name, "size": size, "ultragen": measured_ours, "dense": measured_dense,
-                     "dense_steps_run": dense_steps, "dense_s_scaled_to_28_steps": dense_total,
-                     "speedup": dense_total / measured_ours["s"]})  # fmt: skip
+        sampler = next(r for r in measured_dense["nodes"] if r["type"] == "KSampler")
+        per_step, how = dense_step_seconds(sampler)
+        dense_total = measured_dense["s"] + per_step * (STEPS - dense_steps)
         speedup = dense_total / measured_ours["s"]
+        rows[-1].update({"dense": measured_dense, "dense_steps_run": dense_steps, "dense_step_s": per_step,
+                         "dense_step_from": how, "dense_s_scaled_to_28_steps": dense_total,
+                         "speedup": speedup})  # fmt: skip
         print(f"{name}: UltraGen {measured_ours['s']:.1f} s, dense {dense_total:.1f} s "
-              f"({dense_steps} of {STEPS} steps run), {speedup:.1f}x", flush=True)  # fmt: skip
-    text = "conditioning of the real shapes (T5 512 x 4096, CLIP pooled 768)"
-    result = {**run_info(), "tiny": args.tiny, "random_weights": True, "text_encoders": text, "rows": rows}
-    out = write_json("pipeline", result, args.out)
+              f"({dense_steps} of {STEPS} steps run, {per_step:.2f} s a step from {how}), {speedup:.1f}x",
+              flush=True)  # fmt: skip
+        out = write_json("pipeline", result, args.out)  # after every workflow: a run cut short keeps it
     print("\n| workflow | size | UltraGen, whole image | dense (28 steps, tiled decode) | speedup | target |")
     print("|---|---|---|---|---|---|")
     for r in rows:

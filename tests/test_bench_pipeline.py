@@ -36,3 +36,17 @@ def test_pipeline_smoke_run_times_every_node(tmp_path, monkeypatch):
     assert row["ultragen"]["images"] == 2 and row["dense"]["images"] == 1
     assert any(n["type"] == "VAEDecodeTiled" for n in row["dense"]["nodes"])  # the dense way decodes in tiles
     assert row["speedup"] > 0 and result["tiny"] is True and result["random_weights"] is True
+    sampler = next(n for n in row["dense"]["nodes"] if n["type"] == "KSampler")
+    assert len(sampler["step_times"]) == row["dense_steps_run"]  # one time per sampling step
+    extra = row["dense_step_s"] * (pipeline.STEPS - row["dense_steps_run"])
+    assert row["dense_s_scaled_to_28_steps"] == pytest.approx(row["dense"]["s"] + extra)
+
+
+def test_dense_step_time_is_the_mean_step_interval_or_the_whole_node(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("pipeline", None)
+    import pipeline
+
+    assert pipeline.dense_step_seconds({"s": 9.0, "step_times": [2.0, 3.5, 5.0, 6.5]})[0] == pytest.approx(1.5)
+    seconds, how = pipeline.dense_step_seconds({"s": 9.0, "step_times": [8.0]})
+    assert seconds == 9.0 and "upper bound" in how
