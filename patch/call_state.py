@@ -41,6 +41,12 @@ class CallState:
     guidance_rows_override: int | None = None  # set by a chunked block around a layer's per-slice forward
     embedding_guidance: bool = False  # True while img_in embeds the guidance tokens (a training LoRA reads it)
 
+    def release_block_buffers(self) -> None:
+        """Free q, k, v (3U) and the RoPE table once the last block is done: FLUX's final layer (its norm and
+        modulation: 2U of the image) would otherwise run beside them, the step's peak."""
+        self.qkv_buffer = None
+        self.rotary_table = None
+
     @property
     def n_img(self) -> int:
         return self.grid[0] * self.grid[1]

@@ -14,8 +14,10 @@ projection, MLP, residual adds) acts on each token alone. So a block here
 3. finishes the block a slice at a time: output projection, MLP, residual adds into the
    block's input (which the block owns, as ComfyUI's own blocks add into it in place).
 
-Peak: the input (1U) + q, k, v (3U, one buffer per model call) + one slice's temporaries
-(measured 5.4-5.8U from 8192^2 to 16384^2, against 16U for ComfyUI's blocks). The arithmetic is
+Peak: the input (1U) + q, k, v (3U, one buffer per model call, freed after the last block) + one
+slice's temporaries, against 16U for ComfyUI's blocks. (Measured 6.2-6.3U from 4096^2 to 16384^2 while
+the buffer was still alive during FLUX's final layer, whose norm and modulation add 2U; without it,
+~5.3U at 8192^2 and ~5.7U at 4096^2 by the count above, not yet measured.) The arithmetic is
 ComfyUI's, from the block's own modules (so user LoRAs, fp8 and streamed weights work; see
 ``layer_weights.py``); float32 results equal ComfyUI's blocks to rounding.
 

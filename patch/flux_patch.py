@@ -331,8 +331,12 @@ class InstalledPatch:
         ctx = BlockContext(call, self._attend, self.patch.lora.get, self.patch.lora_strength)
         dm = call.diffusion_model
         if kind == "double_block":
-            return double_block(dm.double_blocks[index], args, ctx, f"double_blocks.{index}")
-        return single_block(dm.single_blocks[index], args, ctx, f"single_blocks.{index}")
+            out = double_block(dm.double_blocks[index], args, ctx, f"double_blocks.{index}")
+        else:
+            out = single_block(dm.single_blocks[index], args, ctx, f"single_blocks.{index}")
+        if _is_last_block(dm, kind, index):
+            call.release_block_buffers()
+        return out
 
     def _layout(self, call: CallState, length: int):
         """The attention layout of this call's sequence of ``length`` tokens (None: not this call's sequence)."""
@@ -399,6 +403,13 @@ class InstalledPatch:
         """Tokens besides the image in a call of this latent shape (for the memory estimate)."""
         guid = self.patch.guidance.grid() if self.patch.guidance is not None else (0, 0)
         return MAX_TEXT_TOKENS + guid[0] * guid[1]
+
+
+def _is_last_block(dm, kind: str, index: int) -> bool:
+    """Whether FLUX's forward runs no block after this one (only its final layer)."""
+    if len(dm.single_blocks):
+        return kind == "single_block" and index == len(dm.single_blocks) - 1
+    return kind == "double_block" and index == len(dm.double_blocks) - 1
 
 
 def _rotate(q, k, table, kwargs) -> tuple[torch.Tensor, torch.Tensor]:

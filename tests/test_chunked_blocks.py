@@ -338,3 +338,24 @@ def test_each_block_equals_comfyuis_own_block(comfyui, slices, family, tokens):
         out_x = single_block(dm.single_blocks[0], {"img": x.clone(), "vec": single_vec, "pe": pe}, ctx, "s")["img"]
     for ours, ref in ((out_img, ref_img), (out_txt, ref_txt), (out_x, ref_x)):
         assert (ours - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+
+
+def test_q_k_v_and_rope_table_are_freed_before_the_final_layer(flux, slices):
+    """FLUX's final layer runs after the last block; the call's 3U q/k/v buffer and its RoPE table must not be
+    alive beside it (it was the step's peak). Read from inside final_layer, during a patched call."""
+    from ultragen.patch.call_state import active_call
+
+    from comfy_flux import denoise
+
+    slices(5)
+    seen = []
+    dm = flux.model.diffusion_model
+    handle = dm.final_layer.register_forward_pre_hook(
+        lambda module, args: seen.append((active_call().qkv_buffer, active_call().rotary_table))
+    )
+    try:
+        x, ctx, y = inputs(h=16, w=20, text=7)
+        denoise(patched(flux, window=2), x, 0.6, ctx, y)
+    finally:
+        handle.remove()
+    assert seen == [(None, None)]
