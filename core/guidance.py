@@ -23,16 +23,19 @@ def scaled_positions(guidance_size: int, image_size: int, device: torch.device |
 
 
 def guidance_ids(
-    guidance_hw: tuple[int, int], image_hw: tuple[int, int], device: torch.device | str = "cpu"
+    guidance_hw: tuple[int, int], image_hw: tuple[int, int], device: torch.device | str = "cpu", axes: int = 3
 ) -> torch.Tensor:
-    """FLUX position ids (index, row, col) of a guidance grid in raster order: (gh * gw, 3) float32."""
+    """FLUX position ids of a guidance grid in raster order: (gh * gw, axes) float32.
+
+    (index 0, row, col) as FLUX.1 places image tokens; FLUX.2's fourth axis (text positions) is 0 for images.
+    """
     gh, gw = guidance_hw
     rows = scaled_positions(gh, image_hw[0], device)
     cols = scaled_positions(gw, image_hw[1], device)
-    ids = torch.zeros(gh, gw, 3, dtype=torch.float32, device=device)
+    ids = torch.zeros(gh, gw, axes, dtype=torch.float32, device=device)
     ids[..., 1] = rows[:, None]
     ids[..., 2] = cols[None, :]
-    return ids.view(gh * gw, 3)
+    return ids.view(gh * gw, axes)
 
 
 def aspect_mismatch(small_w: int, small_h: int, large_w: int, large_h: int) -> bool:

@@ -12,6 +12,8 @@ optional ``<layer>.alpha`` (scalar; default rank). ``<layer>`` is a ComfyUI modu
 the FLUX diffusion model, optionally prefixed by ``diffusion_model.`` or
 ``base_model.model.`` (peft). ``rows`` may be fewer than the layer's outputs: the update
 then covers the first ``rows`` outputs (e.g. only q, k, v of a single block's linear1).
+The UltraGen authors' FLUX.2 LoRAs (diffusers names, ``transformer.<module>...``) are read too
+(``diffusers_lora_keys.py``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UltraGenError
+from .diffusers_lora_keys import from_diffusers_flux2, is_diffusers_flux2
 
 GUIDANCE_LAYERS = (
     r"img_in",
@@ -95,6 +98,11 @@ def parse_guidance_lora(tensors: dict[str, torch.Tensor], name: str = "guidance 
     patch could not apply or would turn into a broken image: unknown layers, missing halves,
     mismatched shapes, rank 0, an alpha that is not one number, NaN or Inf values.
     """
+    if is_diffusers_flux2(tensors):  # the UltraGen authors' FLUX.2 LoRAs (diffusers names)
+        try:
+            tensors = from_diffusers_flux2(tensors)
+        except ValueError as exc:
+            raise GuidanceLoRAError(f"{name}: {exc}; {_REDO}") from None
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         layer, suffix = _layer_name(key)

@@ -26,11 +26,11 @@ class UltraGenAttentionPatch(io.ComfyNode):
                 "and the matching part of a low-res guidance copy of the image (which itself sees the whole "
                 "picture), instead of to every other pixel. Connect the "
                 "guidance from Low-Res Guidance Encode. Each block also runs a slice of the image at a time, so "
-                "8K fits a 24 GB card (ComfyUI 0.29's DynamicVRAM) and 4K a 12 GB one (fp8). The model is patched "
+                "8K fits a 24 GB card and 4K a 12 GB one (fp8). The model is patched "
                 "in place; other LoRAs and patches keep working."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="A FLUX.1 model (dev, schnell or Kontext)."),
+                io.Model.Input("model", tooltip="A FLUX.1 (dev, schnell, Krea, Kontext) or FLUX.2 (klein, dev) model."),
                 UltraGenGuidance.Input(
                     "guidance", optional=True,
                     tooltip="Low-res guidance (Low-Res Guidance Encode). Without it, windows only see their "
@@ -93,7 +93,8 @@ class UltraGenAttentionPatch(io.ComfyNode):
                 ),
                 io.Float.Input(
                     "shift_mu", default=D.shift_mu, min=0.0, max=10.0, step=0.01,
-                    tooltip=f"The fixed shift (FLUX at 1024 px: {FLUX_MU_1024}).",
+                    tooltip=f"The fixed shift. The default ({FLUX_MU_1024}, FLUX.1's at 1024 px) means the model's "
+                    "own: FLUX.2 keeps its 2.02.",
                 ),
                 io.Combo.Input(
                     "backend", options=list(BACKENDS), default=D.backend,

@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from ..core.guidance import aspect_mismatch
 from ..patch import Guidance, UltraGenPatchError
-from ..patch.flux_family import PIXELS_PER_LATENT
+from ..patch.flux_family import not_a_flux_latent, pixels_per_latent
 from .types import UltraGenGuidance
 
 
@@ -36,7 +36,7 @@ class UltraGenLowResGuidanceEncode(io.ComfyNode):
                     "image", optional=True,
                     tooltip="The low-res image (connect this and a VAE, or a latent instead).",
                 ),
-                io.Vae.Input("vae", optional=True, tooltip="The FLUX VAE, to encode the image."),
+                io.Vae.Input("vae", optional=True, tooltip="The FLUX VAE (FLUX.1's or FLUX.2's), to encode the image."),
                 io.Latent.Input(
                     "latent", optional=True,
                     tooltip="The low-res latent (e.g. the output of the low-res KSampler), instead of image + VAE.",
@@ -64,13 +64,16 @@ class UltraGenLowResGuidanceEncode(io.ComfyNode):
             raise UltraGenPatchError(
                 f"Low-Res Guidance Encode: expected an image latent (B, C, H, W), got {tuple(samples.shape)}"
             )
-        width, height = samples.shape[-1] * PIXELS_PER_LATENT, samples.shape[-2] * PIXELS_PER_LATENT
+        px = pixels_per_latent(samples.shape[1])
+        if px is None:
+            raise UltraGenPatchError(f"Low-Res Guidance Encode: {not_a_flux_latent(samples.shape[1])}")
+        width, height = samples.shape[-1] * px, samples.shape[-2] * px
         if width > target_width or height > target_height:
             raise UltraGenPatchError(
                 f"Low-Res Guidance Encode: the guidance ({width}x{height} px) is larger than the target "
                 f"({target_width}x{target_height} px); guidance is the low-res version of the target"
             )
-        target_cells = (target_width // PIXELS_PER_LATENT, target_height // PIXELS_PER_LATENT)
+        target_cells = (target_width // px, target_height // px)
         if aspect_mismatch(samples.shape[-1], samples.shape[-2], *target_cells):
             raise UltraGenPatchError(
                 f"Low-Res Guidance Encode: the guidance ({width}x{height} px) and the target ({target_width}x"

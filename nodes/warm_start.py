@@ -6,6 +6,7 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..core.flow_matching import FLUX_MU_1024
+from ..patch.flux_family import shift_mu_for
 from ..patch.warm_start import METHODS, WarmStartOptions, upsample_latent, warm_start_sigmas
 
 D = WarmStartOptions()  # defaults, from UltraGen
@@ -53,7 +54,8 @@ class UltraGenWarmStartLatent(io.ComfyNode):
                 ),
                 io.Float.Input(
                     "shift_mu", default=D.shift_mu, min=0.0, max=10.0, step=0.01,
-                    tooltip=f"Constant FLUX shift of the schedule (1024 px FLUX: {FLUX_MU_1024}), at any size.",
+                    tooltip=f"Constant FLUX shift of the schedule, at any size. The default ({FLUX_MU_1024}, FLUX.1's "
+                    "at 1024 px) means the model's own: on a FLUX.2 latent, FLUX.2's 2.02.",
                 ),
                 io.Combo.Input(
                     "scheduler", options=list(comfy.samplers.SCHEDULER_NAMES), default=D.scheduler,
@@ -72,7 +74,8 @@ class UltraGenWarmStartLatent(io.ComfyNode):
         cls, latent, target_width, target_height, method, sharpen, steps, skip, start_sigma, shift_mu, scheduler,
         vae=None,
     ) -> io.NodeOutput:  # fmt: skip
-        sigmas = warm_start_sigmas(steps, skip, start_sigma, shift_mu, scheduler)  # check before heavy work
+        mu = shift_mu_for(latent["samples"].shape[1], shift_mu)  # FLUX.2's latent: its own shift for the default
+        sigmas = warm_start_sigmas(steps, skip, start_sigma, mu, scheduler)  # check before heavy work
         samples = upsample_latent(latent["samples"], target_width, target_height, method, vae, sharpen)
         out = {k: v for k, v in latent.items() if k not in ("samples", "noise_mask")}
         out["samples"] = samples

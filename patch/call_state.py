@@ -26,13 +26,13 @@ class CallState:
 
     grid: tuple[int, int]
     order: WindowOrder
-    image_ids: torch.Tensor
+    image_ids: torch.Tensor  # (n_img, axes) float32, window-first order
     n_ref: int
     diffusion_model: torch.nn.Module  # the FLUX model being called (its img_in embeds the guidance tokens too)
     warn_once: Callable[[str, str], None]  # the run's one-time warnings (key, message)
     guidance_grid: tuple[int, int] | None = None
     guidance_tokens: torch.Tensor | None = None  # (B, n_guid, C * p * p), sequence order, not yet embedded
-    guidance_ids: torch.Tensor | None = None  # (n_guid, 3) float32, sequence order
+    guidance_ids: torch.Tensor | None = None  # (n_guid, axes) float32, sequence order
     npa_offset: tuple[int, int] = (0, 0)
     rotary_table: torch.Tensor | None = None  # (B, 1, L, D / 2, 2, 2): RoPE for this call's sequence
     qkv_buffer: torch.Tensor | None = None  # (B, L, 3, H, D): the chunked blocks' q, k, v, reused by every block

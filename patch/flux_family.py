@@ -1,31 +1,81 @@
-"""Which models of ComfyUI's ``Flux`` class the patch runs: FLUX.1, decided from the model's parameters.
+"""Which models of ComfyUI's ``Flux`` class the patch runs (FLUX.1 and FLUX.2), and their geometry.
 
-Why: newer ComfyUI (0.29) runs FLUX.2, LongCat-Image and Ovis-Image through the same class as
-FLUX.1, so ``isinstance(dm, Flux)`` no longer says FLUX.1. The patch relies on FLUX.1's
-layout: three RoPE axes (index, row, column), 2x2 patches, text positions all zero, a GELU MLP
-and per-block modulation. On the others it would crash (FLUX.2 has four axes) or silently
-change the image (LongCat-Image places text on axes 1 and 2). Each gets a clear refusal until
-it is supported.
+Why: newer ComfyUI (0.29) runs FLUX.1, FLUX.2, LongCat-Image and Ovis-Image through the same class,
+so ``isinstance(dm, Flux)`` says little. The patch needs to know, from the model's parameters:
+how many RoPE axes a position has (FLUX.1: index, row, column; FLUX.2: the same plus a fourth that
+only text uses), how many latent cells a token covers (2x2 / 1x1 patches), and how many pixels a
+latent cell covers (the VAE: 8 / 16 after FLUX.2's 2x2 unshuffle). Windows and guidance are in
+tokens; every pixel <-> token conversion goes through :class:`FluxGeometry`. Models of the class
+that are neither (LongCat-Image places text on axes 1 and 2, Ovis has a third MLP layout) get a
+clear refusal until they are supported.
 """
 
 from __future__ import annotations
 
-LATENT_CHANNELS = 16  # FLUX.1's VAE latent (FLUX.2: 128 at 1/16 of the pixels)
-# Pixels per latent cell along each side (ComfyUI's latent_format.spacial_downscale_ratio; FLUX.2: 16).
-PIXELS_PER_LATENT = 8
-# The longest text FLUX.1 takes (T5 tokens of FLUX.1-dev; schnell uses 256): what the memory estimate assumes.
+from dataclasses import dataclass
+
+# Pixels per latent cell along each side, by the latent's channel count (ComfyUI's
+# latent_format.spacial_downscale_ratio): FLUX.1's VAE (16 channels at 1/8), FLUX.2's (128 at 1/16).
+PIXELS_PER_LATENT_OF_CHANNELS = {16: 8, 128: 16}
+# ComfyUI's sampling shift (mu) of each family at 1024 px, by latent channels: FLUX.1's 1.15 (core.flow_matching's
+# FLUX_MU_1024) and FLUX.2's 2.02 (``supported_models.Flux2.sampling_settings``), which ComfyUI keeps at every size.
+DEFAULT_SHIFT_MU_OF_CHANNELS = {16: 1.15, 128: 2.02}
+LATENT_CHANNELS = 16  # FLUX.1's VAE latent
+PIXELS_PER_LATENT = 8  # FLUX.1's
+# The longest text FLUX takes (T5 tokens of FLUX.1-dev; FLUX.2 pads to 512): what the memory estimate assumes.
 MAX_TEXT_TOKENS = 512
 
 
-def other_family(diffusion_model) -> str | None:
-    """None for a FLUX.1-shaped ``comfy.ldm.flux.model.Flux``; else a name for what it is instead."""
+@dataclass(frozen=True)
+class FluxGeometry:
+    """How a supported FLUX model maps pixels to tokens and tokens to RoPE positions."""
+
+    family: str  # "FLUX.1" or "FLUX.2"
+    axes: int  # RoPE axes of a position id: image tokens use 0 (index), 1 (row), 2 (column)
+    patch: int  # latent cells per token along a side
+    latent_channels: int
+    pixels_per_latent: int
+
+    @property
+    def pixels_per_token(self) -> int:
+        return self.patch * self.pixels_per_latent
+
+
+FLUX1 = FluxGeometry("FLUX.1", axes=3, patch=2, latent_channels=16, pixels_per_latent=8)
+FLUX2 = FluxGeometry("FLUX.2", axes=4, patch=1, latent_channels=128, pixels_per_latent=16)
+
+
+def pixels_per_latent(channels: int) -> int | None:
+    """Pixels per latent cell of a FLUX latent with ``channels`` channels (None: not a FLUX latent)."""
+    return PIXELS_PER_LATENT_OF_CHANNELS.get(channels)
+
+
+def shift_mu_for(channels: int, mu: float) -> float:
+    """The constant shift for a latent of ``channels`` channels when the node says ``mu``: the nodes' default
+    (FLUX.1's 1.15) stands for "the model's own 1024-px shift", FLUX.2's 2.02 on its latents; other values as set."""
+    if mu == DEFAULT_SHIFT_MU_OF_CHANNELS[16]:
+        return DEFAULT_SHIFT_MU_OF_CHANNELS.get(channels, mu)
+    return mu
+
+
+def not_a_flux_latent(channels: int) -> str:
+    """What to tell an artist whose latent has ``channels`` channels, none of FLUX's."""
+    return (f"the latent has {channels} channels, but FLUX.1's have 16 and FLUX.2's 128: connect a latent made "
+            "by a FLUX VAE")  # fmt: skip
+
+
+def flux_geometry(diffusion_model) -> FluxGeometry | str:
+    """The geometry of a FLUX.1- or FLUX.2-shaped ``comfy.ldm.flux.model.Flux``; else a name for what it is."""
     p = diffusion_model.params
-    if getattr(p, "global_modulation", False) or len(p.axes_dim) == 4:
-        return "FLUX.2"
+    txt_axes = list(getattr(p, "txt_ids_dims", None) or [])
     if getattr(p, "yak_mlp", False) or getattr(p, "txt_norm", False):
         return "Ovis-Image"
-    if list(getattr(p, "txt_ids_dims", None) or []):
+    if getattr(p, "global_modulation", False) or len(p.axes_dim) == 4:
+        flux2 = (len(p.axes_dim) == 4 and txt_axes == [3] and p.patch_size == 1 and p.in_channels == 128
+                 and getattr(p, "mlp_silu_act", False) and getattr(p, "global_modulation", False))  # fmt: skip
+        return FLUX2 if flux2 else "a FLUX.2-like model of another layout"
+    if txt_axes:
         return "LongCat-Image" if p.vec_in_dim is None else "a FLUX-class model with text positions"
     if len(p.axes_dim) != 3 or p.patch_size != 2 or getattr(p, "mlp_silu_act", False):
         return f"a FLUX-class model with {len(p.axes_dim)} position axes and {p.patch_size}x{p.patch_size} patches"
-    return None
+    return FLUX1

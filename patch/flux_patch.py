@@ -59,14 +59,14 @@ from ..kernels import sparse_attention
 from ..kernels.rope import apply_rope
 from .call_state import CallState, HandOver, active_call, calling
 from .chunked_blocks import BlockContext, double_block, fallback_reason, install_chunked_blocks, single_block
-from .flux_family import MAX_TEXT_TOKENS, other_family
+from .flux_family import MAX_TEXT_TOKENS, flux_geometry
 from .host import check_host
 from .inplace_gelu import inplace_gelu_patches
 from .options import Guidance, PatchOptions, UltraGenPatchError
 from .planning import NODE, SizePlan, call_layout, check_guidance_fits, npa_offset, plan_size
 from .rotary_table import RotaryTable
 from .run_state import PatchRun
-from .sampling import constant_shift_sampling, memory_estimate_wrapper
+from .sampling import constant_shift_sampling, memory_estimate_wrapper, model_shift_mu
 
 KEY = "ultragen"  # transformer_options: the model call being run (read by the attention override)
 RUN_KEY = "ultragen_run"  # transformer_options: the sampling run (PatchRun)
@@ -95,11 +95,11 @@ class UltraGenFluxPatch:
                 f"{NODE} needs a FLUX model, but this MODEL is {type(dm).__name__}; "
                 "load FLUX.1 (dev, schnell, Krea, Kontext) with Load Diffusion Model or Load Checkpoint"
             )
-        family = other_family(dm)
-        if family is not None:
+        geometry = flux_geometry(dm)
+        if isinstance(geometry, str):
             raise UltraGenPatchError(
-                f"{NODE} works with FLUX.1 models (dev, schnell, Krea, Kontext); this MODEL is {family}, which "
-                "UltraGen does not support yet. Load a FLUX.1 model."
+                f"{NODE} works with FLUX.1 (dev, schnell, Krea, Kontext) and FLUX.2 (klein, dev) models; this MODEL "
+                f"is {geometry}, which UltraGen does not support yet. Load a FLUX.1 or FLUX.2 model."
             )
         if isinstance(model.get_model_object("diffusion_model.pe_embedder"), RotaryTable):
             raise UltraGenPatchError(
@@ -118,7 +118,9 @@ class UltraGenFluxPatch:
 
         m = model.clone()
         to = m.model_options["transformer_options"]
-        hooks = InstalledPatch(self, model.get_model_object("latent_format"), to.get("optimized_attention_override"))
+        shift_mu = model_shift_mu(model.model.model_config, self.options.shift_mu)
+        hooks = InstalledPatch(self, model.get_model_object("latent_format"), to.get("optimized_attention_override"),
+                               shift_mu)  # fmt: skip
         to["optimized_attention_override"] = hooks.attention
         m.set_model_post_input_patch(hooks.post_input)
         W = comfy.patcher_extension.WrappersMP
@@ -133,9 +135,7 @@ class UltraGenFluxPatch:
         for path, module in inplace_gelu_patches(dm, model.get_model_object).items():
             m.add_object_patch(path, module)
         if self.options.constant_shift:
-            m.add_object_patch(
-                "model_sampling", constant_shift_sampling(model.model.model_config, self.options.shift_mu)
-            )
+            m.add_object_patch("model_sampling", constant_shift_sampling(model.model.model_config, shift_mu))
         install_chunked_blocks(m, dm, hooks.block)
         for path, layer in self.lora.items():
             if path != "img_in":  # img_in sees the guidance tokens alone: applied in post_input
@@ -157,6 +157,7 @@ class InstalledPatch:
     patch: UltraGenFluxPatch
     latent_format: object
     previous_override: object  # the attention override installed before ours, chained to
+    shift_mu: float  # the constant shift (the node's, or on FLUX.2 for the default the model's own)
 
     # ComfyUI deep-copies model_options on clone(); the hooks stored there stay this (immutable) object.
     def __deepcopy__(self, memo):
@@ -185,9 +186,9 @@ class InstalledPatch:
         """Wiring mistakes a sampler would otherwise run with in silence."""
         o = self.options
         shift = getattr(model.get_model_object("model_sampling"), "shift", None)
-        if o.constant_shift and shift is not None and abs(float(shift) - o.shift_mu) > 1e-6:
+        if o.constant_shift and shift is not None and abs(float(shift) - self.shift_mu) > 1e-6:
             raise UltraGenPatchError(
-                f"{NODE} keeps FLUX's shift at {o.shift_mu} for every size, but a node after it (e.g. "
+                f"{NODE} keeps FLUX's shift at {self.shift_mu} for every size, but a node after it (e.g. "
                 f"ModelSamplingFlux) set {float(shift):.3g}, which at high resolution runs every step near full "
                 f"noise. Remove that node or place it before {NODE}, or turn {NODE}'s constant_shift off to use it."
             )
@@ -421,5 +422,3 @@ def _rotate(q, k, table, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
             f"cannot follow. Remove that node, or {NODE}, from this model."
         )
     return apply_rope(q, k, table)
-
-

@@ -15,7 +15,7 @@ from ..core import AttentionRules
 from ..core.flow_matching import FLUX_MU_1024
 from ..errors import UltraGenError
 from ..kernels import BACKENDS
-from .flux_family import PIXELS_PER_LATENT
+from .flux_family import not_a_flux_latent, pixels_per_latent
 
 
 class UltraGenPatchError(UltraGenError, ValueError):
@@ -34,9 +34,17 @@ class Guidance:
     def grid(self, patch: int = 2) -> tuple[int, int]:
         return -(-self.latent.shape[-2] // patch), -(-self.latent.shape[-1] // patch)
 
+    @property
+    def pixels_per_latent(self) -> int:
+        """Pixels per latent cell: FLUX.1's latent (16 channels) 8, FLUX.2's (128) 16."""
+        px = pixels_per_latent(self.latent.shape[1])
+        if px is None:
+            raise UltraGenPatchError(f"UltraGen guidance: {not_a_flux_latent(self.latent.shape[1])}")
+        return px
+
     def ratio(self) -> float:
         """Target width over guidance width, in pixels (the papers use 4)."""
-        return self.target_width / (self.latent.shape[-1] * PIXELS_PER_LATENT)
+        return self.target_width / (self.latent.shape[-1] * self.pixels_per_latent)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ import torch
 from ..core import GuidanceSegment, ImageSegment, Layout, ReferenceSegment, TextSegment
 from ..core.guidance import aspect_mismatch, guidance_ids
 from ..core.token_order import WindowOrder, window_first_order
-from .flux_family import PIXELS_PER_LATENT
 from .options import Guidance, PatchOptions, UltraGenPatchError
 
 NODE = "UltraGen Attention Patch"
@@ -31,15 +30,15 @@ class SizePlan:
     """
 
     order: WindowOrder
-    image_ids: torch.Tensor  # (n_img, 3) float32, window-first order
+    image_ids: torch.Tensor  # (n_img, axes) float32, window-first order
     guidance_grid: tuple[int, int] | None = None
     guidance_clean: torch.Tensor | None = None  # (Bg, n_guid, C * p * p)
     guidance_noise: torch.Tensor | None = None
-    guidance_ids: torch.Tensor | None = None  # (n_guid, 3) float32
+    guidance_ids: torch.Tensor | None = None  # (n_guid, axes) float32
 
 
 def rope_positions(ids: torch.Tensor, rope_options: dict | None) -> torch.Tensor:
-    """``ids`` (N, 3) = (index, row, col) placed as ComfyUI's ``ScaleROPE`` places image positions.
+    """``ids`` (N, axes) = (index, row, col[, 0]) placed as ComfyUI's ``ScaleROPE`` places image positions.
 
     ComfyUI (0.29) maps row r to ``r * scale_y + shift_y``, column c to ``c * scale_x + shift_x``
     and adds ``shift_t`` to the index; without ``rope_options`` the ids are returned unchanged.
@@ -57,8 +56,9 @@ def check_guidance_fits(guidance: Guidance, latent_hw: tuple[int, int], patch: i
     """Raise if ``guidance`` cannot guide a latent of ``latent_hw``; return a warning when it only
     was encoded for another size of the same aspect (positions are then scaled to this size)."""
     gh, gw = guidance.grid(patch)
-    height, width = latent_hw[0] * PIXELS_PER_LATENT, latent_hw[1] * PIXELS_PER_LATENT
-    guidance_h, guidance_w = (s * PIXELS_PER_LATENT for s in guidance.latent.shape[-2:])
+    px = guidance.pixels_per_latent  # the model's too: the patch checked the channels
+    height, width = latent_hw[0] * px, latent_hw[1] * px
+    guidance_h, guidance_w = (s * px for s in guidance.latent.shape[-2:])
     if gh > -(-latent_hw[0] // patch) or gw > -(-latent_hw[1] // patch):
         raise UltraGenPatchError(
             f"{NODE}: the guidance ({guidance_w}x{guidance_h} px) is larger "
@@ -72,7 +72,7 @@ def check_guidance_fits(guidance: Guidance, latent_hw: tuple[int, int], patch: i
             "low-res image and the sampled latent the same aspect ratio"
         )
     off = max(abs(guidance.target_height - height), abs(guidance.target_width - width))
-    if off > PIXELS_PER_LATENT:
+    if off > px:
         return (
             f"UltraGen: the guidance was encoded for {guidance.target_width}x{guidance.target_height} px but the "
             f"sampler runs at {width}x{height} px; guidance positions are scaled to the sampled size."
@@ -89,7 +89,8 @@ def plan_size(dm, options: PatchOptions, guidance: Guidance | None, latent: torc
     noise is drawn from ``noise_seed`` (the sampling seed).
     """
     order = window_first_order(size[0], size[1], options.window_size, options.token_order, device)
-    ids = torch.zeros(order.perm.numel(), 3, dtype=torch.float32, device=device)
+    axes = len(dm.params.axes_dim)  # FLUX.1: 3; FLUX.2: 4, the last for text positions only
+    ids = torch.zeros(order.perm.numel(), axes, dtype=torch.float32, device=device)
     ids[:, 1], ids[:, 2] = order.y, order.x
     plan = SizePlan(order=order, image_ids=rope_positions(ids, rope_options))
     if guidance is None:
@@ -105,7 +106,7 @@ def plan_size(dm, options: PatchOptions, guidance: Guidance | None, latent: torc
         guidance_grid=(gh, gw),
         guidance_clean=dm.process_img(latent)[0].index_select(1, perm),
         guidance_noise=dm.process_img(noise)[0].index_select(1, perm),
-        guidance_ids=rope_positions(guidance_ids((gh, gw), size, device), rope_options).index_select(0, perm),
+        guidance_ids=rope_positions(guidance_ids((gh, gw), size, device, axes), rope_options).index_select(0, perm),
     )
 
 

@@ -20,7 +20,7 @@ import torch
 from ..core.flow_matching import FLUX_MU_1024
 from ..errors import UltraGenError
 from .exact_vae import exact_decode
-from .flux_family import LATENT_CHANNELS, PIXELS_PER_LATENT
+from .flux_family import pixels_per_latent, shift_mu_for
 from .flux_patch import UltraGenFluxPatch
 from .options import Guidance, PatchOptions, UltraGenPatchError
 from .warm_start import upsample_latent, warm_start_sigmas
@@ -49,7 +49,8 @@ class StageSettings:
 
     def target(self, samples: torch.Tensor) -> tuple[int, int]:
         """(width, height) in pixels of the next stage, on the 16-pixel grid FLUX works on."""
-        w, h = samples.shape[-1] * PIXELS_PER_LATENT, samples.shape[-2] * PIXELS_PER_LATENT
+        px = pixels_per_latent(samples.shape[1])
+        w, h = samples.shape[-1] * px, samples.shape[-2] * px
         return max(16, round(w * self.scale / 16) * 16), max(16, round(h * self.scale / 16) * 16)
 
 
@@ -69,10 +70,11 @@ def run_stage(
     """One stage: ``samples`` (VAE latent space) -> (latent, image) at ``settings.scale`` times the size."""
     width, height = settings.target(samples)
     guidance = Guidance(samples.detach().cpu().float(), width, height)
-    options = PatchOptions(guidance_scope=settings.guidance_scope, shift_mu=settings.shift_mu)
+    shift_mu = shift_mu_for(samples.shape[1], settings.shift_mu)
+    options = PatchOptions(guidance_scope=settings.guidance_scope, shift_mu=shift_mu)
     patched = UltraGenFluxPatch(options, guidance=guidance).apply(model)
     start = upsample_latent(samples, width, height, settings.method, vae, settings.sharpen)
-    sigmas = warm_start_sigmas(settings.steps, settings.skip, 0.0, settings.shift_mu, settings.scheduler)
+    sigmas = warm_start_sigmas(settings.steps, settings.skip, 0.0, shift_mu, settings.scheduler)
     noise = comfy.sample.prepare_noise(start, seed)
     previewer = latent_preview.get_previewer(patched.load_device, patched.model.latent_format)
 
@@ -100,10 +102,10 @@ def recursive_upscale(model, positive, negative, vae, samples: torch.Tensor, sta
                       seed: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Run ``stages`` stages from ``samples``; stage i uses seed + i. Returns the last (latent, image)."""
     check_settings(settings, stages)
-    if samples.dim() != 4 or samples.shape[1] != LATENT_CHANNELS:
+    if samples.dim() != 4 or pixels_per_latent(samples.shape[1]) is None:
         raise RecursiveUpscaleError(
             f"Recursive Upscale: the latent to upscale has shape {tuple(samples.shape)}, but FLUX.1's latents have "
-            f"{LATENT_CHANNELS} channels; connect a latent made by FLUX, or the image instead"
+            "16 channels and FLUX.2's 128; connect a latent made by FLUX, or the image instead"
         )
     per_stage = len(warm_start_sigmas(settings.steps, settings.skip, 0.0, settings.shift_mu, settings.scheduler)) - 1
     progress = comfy.utils.ProgressBar(stages * per_stage)

@@ -18,6 +18,7 @@ import comfy.model_sampling
 import torch
 
 from ..core.flow_matching import FLUX_MU_1024
+from .flux_family import shift_mu_for
 from .options import UltraGenPatchError
 
 # A chunked FLUX step (chunked_blocks.py) holds a block's input (1U) and q, k, v (3U) through attention,
@@ -34,6 +35,7 @@ from .options import UltraGenPatchError
 ACTIVATION_UNITS = 7
 CAST_WEIGHT_BYTES = 512 * 2**20
 
+
 def constant_shift_sampling(model_config, mu: float):
     """A FLUX model_sampling object whose shift is ``mu`` at every resolution."""
 
@@ -43,6 +45,11 @@ def constant_shift_sampling(model_config, mu: float):
     sampling = ModelSamplingConstantShift(model_config)
     sampling.set_parameters(shift=mu)
     return sampling
+
+
+def model_shift_mu(model_config, mu: float) -> float:
+    """The constant shift to sample ``model_config``'s model with when the node says ``mu`` (see ``shift_mu_for``)."""
+    return shift_mu_for(getattr(model_config.latent_format, "latent_channels", 16), mu)
 
 
 def constant_shift_sigmas(steps: int, mu: float = FLUX_MU_1024, scheduler: str = "simple") -> torch.Tensor:
@@ -70,6 +77,7 @@ def windowed_memory_estimate(base_model, input_shape, extra_tokens: int = 0) -> 
     slice_tokens = chunk_tokens(tokens, batch, dm.hidden_size, element, None)
     one_slice = SLICE_WIDTHS * batch * slice_tokens * dm.hidden_size * element
     return activations + one_slice + CAST_WEIGHT_BYTES
+
 
 def memory_estimate_wrapper(extra_tokens_of):
     """PREPARE_SAMPLING wrapper: the smaller of ComfyUI's estimate and the windowed one, for this call."""

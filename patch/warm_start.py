@@ -18,7 +18,7 @@ from ..core.flow_matching import FLUX_MU_1024
 from ..core.frequency import mix_frequencies, sharpen
 from ..core.sigmas import remaining_sigmas
 from ..errors import UltraGenError
-from .flux_family import LATENT_CHANNELS, PIXELS_PER_LATENT
+from .flux_family import not_a_flux_latent, pixels_per_latent
 from .sampling import constant_shift_sigmas
 
 METHODS = ("latent bicubic", "RGB upsample", "LFM mix")
@@ -29,7 +29,8 @@ class WarmStartError(UltraGenError, ValueError):
 
 
 def _latent_bicubic(samples: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    cells = (width // PIXELS_PER_LATENT, height // PIXELS_PER_LATENT)
+    px = pixels_per_latent(samples.shape[1])
+    cells = (width // px, height // px)
     return comfy.utils.common_upscale(samples, *cells, "bicubic", "disabled")
 
 
@@ -45,7 +46,8 @@ def _rgb_upsample(samples: torch.Tensor, width: int, height: int, vae, amount: f
 def upsample_latent(
     samples: torch.Tensor, width: int, height: int, method: str, vae=None, sharpen_amount: float = 0.0
 ) -> torch.Tensor:
-    """``samples`` (B, C, h, w) in VAE latent space -> (B, C, height / 8, width / 8), clean.
+    """``samples`` (B, C, h, w) in VAE latent space -> (B, C, height / px, width / px), clean (px: pixels per latent
+    cell, FLUX.1 8, FLUX.2 16; FLUX.2's latent is upsampled as the authors do, in its 128-channel normalised form).
 
     Sharpening is an unsharp mask on the upsampled image (RGB methods) or latent (bicubic).
     """
@@ -53,12 +55,12 @@ def upsample_latent(
         raise WarmStartError(f"upsample method must be one of {METHODS}, got {method!r}")
     if samples.dim() != 4:
         raise WarmStartError(f"Warm-Start Latent takes an image latent (B, C, H, W), got {tuple(samples.shape)}")
-    if samples.shape[1] != LATENT_CHANNELS:
+    px = pixels_per_latent(samples.shape[1])
+    if px is None:
         raise WarmStartError(
-            f"the latent has {samples.shape[1]} channels, but FLUX.1's have {LATENT_CHANNELS}: connect a latent "
-            "made by FLUX (its KSampler, or VAE Encode with FLUX's ae.safetensors)"
+            f"{not_a_flux_latent(samples.shape[1])} (its KSampler, or VAE Encode with FLUX's ae.safetensors)"
         )
-    src_w, src_h = samples.shape[-1] * PIXELS_PER_LATENT, samples.shape[-2] * PIXELS_PER_LATENT
+    src_w, src_h = samples.shape[-1] * px, samples.shape[-2] * px
     if width < src_w or height < src_h:
         raise WarmStartError(
             f"the target {width}x{height} px is smaller than the low-res latent ({src_w}x{src_h} px); "

@@ -87,3 +87,60 @@ def test_rank_zero(tmp_path):
     with pytest.raises(GuidanceLoRAError) as excinfo:
         load_guidance_lora(path)
     assert_clear(excinfo, "rank 0")
+
+
+def test_the_authors_flux2_format_maps_onto_comfyuis_layers(tmp_path):
+    """diffusers' FLUX.2 names (``transformer.<module>.lora_A/B.weight``, no alpha: scale 1), as the authors save them:
+    to_q / to_k / to_v land on their thirds of ComfyUI's fused qkv, each with exactly its own update; the other modules
+    on their ComfyUI layers (worked by hand: B @ A @ x per module)."""
+    g = torch.Generator().manual_seed(3)
+    hidden, rank = 8, 2
+    a = {p: torch.randn(rank, hidden, generator=g) for p in "qkv"}
+    b = {p: torch.randn(hidden, rank, generator=g) for p in "qkv"}
+    a_out, b_out = torch.randn(3, hidden, generator=g), torch.randn(hidden, 3, generator=g)
+    a_in, b_in = torch.randn(rank, 5, generator=g), torch.randn(hidden, rank, generator=g)
+    tensors = {f"transformer.transformer_blocks.1.attn.to_{p}.lora_{h}.weight": (a if h == "A" else b)[p]
+               for p in "qkv" for h in "AB"}  # fmt: skip
+    tensors.update({
+        "transformer.single_transformer_blocks.0.attn.to_out.lora_A.weight": a_out,
+        "transformer.single_transformer_blocks.0.attn.to_out.lora_B.weight": b_out,
+        "transformer.x_embedder.lora_A.weight": a_in,
+        "transformer.x_embedder.lora_B.weight": b_in,
+    })  # fmt: skip
+    path = tmp_path / "pytorch_lora_weights.safetensors"
+    save_file(tensors, str(path))
+    layers = load_guidance_lora(path)
+    assert set(layers) == {"double_blocks.1.img_attn.qkv", "single_blocks.0.linear2", "img_in"}
+    x = torch.randn(4, hidden, generator=g)
+    fused = layers["double_blocks.1.img_attn.qkv"].delta(x, 1.0)
+    assert fused.shape == (4, 3 * hidden)
+    for i, p in enumerate("qkv"):
+        torch.testing.assert_close(fused[:, i * hidden : (i + 1) * hidden], x @ a[p].t() @ b[p].t())
+    torch.testing.assert_close(layers["single_blocks.0.linear2"].delta(x, 1.0), x @ a_out.t() @ b_out.t())
+    x5 = torch.randn(4, 5, generator=g)
+    torch.testing.assert_close(layers["img_in"].delta(x5, 0.5), 0.5 * (x5 @ a_in.t() @ b_in.t()))
+
+
+def test_the_authors_flux2_format_with_only_q_and_k(tmp_path):
+    """A LoRA on to_q and to_k only updates the first two thirds of the fused qkv; v keeps the base weights."""
+    g = torch.Generator().manual_seed(4)
+    a = {p: torch.randn(2, 6, generator=g) for p in "qk"}
+    b = {p: torch.randn(6, 2, generator=g) for p in "qk"}
+    tensors = {f"transformer.transformer_blocks.0.attn.to_{p}.lora_{h}.weight": (a if h == "A" else b)[p]
+               for p in "qk" for h in "AB"}  # fmt: skip
+    path = tmp_path / "qk.safetensors"
+    save_file(tensors, str(path))
+    layer = load_guidance_lora(path)["double_blocks.0.img_attn.qkv"]
+    x = torch.randn(3, 6, generator=g)
+    delta = layer.delta(x, 1.0)
+    assert delta.shape == (3, 12)  # rows of q and k: the update covers the first 12 outputs
+    torch.testing.assert_close(delta[:, :6], x @ a["q"].t() @ b["q"].t())
+    torch.testing.assert_close(delta[:, 6:], x @ a["k"].t() @ b["k"].t())
+
+
+def test_an_unknown_diffusers_module_is_named(tmp_path):
+    path = tmp_path / "odd.safetensors"
+    save_file({"transformer.norm_out.linear.lora_A.weight": torch.randn(2, 4),
+               "transformer.norm_out.linear.lora_B.weight": torch.randn(4, 2)}, str(path))  # fmt: skip
+    with pytest.raises(GuidanceLoRAError, match="norm_out.linear.* is not a guidance-stream layer"):
+        load_guidance_lora(path)
