@@ -78,9 +78,9 @@ class UltraGenAttentionPatch(io.ComfyNode):
                 ),
                 io.Combo.Input(
                     "guidance_tokens", options=["noised", "clean"], default=D.guidance_tokens,
-                    tooltip="noised: guidance is noised to the current step like the image (consistent with how "
-                    "this ComfyUI modulates all image tokens alike). clean: guidance enters un-noised, as the "
-                    "paper's LoRA was trained; it is still modulated with the current step here.",
+                    tooltip="noised: guidance is noised to the current step like the image (training-free use). "
+                    "clean: guidance enters un-noised and modulated at timestep 0, as the authors train their "
+                    "guidance LoRAs (use it with one of those).",
                 ),
                 io.Float.Input(
                     "ntk_factor", default=D.ntk_factor, min=1.0, max=100.0, step=0.5,

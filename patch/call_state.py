@@ -40,6 +40,8 @@ class CallState:
     layout: Layout | None = None  # the attention layout, built by the first block's attention
     guidance_rows_override: int | None = None  # set by a chunked block around a layer's per-slice forward
     embedding_guidance: bool = False  # True while img_in embeds the guidance tokens (a training LoRA reads it)
+    vec_zero: torch.Tensor | None = None  # (B, D): FLUX's modulation input at timestep 0 ("clean" guidance tokens)
+    zero_modulations: dict | None = None  # FLUX.2's global modulations of vec_zero, computed once per call
 
     def release_block_buffers(self) -> None:
         """Free q, k, v (3U) and the RoPE table once the last block is done: FLUX's final layer (its norm and

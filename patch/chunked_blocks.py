@@ -122,6 +122,38 @@ def _modulated(norm: torch.nn.Module, x: torch.Tensor, mod) -> torch.Tensor:
     return torch.addcmul(mod.shift, norm(x), 1 + mod.scale)  # ComfyUI's apply_mod
 
 
+def _slice_mod(mod, mod_zero, guidance_row: int, rows: int):
+    """The modulation of a slice of ``rows`` rows whose rows from ``guidance_row`` on are guidance tokens modulated
+    at timestep 0 (``mod_zero``; None: every row at the step's). Row-wise (B, rows, D) only where a slice straddles."""
+    if mod_zero is None or guidance_row >= rows:
+        return mod
+    if guidance_row <= 0:
+        return mod_zero
+
+    def joined(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.cat((a.expand(-1, guidance_row, -1), b.expand(-1, rows - guidance_row, -1)), 1)
+
+    return comfy.ldm.flux.layers.ModulationOut(joined(mod.shift, mod_zero.shift), joined(mod.scale, mod_zero.scale),
+                                               joined(mod.gate, mod_zero.gate))  # fmt: skip
+
+
+def zero_modulations(block, call: CallState, kind: str):
+    """The modulations of ``call.vec_zero`` (timestep 0) for ``block``'s guidance rows, or None ("noised" tokens):
+    FLUX.1's per-block ``img_mod`` / ``modulation``, FLUX.2's global ones (computed once per call)."""
+    if call.vec_zero is None or not call.n_guid:
+        return None
+    if kind == "double":
+        if getattr(block, "modulation", True):
+            return block.img_mod(call.vec_zero)
+    elif block.modulation is not None:
+        return block.modulation(call.vec_zero)[0]
+    if call.zero_modulations is None:
+        dm = call.diffusion_model
+        call.zero_modulations = {"double": dm.double_stream_modulation_img(call.vec_zero),
+                                 "single": dm.single_stream_modulation(call.vec_zero)[0]}  # fmt: skip
+    return call.zero_modulations[kind]
+
+
 def _activate(act: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """FLUX's MLP activation, in place where it is the plain tanh GELU (the slice is contiguous)."""
     if type(act) is torch.nn.GELU and act.approximate == "tanh":
@@ -196,12 +228,12 @@ class BlockContext:
 
 
 def _write_qkv(qkv: torch.Tensor, offset: int, x: torch.Tensor, norm, mod, attn, table, chunk: int,
-               guidance_from: int, layer: BlockLinear) -> None:  # fmt: skip
+               guidance_from: int, layer: BlockLinear, mod_zero=None) -> None:  # fmt: skip
     """Rows ``offset`` .. of ``qkv`` (B, L, 3, H, D) from the stream ``x`` (B, S, hidden), a slice at a time."""
     batch, heads, dim = qkv.shape[0], qkv.shape[3], qkv.shape[4]
     for s in range(0, x.shape[1], chunk):
         e = min(s + chunk, x.shape[1])
-        h = _modulated(norm, x[:, s:e], mod)
+        h = _modulated(norm, x[:, s:e], _slice_mod(mod, mod_zero, guidance_from - s, e - s))
         out = layer(h, guidance_from - s)
         del h
         q, k, v = out.view(batch, e - s, 3, heads, dim).unbind(2)
@@ -249,11 +281,12 @@ def double_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
         (img, n_txt, "img", f"{prefix}.img", img.shape[1] - n_guid),
     )
     mods = {"txt": (txt_mod1, txt_mod2), "img": (img_mod1, img_mod2)}
+    zero = {"txt": (None, None), "img": zero_modulations(block, ctx.call, "double") or (None, None)}
     for x, offset, side, path, guidance_from in streams:
         attn = getattr(block, f"{side}_attn")
         qkv_layer = BlockLinear(attn.qkv, x, ctx, path and f"{path}_attn.qkv")
         _write_qkv(qkv, offset, x, getattr(block, f"{side}_norm1"), mods[side][0], attn, table, chunk,
-                   guidance_from, qkv_layer)  # fmt: skip
+                   guidance_from, qkv_layer, zero[side][0])  # fmt: skip
     _attend(qkv, ctx)
     for x, offset, side, path, guidance_from in streams:
         (mod1, mod2), attn, mlp = mods[side], getattr(block, f"{side}_attn"), getattr(block, f"{side}_mlp")
@@ -263,9 +296,10 @@ def double_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
         for s in range(0, x.shape[1], chunk):
             e = min(s + chunk, x.shape[1])
             rows, here = x[:, s:e], guidance_from - s
-            rows += proj(qkv[:, offset + s : offset + e, 0].flatten(2), here) * mod1.gate
-            hidden_state = _activate(mlp[1], up(_modulated(norm2, rows, mod2), here))
-            rows += down(hidden_state, here) * mod2.gate
+            m1, m2 = (_slice_mod(m, z, here, e - s) for m, z in zip((mod1, mod2), zero[side], strict=True))
+            rows += proj(qkv[:, offset + s : offset + e, 0].flatten(2), here) * m1.gate
+            hidden_state = _activate(mlp[1], up(_modulated(norm2, rows, m2), here))
+            rows += down(hidden_state, here) * m2.gate
             del hidden_state
     if txt.dtype == torch.float16:
         txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
@@ -284,8 +318,9 @@ def single_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
     guidance_from = length - ctx.call.n_guid
     split = 3 * hidden
     qkv = _qkv_buffer(ctx.call, x, length, heads, hidden // heads)
+    mod_zero = zero_modulations(block, ctx.call, "single")
     qkv_layer = BlockLinear(block.linear1, x, ctx, f"{prefix}.linear1", slice(0, split))
-    _write_qkv(qkv, 0, x, block.pre_norm, mod, block, table, chunk, guidance_from, qkv_layer)
+    _write_qkv(qkv, 0, x, block.pre_norm, mod, block, table, chunk, guidance_from, qkv_layer, mod_zero)
     _attend(qkv, ctx)
     mlp_in = BlockLinear(block.linear1, x, ctx, f"{prefix}.linear1", slice(split, None))
     out_layer = BlockLinear(block.linear2, x, ctx, f"{prefix}.linear2")
@@ -293,8 +328,9 @@ def single_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
     for s in range(0, length, chunk):
         e = min(s + chunk, length)
         rows, here = x[:, s:e], guidance_from - s
-        mlp = _activate(act, mlp_in(_modulated(block.pre_norm, rows, mod), here))
-        rows += out_layer.of_joined((qkv[:, s:e, 0].flatten(2), mlp), here) * mod.gate
+        m = _slice_mod(mod, mod_zero, here, e - s)
+        mlp = _activate(act, mlp_in(_modulated(block.pre_norm, rows, m), here))
+        rows += out_layer.of_joined((qkv[:, s:e, 0].flatten(2), mlp), here) * m.gate
         del mlp
     if x.dtype == torch.float16:
         x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)

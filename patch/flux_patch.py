@@ -222,6 +222,8 @@ class InstalledPatch:
         h_orig, w_orig = x.shape[-2:]
         x = pad_to_patch_size(x, (p, p))  # so that _forward crops nothing we must restore
         call = self._prepare_call(run, dm, x, timestep, ref_latents, transformer_options.get("rope_options"))
+        if call.guidance_tokens is not None and self.options.guidance_tokens == "clean":
+            call.vec_zero = timestep_zero_vector(dm, x, timestep, y, guidance)
         if control is not None:
             control = self._permute_control(run, control, call)
             if control is None:
@@ -327,6 +329,9 @@ class InstalledPatch:
         if reason is not None:
             if reason:
                 call.warn_once(reason, f"UltraGen: {reason}.")
+            if call is not None and call.vec_zero is not None:
+                call.warn_once("clean-whole", "UltraGen: blocks that run whole modulate the clean guidance tokens at "
+                               "the current step, not at timestep 0 (only UltraGen's sliced blocks can).")  # fmt: skip
             return extra["original_block"](args)
         comfy.model_management.throw_exception_if_processing_interrupted()  # as ComfyUI's layers check
         ctx = BlockContext(call, self._attend, self.patch.lora.get, self.patch.lora_strength)
@@ -404,6 +409,22 @@ class InstalledPatch:
         """Tokens besides the image in a call of this latent shape (for the memory estimate)."""
         guid = self.patch.guidance.grid() if self.patch.guidance is not None else (0, 0)
         return MAX_TEXT_TOKENS + guid[0] * guid[1]
+
+
+def timestep_zero_vector(dm, x: torch.Tensor, timestep: torch.Tensor, y, guidance) -> torch.Tensor:
+    """FLUX's modulation input ``vec`` (B, D) as ``forward_orig`` builds it, at timestep 0: how the authors modulate
+    the clean guidance tokens (their ``low_res_timestep=0``)."""
+    from comfy.ldm.flux.layers import timestep_embedding
+
+    dtype = x.dtype
+    vec = dm.time_in(timestep_embedding(torch.zeros_like(timestep), 256).to(dtype))
+    if dm.params.guidance_embed and guidance is not None:
+        vec = vec + dm.guidance_in(timestep_embedding(guidance, 256).to(dtype))
+    if getattr(dm, "vector_in", None) is not None:
+        if y is None:
+            y = torch.zeros((x.shape[0], dm.params.vec_in_dim), device=x.device, dtype=dtype)
+        vec = vec + dm.vector_in(y[:, : dm.params.vec_in_dim])
+    return vec
 
 
 def _is_last_block(dm, kind: str, index: int) -> bool:
