@@ -1,6 +1,7 @@
-"""One FLUX.1-dev denoising step at 2048^2, 4096^2, 8192^2: UltraGen-patched vs dense vs the floor.
+"""One FLUX denoising step at 2048^2, 4096^2, 8192^2: UltraGen-patched vs dense vs the floor.
 
-The full FLUX.1-dev architecture (19 double + 38 single blocks, hidden 3072) with random
+The full FLUX.1-dev architecture (19 double + 38 single blocks, hidden 3072) — or with ``--model`` FLUX.2
+klein 4B / 9B or dev (shapes in ``tests/random_models.py``, with their source) — with random
 bf16 weights, run by the real ComfyUI (``COMFYUI_PATH``) through the same hooks as in
 sampling. Four ways, in one process:
 
@@ -21,20 +22,54 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 
 import torch
 
 from results_io import comfyui_on_gpu, run_info, write_json
 
 TEXT = 512
-TARGETS = {4096: 1.3, 8192: 1.4}  # patched step / floor
+TARGETS = {4096: 1.3, 8192: 1.4}  # patched step / floor (FLUX.1-dev)
+FLUX2_TARGETS = {4096: 1.15, 8192: 1.15}  # issue 14
 
 
-def build_flux_dev():
-    """FLUX.1-dev built by ComfyUI on the GPU, bf16, weights N(0, 0.02)."""
-    from random_models import FLUX_DEV, flux_model
+@dataclass(frozen=True)
+class Architecture:
+    """A full architecture to benchmark: its ComfyUI config class, latent and text shapes."""
 
-    return flux_model(FLUX_DEV, dtype=torch.bfloat16, std=0.02, device=torch.device("cuda"), load_device="cuda")
+    config: str  # the name of the config in random_models
+    config_class: str  # ComfyUI's supported_models class
+    channels: int  # latent channels
+    pixels_per_latent: int
+    text_width: int
+    pooled: bool  # FLUX.1's pooled CLIP vector
+
+
+MODELS = {
+    "flux1-dev": Architecture("FLUX_DEV", "Flux", 16, 8, 4096, True),
+    "flux2-klein-4b": Architecture("FLUX2_KLEIN_4B", "Flux2", 128, 16, 7680, False),
+    "flux2-klein-9b": Architecture("FLUX2_KLEIN_9B", "Flux2", 128, 16, 12288, False),
+    "flux2-dev": Architecture("FLUX2_DEV", "Flux2", 128, 16, 15360, False),
+}
+
+
+def build(arch: Architecture):
+    """The architecture built by ComfyUI on the GPU, bf16, weights N(0, 0.02)."""
+    import random_models
+
+    config = getattr(random_models, arch.config)
+    return random_models.flux_model(config, dtype=torch.bfloat16, std=0.02, device=torch.device("cuda"),
+                                    load_device="cuda", config_class=arch.config_class)  # fmt: skip
+
+
+def step_inputs(arch: Architecture, pixels: int, seed: int):
+    """A latent of ``pixels``², 512 text tokens and (FLUX.1) the pooled vector, bf16 on the GPU."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    side = pixels // arch.pixels_per_latent
+    x = torch.randn(1, arch.channels, side, side, device="cuda", dtype=torch.bfloat16, generator=gen)
+    ctx = torch.randn(1, TEXT, arch.text_width, device="cuda", dtype=torch.bfloat16, generator=gen)
+    y = torch.randn(1, 768, device="cuda", dtype=torch.bfloat16, generator=gen) if arch.pooled else None
+    return x, ctx, y
 
 
 def floor_model(model):
@@ -63,16 +98,16 @@ def floor_without_rope_model(model):
     return m
 
 
-def ultragen_model(model, pixels: int, scope: str):
+def ultragen_model(model, pixels: int, scope: str, arch: Architecture = MODELS["flux1-dev"]):
     from ultragen.patch import Guidance, PatchOptions, UltraGenFluxPatch
 
-    side = pixels // 8 // 4
+    side = pixels // arch.pixels_per_latent // 4
     gen = torch.Generator().manual_seed(1)
-    guidance = Guidance(torch.randn(1, 16, side, side, generator=gen), pixels, pixels)
+    guidance = Guidance(torch.randn(1, arch.channels, side, side, generator=gen), pixels, pixels)
     return UltraGenFluxPatch(PatchOptions(guidance_scope=scope), guidance=guidance).apply(model)
 
 
-def check_dense_equivalent(model) -> tuple[float, float]:
+def check_dense_equivalent(model, arch: Architecture = MODELS["flux1-dev"]) -> tuple[float, float]:
     """Relative difference to ComfyUI's dense output, at 1024^2, of UltraGen options that allow every pair
     (Triton backend), and for scale the same through the flex backend: two independent kernels
     that agree with each other and with dense to the same degree show bf16 rounding, not a bug.
@@ -83,10 +118,7 @@ def check_dense_equivalent(model) -> tuple[float, float]:
     """
     from ultragen.patch import PatchOptions, UltraGenFluxPatch
 
-    gen = torch.Generator(device="cuda").manual_seed(7)
-    x = torch.randn(1, 16, 128, 128, device="cuda", dtype=torch.bfloat16, generator=gen)
-    ctx = torch.randn(1, TEXT, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
-    y = torch.randn(1, 768, device="cuda", dtype=torch.bfloat16, generator=gen)
+    x, ctx, y = step_inputs(arch, 1024, 7)
     options = dict(window=16, neighbour_radius=4, text_sees="all", ntk_factor=1.0, constant_shift=False)
     ref = step(model, x, ctx, y).float()
     out = step(UltraGenFluxPatch(PatchOptions(**options)).apply(model), x, ctx, y).float()
@@ -135,10 +167,7 @@ def memory_trace(model, pixels: int) -> None:
     dm = model.model.diffusion_model
     stages = [("img_in", dm.img_in)] + [(f"double{i}", b) for i, b in enumerate(dm.double_blocks)]
     stages += [(f"single{i}", b) for i, b in enumerate(dm.single_blocks)] + [("final", dm.final_layer)]
-    gen = torch.Generator(device="cuda").manual_seed(pixels)
-    x = torch.randn(1, 16, pixels // 8, pixels // 8, device="cuda", dtype=torch.bfloat16, generator=gen)
-    ctx = torch.randn(1, TEXT, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
-    y = torch.randn(1, 768, device="cuda", dtype=torch.bfloat16, generator=gen)
+    x, ctx, y = step_inputs(MODELS["flux1-dev"], pixels, pixels)
     for name, m in (("dense", model), ("ultragen-local", ultragen_model(model, pixels, "local"))):
         peaks: dict[str, tuple[float, float]] = {}
         handles = []
@@ -162,6 +191,7 @@ def memory_trace(model, pixels: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=list(MODELS), default="flux1-dev", help="the architecture (random weights)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
     ap.add_argument("--reps", type=int, default=2, help="timed steps per configuration (8192^2 dense: one)")
     ap.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH)")
@@ -170,11 +200,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     comfyui_on_gpu("flux_step.py", args.comfyui)
 
-    model = build_flux_dev()
-    print(f"model built: {gib()}", flush=True)
+    arch = MODELS[args.model]
+    model = build(arch)
+    print(f"{args.model} built: {gib()}", flush=True)
     if args.memory_trace:
         return memory_trace(model, args.memory_trace)
-    check, noise = check_dense_equivalent(model)
+    check, noise = check_dense_equivalent(model, arch)
     print(
         f"check at 1024^2: dense-equivalent UltraGen vs ComfyUI dense: relative difference {check:.2e} "
         f"(the same through flex_attention: {noise:.2e})",
@@ -182,15 +213,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     rows = []
     for pixels in args.sizes:
-        gen = torch.Generator(device="cuda").manual_seed(pixels)
-        x = torch.randn(1, 16, pixels // 8, pixels // 8, device="cuda", dtype=torch.bfloat16, generator=gen)
-        ctx = torch.randn(1, TEXT, 4096, device="cuda", dtype=torch.bfloat16, generator=gen)
-        y = torch.randn(1, 768, device="cuda", dtype=torch.bfloat16, generator=gen)
+        x, ctx, y = step_inputs(arch, pixels, pixels)
         configs = {
             "floor": floor_model(model),
             "floor-no-rope": floor_without_rope_model(model),
-            "ultragen-local": ultragen_model(model, pixels, "local"),
-            "ultragen-global": ultragen_model(model, pixels, "global"),
+            "ultragen-local": ultragen_model(model, pixels, "local", arch),
+            "ultragen-global": ultragen_model(model, pixels, "global", arch),
             "dense": model,
         }
         row = {"pixels": pixels}
@@ -205,6 +233,7 @@ def main(argv: list[str] | None = None) -> None:
 
     result = {
         **run_info(),
+        "model": args.model,
         "dense_equivalent_rel_diff_1024": check,
         "dense_equivalent_flex_rel_diff_1024": noise,
         "rows": rows,
@@ -212,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     out = write_json("flux_step", result, args.out)
     device = result["device"]
 
-    print(f"\nOne FLUX.1-dev step (random bf16 weights, batch 1, {TEXT} text tokens) on {device}: s (peak GiB)")
+    print(f"\nOne {args.model} step (random bf16 weights, batch 1, {TEXT} text tokens) on {device}: s (peak GiB)")
     print(
         "| size | floor | floor without RoPE | UltraGen (local guidance, default) | UltraGen, global guidance | dense "
         "| local / floor | global / floor | local / floor w/o RoPE | dense / local |"
@@ -225,15 +254,16 @@ def main(argv: list[str] | None = None) -> None:
             f"| {r['pixels']}² | {cells} | {lo['s'] / f['s']:.2f}x | {g['s'] / f['s']:.2f}x "
             f"| {lo['s'] / f0['s']:.2f}x | {d['s'] / lo['s']:.1f}x |"
         )
+    targets = TARGETS if args.model == "flux1-dev" else FLUX2_TARGETS
     for r in rows:
-        if r["pixels"] in TARGETS:
+        if r["pixels"] in targets:
             for scope in ("local", "global"):
                 p = r[f"ultragen-{scope}"]
                 ratio = p["s"] / r["floor"]["s"]
                 dense_peak = r["dense"]["peak_gib"]
-                ok = ratio <= TARGETS[r["pixels"]] and p["peak_gib"] <= dense_peak
+                ok = ratio <= targets[r["pixels"]] and p["peak_gib"] <= dense_peak
                 print(
-                    f"target {r['pixels']}² {scope}: step <= {TARGETS[r['pixels']]}x floor and peak <= dense: "
+                    f"target {r['pixels']}² {scope}: step <= {targets[r['pixels']]}x floor and peak <= dense: "
                     f"{'met' if ok else 'MISSED'} ({ratio:.2f}x, {p['peak_gib']:.1f} vs {dense_peak:.1f} GiB)"
                 )
     print(f"\nwrote {out}")

@@ -21,7 +21,7 @@ import argparse
 
 import torch
 
-from flux_step import TEXT, build_flux_dev, measure, ultragen_model
+from flux_step import MODELS, TEXT, build, measure, ultragen_model
 from results_io import comfyui_on_gpu, run_info, write_json
 
 
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         info["comfy_kitchen"] = None
     print(f"ComfyUI {info['comfyui']}, comfy-kitchen: {info['comfy_kitchen']}", flush=True)
     kernels = kernel_rows(args.sizes)
-    steps = [] if args.kernel_only else step_rows(build_flux_dev(), args.sizes, args.reps)
+    steps = [] if args.kernel_only else step_rows(build(MODELS["flux1-dev"]), args.sizes, args.reps)
     out = write_json("rope", {**info, "kernel": kernels, "step": steps}, args.out)
 
     print(f"\nRoPE on q and k of one attention call ({info['device']}, ComfyUI {info['comfyui']}): ms (+GiB)")

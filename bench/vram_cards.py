@@ -1,6 +1,7 @@
-"""What runs on your card: one FLUX.1-dev sampling step on emulated 12-80 GB cards, dense vs UltraGen.
+"""What runs on your card: one FLUX sampling step on emulated 12-80 GB cards, dense vs UltraGen.
 
-The full FLUX.1-dev architecture with random weights, built on the CPU (ComfyUI's offload device)
+The full FLUX.1-dev architecture (``--model``: FLUX.2 klein 4B / 9B or dev) with random weights,
+built on the CPU (ComfyUI's offload device)
 and loaded by ComfyUI itself, sampled with ``comfy.sample.sample`` (1 Euler step, cfg 1: the real
 PREPARE_SAMPLING wrappers, memory estimate and partial loading). fp8 is ComfyUI's manual cast
 (weights stored float8_e4m3fn, computed in bf16). Text: 512 tokens of random T5-sized conditioning.
@@ -18,7 +19,7 @@ How an N-GiB card is emulated on a bigger GPU, between cells of one process:
 Per cell: runs or OOM (and where), seconds for the step (the model call; loading excluded),
 peak GiB allocated during it, weights resident (with DynamicVRAM: what comfy-aimdo holds outside PyTorch's
 allocator), and the step's peak activations in units
-U = tokens x 3072 x 2 bytes (the memory above what was allocated when the step began).
+U = tokens x hidden (FLUX.1: 3072) x 2 bytes (the memory above what was allocated when the step began).
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/vram_cards.py [--cards 12 24] [--sizes 4096] [--dynamic-vram]
 
@@ -40,7 +41,7 @@ from results_io import run_info, write_json
 CARDS = (12, 16, 24, 32, 48, 80)
 CONTEXT_GIB = 0.5  # a real card's CUDA context, outside PyTorch's allocator
 TEXT = 512
-HIDDEN = 3072
+MODEL = {"name": "flux1-dev"}  # the architecture of this run (--model): flux_step.MODELS
 DENSE_UP_TO = 4096
 
 
@@ -113,20 +114,32 @@ class Card:
         return (emulated, torch_free) if torch_free_too else emulated
 
 
+def arch():
+    from flux_step import MODELS
+
+    return MODELS[MODEL["name"]]
+
+
+def hidden() -> int:
+    import random_models
+
+    return getattr(random_models, arch().config)["hidden_size"]
+
+
 def build(dtype_name: str):
-    """FLUX.1-dev as ComfyUI loads it: weights on the CPU, ~N(0, 0.02) (norm scales 1), bf16 or fp8."""
+    """The architecture (FLUX.1-dev unless --model) as ComfyUI loads it: weights on the CPU, ~N(0, 0.02) (norm
+    scales 1), bf16 or fp8."""
+    import comfy.ldm.flux.model
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy.supported_models
 
-    from random_models import FLUX_DEV
+    import random_models
 
-    config = dict(FLUX_DEV)
-    import comfy.ldm.flux.model
-
+    config = dict(getattr(random_models, arch().config))
     if "txt_ids_dims" in comfy.ldm.flux.model.FluxParams.__dataclass_fields__:
         config.setdefault("txt_ids_dims", [])
-    model_config = comfy.supported_models.Flux(config)
+    model_config = getattr(comfy.supported_models, arch().config_class)(config)
     if dtype_name == "fp8":
         model_config.set_inference_dtype(torch.float8_e4m3fn, torch.bfloat16)
     else:
@@ -148,8 +161,8 @@ def build(dtype_name: str):
 def ultragen(model, pixels: int, whole_blocks: bool = False):
     from ultragen.patch import Guidance, UltraGenFluxPatch
 
-    side = pixels // 8 // 4
-    latent = torch.randn(1, 16, side, side, generator=torch.Generator().manual_seed(1))
+    side = pixels // arch().pixels_per_latent // 4
+    latent = torch.randn(1, arch().channels, side, side, generator=torch.Generator().manual_seed(1))
     m = UltraGenFluxPatch(guidance=Guidance(latent, pixels, pixels)).apply(model)
     if whole_blocks:  # ComfyUI's own block code (what the patch did before its chunked blocks)
         m.set_model_attn1_patch(lambda q, k, v, **kwargs: {})
@@ -207,12 +220,16 @@ def step(model, pixels: int) -> dict:
     m = model.clone()
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "vram_cards", timed)
     gen = torch.Generator().manual_seed(pixels)
-    latent = torch.zeros(1, 16, pixels // 8, pixels // 8)
+    a = arch()
+    latent = torch.zeros(1, a.channels, pixels // a.pixels_per_latent, pixels // a.pixels_per_latent)
     noise = torch.randn(latent.shape, generator=gen)
-    cond = torch.randn(1, TEXT, 4096, generator=gen, dtype=torch.bfloat16)
-    pooled = torch.randn(1, 768, generator=gen, dtype=torch.bfloat16)
-    positive = [[cond, {"pooled_output": pooled, "guidance": 3.5}]]
-    negative = [[torch.zeros_like(cond), {"pooled_output": torch.zeros_like(pooled), "guidance": 3.5}]]
+    cond = torch.randn(1, TEXT, a.text_width, generator=gen, dtype=torch.bfloat16)
+    if a.pooled:
+        pooled = torch.randn(1, 768, generator=gen, dtype=torch.bfloat16)
+        positive = [[cond, {"pooled_output": pooled, "guidance": 3.5}]]
+        negative = [[torch.zeros_like(cond), {"pooled_output": torch.zeros_like(pooled), "guidance": 3.5}]]
+    else:  # FLUX.2: no pooled vector
+        positive, negative = [[cond, {"guidance": 3.5}]], [[torch.zeros_like(cond), {"guidance": 3.5}]]
     out = comfy.sample.sample(m, noise, 1, 1.0, "euler", "simple", positive, negative, latent, seed=0,
                               disable_pbar=True)  # fmt: skip
     if not torch.isfinite(out).all():
@@ -223,7 +240,7 @@ def step(model, pixels: int) -> dict:
 def cell(card: Card, base, gib, dtype: str, pixels: int, mode: str) -> dict:
     card.set(gib)
     row = {"card_gib": gib, "weights": dtype, "pixels": pixels, "mode": mode}
-    u = tokens(pixels, mode) * HIDDEN * 2 / 2**30
+    u = tokens(pixels, mode) * hidden() * 2 / 2**30
     try:
         if mode == "dense":
             model = base
@@ -272,6 +289,8 @@ def plan(cards, sizes, dtypes, big, big_sizes) -> list[tuple]:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="flux1-dev", help="architecture: flux1-dev, flux2-klein-4b, flux2-klein-9b, "
+                    "flux2-dev (bench/flux_step.py's MODELS)")  # fmt: skip
     ap.add_argument("--cards", type=float, nargs="+", default=list(CARDS), help="emulated card sizes, GiB")
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
     ap.add_argument("--weights", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"])
@@ -284,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH)")
     ap.add_argument("--out", help="JSON path (default: bench/results/vram_cards.json)")
     args = ap.parse_args(argv)
+    MODEL["name"] = args.model
     start = time.perf_counter()
     import_comfyui(args.comfyui, args.dynamic_vram)
     card = Card(args.dynamic_vram)
@@ -300,7 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     cells += plan(cards, args.sizes, args.weights, args.big, args.big_sizes)
     models = {}
     rows = []
-    result = {**run_info(), "dynamic_vram": args.dynamic_vram, "context_gib": CONTEXT_GIB, "rows": rows}
+    result = {**run_info(), "model": args.model, "dynamic_vram": args.dynamic_vram, "context_gib": CONTEXT_GIB,
+              "rows": rows}  # fmt: skip
     for gib, dtype, pixels, mode in cells:
         if time.perf_counter() - start > args.budget_s:
             rows.append({"card_gib": gib, "weights": dtype, "pixels": pixels, "mode": mode, "status": "not run"})
@@ -308,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
         if dtype not in models:
             t0 = time.perf_counter()
             models[dtype] = build(dtype)
-            print(f"built FLUX.1-dev ({dtype}) on the CPU in {time.perf_counter() - t0:.0f} s", flush=True)
+            print(f"built {MODEL['name']} ({dtype}) on the CPU in {time.perf_counter() - t0:.0f} s", flush=True)
         rows.append(cell(card, models[dtype], gib, dtype, pixels, mode))
         write_json("vram_cards", result, args.out)
     card.set(None)

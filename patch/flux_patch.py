@@ -193,6 +193,12 @@ class InstalledPatch:
                 f"noise. Remove that node or place it before {NODE}, or turn {NODE}'s constant_shift off to use it."
             )
         g = self.patch.guidance
+        attn1 = model.model_options["transformer_options"].get("patches", {}).get("attn1_patch", [])
+        if g is not None and any(type(p).__name__ == "KV_Attn_Input" for p in attn1):
+            raise UltraGenPatchError(
+                f"{NODE}: Flux KV Cache drops the reference images' tokens after the first step, which moves "
+                "UltraGen's guidance tokens off their positions; remove the Flux KV Cache node (or the guidance)"
+            )
         if g is not None and g.latent.shape[0] not in (1, latent_shape[0]):
             raise UltraGenPatchError(
                 f"{NODE}: the guidance holds {g.latent.shape[0]} images but the sampler's latent batch has "
@@ -373,6 +379,10 @@ class InstalledPatch:
             args = (q, k, v, *args[3:])
         if call is None or kwargs.get("mask") is not None or not kwargs.get("skip_reshape") or q.dim() != 4:
             return self._fallback(func, args, kwargs)
+        if k.shape[2] != q.shape[2]:  # another node's attn1_patch added keys (Flux KV Cache's cached references)
+            call.warn_once("keys", "UltraGen: another node adds keys to FLUX's attention (e.g. Flux KV Cache); those "
+                           "calls use dense attention (slow at high resolution).")  # fmt: skip
+            return self._fallback(func, args, kwargs)
         batch, heads, length, dim = q.shape
         layout = self._layout(call, length)
         if layout is None:  # not the sequence this call prepared (e.g. another model sharing the options)
@@ -435,11 +445,18 @@ def _is_last_block(dm, kind: str, index: int) -> bool:
 
 
 def _rotate(q, k, table, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE on q and k, which FLUX's attention left unrotated because the table came here."""
-    if not kwargs.get("skip_reshape") or q.dim() != 4 or q.shape[2] != table.shape[2]:
+    """RoPE on q and k, which FLUX's attention left unrotated because the table came here.
+
+    As ComfyUI's own rotation: a q shorter than the table (Flux KV Cache drops the cached references' queries but
+    not their positions) takes the table's first rows; k, with the cached keys appended, takes all of it.
+    """
+    if not kwargs.get("skip_reshape") or q.dim() != 4 or k.shape[2] != table.shape[2] or q.shape[2] > k.shape[2]:
         raise UltraGenPatchError(
             f"UltraGen: an attention call of shape {tuple(q.shape)} reached the patch in a forward whose "
             f"positions cover {table.shape[2]} tokens; another node replaces FLUX's blocks in a way UltraGen "
             f"cannot follow. Remove that node, or {NODE}, from this model."
         )
-    return apply_rope(q, k, table)
+    if q.shape[2] == k.shape[2]:
+        return apply_rope(q, k, table)
+    q = apply_rope(q, q, table[:, :, : q.shape[2]])[0]
+    return q, apply_rope(k, k, table)[0]

@@ -70,11 +70,16 @@ def flux_loaders(unet, clip, vae) -> dict:
         def load_clip(self, clip_name1, clip_name2, type, device="default"):
             return (clip(clip_name1),)
 
+    class CLIPLoader(nodes.CLIPLoader):  # FLUX.2's single text encoder (Qwen3 / Mistral)
+        def load_clip(self, clip_name, type="stable_diffusion", device="default"):
+            return (clip(clip_name),)
+
     class VAELoader(nodes.VAELoader):
         def load_vae(self, vae_name):
             return (vae(vae_name),)
 
-    return {"UNETLoader": UNETLoader, "DualCLIPLoader": DualCLIPLoader, "VAELoader": VAELoader}
+    return {"UNETLoader": UNETLoader, "DualCLIPLoader": DualCLIPLoader, "CLIPLoader": CLIPLoader,
+            "VAELoader": VAELoader}  # fmt: skip
 
 
 class TinyCLIP:
@@ -86,3 +91,11 @@ class TinyCLIP:
     def encode_from_tokens_scheduled(self, tokens, **kwargs):
         seed = sum(ord(c) for c in tokens) % (2**31)
         return conditioning(8, seed)
+
+
+class TinyFlux2Text(TinyCLIP):
+    """Stands in for FLUX.2's text encoder: seeded embeddings of the tiny model's width, no pooled vector."""
+
+    def encode_from_tokens_scheduled(self, tokens, **kwargs):
+        seed = sum(ord(c) for c in tokens) % (2**31)
+        return [[torch.randn(1, 8, CONTEXT_DIM, generator=torch.Generator().manual_seed(seed)), {}]]

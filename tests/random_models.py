@@ -19,6 +19,22 @@ FLUX_DEV = dict(
     qkv_bias=True, guidance_embed=True,
 )  # fmt: skip
 TINY_FLUX = dict(FLUX_DEV, vec_in_dim=32, context_in_dim=64, hidden_size=96, num_heads=2, axes_dim=[8, 20, 20])
+# FLUX.2's differences from FLUX.1 in ComfyUI's config (``model_detection.py``), for tiny FLUX.2 models: 4 RoPE axes
+# (here 4 x 12 for 48-dim heads), theta 2000, 1x1 patches on 128 channels, SiLU-gated MLP (ratio 3), global
+# modulation, no biases, text positions on axis 3, no pooled vector and no guidance embedding (klein).
+FLUX2_CHANGES = dict(image_model="flux2", in_channels=128, out_channels=128, patch_size=1, axes_dim=[12, 12, 12, 12],
+                     theta=2000, mlp_ratio=3.0, global_modulation=True, mlp_silu_act=True, qkv_bias=False,
+                     ops_bias=False, txt_ids_dims=[3], vec_in_dim=None, guidance_embed=False)  # fmt: skip
+# Full FLUX.2 architectures for benchmarks (random weights), from diffusers' scripts/convert_flux2_to_diffusers.py
+# (get_flux2_transformer_config: flux2-dev L388-405, klein-4b L408-426, klein-9b L430-448, huggingface/diffusers
+# 58eb52c0), as ComfyUI reads them from a checkpoint (model_detection.py: heads = hidden / 128, context width from
+# txt_in). klein has no guidance embedding; dev has. Text: Qwen3 4B / 8B (3 x 2560 / 3 x 4096), Mistral 24B (3 x 5120).
+_FLUX2_FULL = dict(FLUX2_CHANGES, axes_dim=[32, 32, 32, 32])
+FLUX2_KLEIN_4B = dict(_FLUX2_FULL, hidden_size=3072, num_heads=24, depth=5, depth_single_blocks=20, context_in_dim=7680)
+FLUX2_KLEIN_9B = dict(_FLUX2_FULL, hidden_size=4096, num_heads=32, depth=8, depth_single_blocks=24,
+                      context_in_dim=12288)  # fmt: skip
+FLUX2_DEV = dict(_FLUX2_FULL, hidden_size=6144, num_heads=48, depth=8, depth_single_blocks=48, context_in_dim=15360,
+                 guidance_embed=True)  # fmt: skip
 FLUX_VAE = dict(
     double_z=True, z_channels=16, resolution=256, in_channels=3, out_ch=3, ch=128, ch_mult=[1, 2, 4, 4],
     num_res_blocks=2, attn_resolutions=[], dropout=0.0,
@@ -50,6 +66,12 @@ def tiny_flux(seed: int = 0, depth: int = 2, single: int = 2, dtype=torch.float3
     """FLUX with hidden 96, 2 heads of 48, axes [8, 20, 20]: samples on a CPU in seconds."""
     config = dict(TINY_FLUX, depth=depth, depth_single_blocks=single)
     return flux_model(config, dtype=dtype, seed=seed, load_device=device)
+
+
+def tiny_flux2(seed: int = 0, depth: int = 2, single: int = 2, dtype=torch.float32, device=None):
+    """FLUX.2 (``supported_models.Flux2``, ComfyUI 0.29+) with hidden 96, 2 heads of 48: samples on a CPU in seconds."""
+    config = dict(TINY_FLUX, depth=depth, depth_single_blocks=single, **FLUX2_CHANGES)
+    return flux_model(config, dtype=dtype, seed=seed, load_device=device, config_class="Flux2")
 
 
 def flux_vae(seed: int = 0, flux2: bool = False):

@@ -287,11 +287,6 @@ def test_another_nodes_block_replacement_is_kept_with_one_warning(flux, caplog):
     assert (out - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
 
 
-FLUX2 = dict(image_model="flux2", in_channels=128, out_channels=128, patch_size=1, axes_dim=[12, 12, 12, 12],
-             theta=2000, mlp_ratio=3.0, global_modulation=True, mlp_silu_act=True, qkv_bias=False, ops_bias=False,
-             txt_ids_dims=[3], vec_in_dim=None, guidance_embed=False)  # fmt: skip
-
-
 @pytest.mark.parametrize("family", ["FLUX.1", "FLUX.2"])
 @pytest.mark.parametrize("tokens", [1, 5, 4096])
 def test_each_block_equals_comfyuis_own_block(comfyui, slices, family, tokens):
@@ -303,11 +298,11 @@ def test_each_block_equals_comfyuis_own_block(comfyui, slices, family, tokens):
 
     from ultragen.patch.chunked_blocks import BlockContext, chunkable_blocks, double_block, single_block
 
-    from random_models import TINY_FLUX, flux_model
+    from random_models import FLUX2_CHANGES, TINY_FLUX, flux_model
 
     if family == "FLUX.2" and not hasattr(comfy.supported_models, "Flux2"):
         return  # this ComfyUI (0.3.64) has no FLUX.2 blocks to compare with
-    config = dict(TINY_FLUX, depth=1, depth_single_blocks=1, **(FLUX2 if family == "FLUX.2" else {}))
+    config = dict(TINY_FLUX, depth=1, depth_single_blocks=1, **(FLUX2_CHANGES if family == "FLUX.2" else {}))
     dm = flux_model(config, config_class="Flux2" if family == "FLUX.2" else "Flux").model.diffusion_model
     assert chunkable_blocks(dm)
     slices(tokens)
@@ -376,13 +371,13 @@ def test_clean_guidance_rows_are_modulated_at_timestep_zero_as_comfyui_does(comf
 
     from ultragen.patch.chunked_blocks import BlockContext, double_block, single_block
 
-    from random_models import TINY_FLUX, flux_model
+    from random_models import FLUX2_CHANGES, TINY_FLUX, flux_model
 
     if "modulation_dims_img" not in inspect.signature(comfy.ldm.flux.layers.DoubleStreamBlock.forward).parameters:
         return  # this ComfyUI (0.3.64) has no per-token modulation to compare with
     if family == "FLUX.2" and not hasattr(comfy.supported_models, "Flux2"):
         return
-    config = dict(TINY_FLUX, depth=1, depth_single_blocks=1, **(FLUX2 if family == "FLUX.2" else {}))
+    config = dict(TINY_FLUX, depth=1, depth_single_blocks=1, **(FLUX2_CHANGES if family == "FLUX.2" else {}))
     dm = flux_model(config, config_class="Flux2" if family == "FLUX.2" else "Flux").model.diffusion_model
     slices(tokens)
     g = torch.Generator().manual_seed(12)

@@ -16,24 +16,19 @@ from patching import IDENTITY, device, patched
 
 pytestmark = pytest.mark.usefixtures("comfyui")
 
-FLUX2 = dict(image_model="flux2", in_channels=128, out_channels=128, patch_size=1, axes_dim=[12, 12, 12, 12],
-             theta=2000, mlp_ratio=3.0, global_modulation=True, mlp_silu_act=True, qkv_bias=False, ops_bias=False,
-             txt_ids_dims=[3], vec_in_dim=None, guidance_embed=False)  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def flux2(comfyui):
     """A tiny FLUX.2 (hidden 96, 2 heads, axes 4 x 12), or None where this ComfyUI has no FLUX.2."""
     import comfy.supported_models
 
-    from random_models import TINY_FLUX, flux_model
+    from random_models import tiny_flux2
 
     if not hasattr(comfy.supported_models, "Flux2"):
         import comfy.ldm.flux.model
 
         assert "txt_ids_dims" not in comfy.ldm.flux.model.FluxParams.__dataclass_fields__  # 0.3.64: no FLUX.2 at all
         return None
-    return flux_model(dict(TINY_FLUX, depth=2, depth_single_blocks=2, **FLUX2), config_class="Flux2")
+    return tiny_flux2()
 
 
 def flux2_inputs(batch=1, h=13, w=22, text=7, seed=0):
@@ -238,3 +233,35 @@ def test_the_authors_flux2_lora_applies_to_guidance_rows(flux2):
     assert (out - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
     without = denoise(patched(flux2, guidance=guidance, **options), x, 0.6, ctx, y)
     assert (out - without).abs().max().item() > 1e-4
+
+
+def test_dense_windows_equal_unpatched_flux2_with_flux_kv_cache(flux2):
+    """ComfyUI's Flux KV Cache (references' k/v cached on the first step, their queries dropped after; references at
+    timestep 0), in a real 3-step sampling run: the patch applied before or after it gives ComfyUI's own result;
+    with guidance (whose tokens the dropped references would move) it is refused, naming the node."""
+    import comfy.sample
+
+    from ultragen.patch.options import UltraGenPatchError
+
+    if flux2 is None:
+        return
+    from comfy_extras.nodes_flux import FluxKVCache  # ComfyUI 0.29 and newer, as FLUX.2
+
+    g = torch.Generator().manual_seed(6)
+    latent, noise = torch.zeros(1, 128, 12, 16), torch.randn(1, 128, 12, 16, generator=g)
+    ctx, refs = torch.randn(1, 7, 64, generator=g), [torch.randn(1, 128, 6, 8, generator=g)]
+    positive, negative = [[ctx, {"reference_latents": refs}]], [[ctx * 0, {"reference_latents": refs}]]
+
+    def kv(model):
+        out = FluxKVCache.execute(model)
+        return (out.result if hasattr(out, "result") else out)[0]
+
+    def sample(model):
+        return comfy.sample.sample(model, noise, 3, 1.0, "euler", "simple", positive, negative, latent, seed=0,
+                                   disable_pbar=True)  # fmt: skip
+
+    ref = sample(kv(flux2))
+    for ours in (kv(patched(flux2, **IDENTITY)), patched(kv(flux2), **IDENTITY)):
+        assert (sample(ours) - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+    with pytest.raises(UltraGenPatchError, match="Flux KV Cache drops the reference images"):
+        sample(kv(patched(flux2, guidance=guidance2(3, 4, (12, 16)), window=4)))

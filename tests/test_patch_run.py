@@ -154,16 +154,12 @@ def test_flux1_and_flux2_are_patched_other_flux_class_models_refused(flux):
 
     from ultragen.patch.options import UltraGenPatchError
 
-    from random_models import TINY_FLUX, flux_model
+    from random_models import TINY_FLUX, flux_model, tiny_flux2
 
     guided(flux)  # FLUX.1
     if not hasattr(comfy.supported_models, "Flux2"):
         return  # 0.3.64: no other model of the class exists here
-    flux2 = dict(TINY_FLUX, image_model="flux2", in_channels=128, out_channels=128, patch_size=1,
-                 axes_dim=[12, 12, 12, 12], theta=2000, mlp_ratio=3.0, global_modulation=True, mlp_silu_act=True,
-                 qkv_bias=False, ops_bias=False, txt_ids_dims=[3], vec_in_dim=None, guidance_embed=False,
-                 depth=1, depth_single_blocks=1)  # fmt: skip
-    patched(flux_model(flux2, config_class="Flux2"))  # FLUX.2
+    patched(tiny_flux2(depth=1, single=1))  # FLUX.2
     longcat = dict(TINY_FLUX, vec_in_dim=None, guidance_embed=False, txt_ids_dims=[1, 2], depth=1,
                    depth_single_blocks=1)  # fmt: skip
     with pytest.raises(UltraGenPatchError, match="works with FLUX.1 .* and FLUX.2 .* this MODEL is LongCat-Image"):

@@ -18,12 +18,21 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKFLOWS = ROOT / "workflows"  # build.py, and the API files in api/
 UI_DIR = ROOT / "example_workflows"  # what ComfyUI's template browser lists
 API_DIR = WORKFLOWS / "api"
-NAMES = ["flux_2k_from_1k", "flux_4k_from_1k", "flux_8k_recursive", "scalediff_4k"]
+FLUX2_NAMES = ["flux2_klein_4k_from_1k", "flux2_klein_8k_recursive"]  # need ComfyUI 0.29's FLUX.2 nodes
+NAMES = ["flux_2k_from_1k", "flux_4k_from_1k", "flux_8k_recursive", "scalediff_4k", *FLUX2_NAMES]
 MODEL_FILES = {
-    "diffusion_models": ["flux1-dev.safetensors"],
-    "text_encoders": ["clip_l.safetensors", "t5xxl_fp16.safetensors"],
-    "vae": ["ae.safetensors"],
+    "diffusion_models": ["flux1-dev.safetensors", "flux-2-klein-4b.safetensors"],
+    "text_encoders": ["clip_l.safetensors", "t5xxl_fp16.safetensors", "qwen_3_4b.safetensors"],
+    "vae": ["ae.safetensors", "flux2-vae.safetensors"],
 }
+FLUX2_NODES = {"EmptyFlux2LatentImage", "Flux2Scheduler"}
+
+
+def host_lacks_flux2(name: str) -> bool:
+    """A FLUX.2 workflow on a ComfyUI without FLUX.2 (0.3.64): it cannot load there, and must say why."""
+    import nodes
+
+    return name in FLUX2_NAMES and not FLUX2_NODES <= set(nodes.NODE_CLASS_MAPPINGS)
 SIZE_INPUTS = ("width", "height", "target_width", "target_height")
 
 
@@ -136,6 +145,12 @@ def test_no_api_file_where_the_template_scan_looks(comfyui, tmp_path, monkeypatc
 @pytest.mark.parametrize("name", NAMES)
 def test_ui_workflow_matches_the_registry_and_its_api_version(registry, name):
     ui, api = load(name)
+    if host_lacks_flux2(name):
+        import nodes
+
+        missing = {n["type"] for n in ui["nodes"] if n["type"] != "Note"} - set(nodes.NODE_CLASS_MAPPINGS)
+        assert missing == FLUX2_NODES  # exactly FLUX.2's nodes; everything else exists here too
+        return
     nodes = {n["id"]: n for n in ui["nodes"]}
     assert any(n["type"] == "Note" for n in ui["nodes"]), "every workflow explains itself in a Note"
     converted = {}
@@ -171,6 +186,9 @@ def test_api_workflow_passes_comfyuis_validation(registry, model_files, name):
 
     _, api = load(name)
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("test", api, None))
+    if host_lacks_flux2(name):  # ComfyUI itself says which node types it lacks
+        assert not valid and "Flux2" in json.dumps(error), error
+        return
     assert valid, (error, node_errors)
     assert outputs
 
@@ -184,9 +202,9 @@ def _small(prompt: dict) -> dict:
             if key in inputs and not isinstance(inputs[key], list):
                 inputs[key] //= 16
         if node["class_type"] in ("KSampler", "UltraGenWarmStartLatent", "UltraGenRecursiveUpscale"):
-            inputs["steps"] = 4
+            inputs["steps"] = min(inputs["steps"], 4)
             if "skip" in inputs:
-                inputs["skip"] = 1
+                inputs["skip"] = min(inputs["skip"], 1)
         if node["class_type"] == "UltraGenAttentionPatch" and inputs["mode"] == "npa":
             inputs["window"] = 4
     return prompt
@@ -212,9 +230,16 @@ def test_workflow_runs_end_to_end_in_comfyuis_executor(registry, model_files, tm
 
     import nodes
 
-    from comfy_flux import TinyCLIP, flux_loaders, flux_vae, prompt_executor, tiny_flux
+    from comfy_flux import TinyCLIP, TinyFlux2Text, flux_loaders, flux_vae, prompt_executor, tiny_flux
+    from random_models import tiny_flux2
 
-    loaders = flux_loaders(lambda name: tiny_flux(seed=1), lambda name: TinyCLIP(), lambda name: flux_vae(seed=2))
+    if host_lacks_flux2(name):
+        return  # cannot run here (see the validation test); runs on ComfyUI 0.29
+    loaders = flux_loaders(
+        lambda name: tiny_flux2(seed=1) if name.startswith("flux-2") else tiny_flux(seed=1),
+        lambda name: TinyFlux2Text() if name.startswith("qwen") else TinyCLIP(),
+        lambda name: flux_vae(seed=2, flux2=name.startswith("flux2")),
+    )
     for key, cls in loaders.items():
         monkeypatch.setitem(nodes.NODE_CLASS_MAPPINGS, key, cls)
     out_dir = tmp_path / "output"
@@ -258,6 +283,8 @@ def drawn_height(registry, node: dict) -> int:
 @pytest.mark.parametrize("name", NAMES)
 def test_layout_reads_left_to_right_without_overlaps(registry, name):
     ui, _ = load(name)
+    if host_lacks_flux2(name):
+        return  # node heights come from ComfyUI 0.29's registry
     boxes = {}
     for n in ui["nodes"]:
         (x, y), (w, h) = n["pos"], n["size"]
@@ -294,6 +321,8 @@ def test_every_node_has_a_title_of_its_own(registry, name):
     import nodes
 
     ui, _ = load(name)
+    if host_lacks_flux2(name):
+        return  # display names come from ComfyUI 0.29's registry
     shown = [n.get("title") or nodes.NODE_DISPLAY_NAME_MAPPINGS.get(n["type"], n["type"]) for n in ui["nodes"]]
     assert len(shown) == len(set(shown)), sorted(t for t in shown if shown.count(t) > 1)
 

@@ -3,14 +3,16 @@
 Where: the UI files go to ``example_workflows/`` at the pack's root, the folder ComfyUI's
 template browser lists (it offers every ``*.json`` directly in a pack's ``example_workflows``,
 ``example``, ``examples``, ``workflow`` or ``workflows`` folder, and opens each as a UI
-workflow); the API files go to ``workflows/api/``, a folder it does not scan. Generate them
-against the oldest ComfyUI the pack supports (see ``patch/host.py``).
+workflow); the API files go to ``workflows/api/``, a folder it does not scan. Generate the FLUX.1
+ones against the oldest ComfyUI the pack supports (see ``patch/host.py``), the FLUX.2 ones (``--flux2``)
+against the oldest that runs FLUX.2 (0.29).
 
 Why generated: a UI workflow lists each node's widget values by position (seeds carry an
 extra "control after generate" value); reading every node's inputs from the real node
 registry makes both formats right by construction and keeps them in step.
 
-    COMFYUI_PATH=/path/to/ComfyUI python workflows/build.py
+    COMFYUI_PATH=/path/to/ComfyUI-0.3.64 python workflows/build.py
+    COMFYUI_PATH=/path/to/ComfyUI-0.29 python workflows/build.py --flux2
 """
 
 from __future__ import annotations
@@ -283,6 +285,95 @@ def distinct_titles(g: Graph) -> Graph:
     return g
 
 
+# -- FLUX.2 klein (ComfyUI 0.29+: EmptyFlux2LatentImage, Flux2Scheduler, CLIPLoader's "flux2") -----------------
+KLEIN_FILES = (
+    "Model files (put them in ComfyUI/models/...): diffusion_models/flux-2-klein-4b.safetensors (FLUX.2 klein 4B, "
+    "4-step, Apache-2.0; klein 9B and FLUX.2 dev work too but are non-commercial: select their files in Load "
+    "Diffusion Model, and for 9B the qwen_3_8b text encoder), text_encoders/qwen_3_4b.safetensors, "
+    "vae/flux2-vae.safetensors."
+)
+
+
+def _klein_base(g: Graph, size_scale: float):
+    """Loaders, prompt, and the 1K FLUX.2 klein image (4 steps, ComfyUI's FLUX.2 schedule, cfg 1)."""
+    g.stage("1K base")
+    model = g.node("UNETLoader", unet_name="flux-2-klein-4b.safetensors", weight_dtype="default")
+    clip = g.node("CLIPLoader", clip_name="qwen_3_4b.safetensors", type="flux2", device="default")
+    vae = g.node("VAELoader", vae_name="flux2-vae.safetensors")
+    text = g.node("CLIPTextEncode", title="Prompt", text=PROMPT, clip=clip[0])
+    negative = g.node("ConditioningZeroOut", conditioning=text[0])
+    empty = g.node("EmptyFlux2LatentImage", width=1024, height=1024, batch_size=1)
+    schedule = g.node("Flux2Scheduler", steps=4, width=1024, height=1024)
+    noise = g.node("RandomNoise", noise_seed=42)
+    guider = g.node("BasicGuider", model=model[0], conditioning=text[0])
+    sampler = g.node("KSamplerSelect", sampler_name="euler")
+    low = g.node("SamplerCustomAdvanced", title="Low-res 1K", noise=noise[0], guider=guider[0], sampler=sampler[0],
+                 sigmas=schedule[0], latent_image=empty[0])  # fmt: skip
+    g.expose("prompt", text, "text")
+    g.expose("seed", noise, "noise_seed")
+    for node in (empty, schedule):
+        g.expose("width", node, "width", scale=size_scale)
+        g.expose("height", node, "height", scale=size_scale)
+    preview = g.node("VAEDecode", samples=low[0], vae=vae[0])
+    g.node("SaveImage", images=preview[0], filename_prefix="ultragen/klein-1k")
+    return model, text, negative, vae, low
+
+
+def klein_4k_from_1k() -> Graph:
+    g = Graph("flux2_klein_4k_from_1k")
+    model, positive, _, vae, low = _klein_base(g, size_scale=1 / 4)
+    g.stage("4K")
+    guidance = g.node("UltraGenLowResGuidanceEncode", target_width=4096, target_height=4096, latent=low[0])
+    patched = _attention_patch(g, model, guidance=guidance[0], ntk_factor=1.0)
+    warm = g.node("UltraGenWarmStartLatent", latent=low[0], target_width=4096, target_height=4096,
+                  method="latent bicubic", sharpen=0.0, steps=4, skip=0, start_sigma=0.0, shift_mu=1.15,
+                  scheduler="simple")  # fmt: skip
+    for node in (guidance, warm):
+        g.expose("width", node, "target_width")
+        g.expose("height", node, "target_height")
+    _sample_and_save(g, patched, positive, vae, warm, 43, "ultragen/klein-4k")
+    g.note(
+        "UltraGen on FLUX.2 klein: 4096x4096 from a 1024x1024 image, 4 + 4 steps (needs ComfyUI 0.29 or newer).\n\n"
+        "1. The 1K image: klein's 4 steps on ComfyUI's FLUX.2 schedule (change the prompt and seed there).\n"
+        "2. Low-Res Guidance Encode turns its latent into guidance for every 256-px window of the 4K image.\n"
+        "3. UltraGen Attention Patch: windowed attention (NTK 1, as the authors' 4-step klein setting).\n"
+        "4. The 4K pass runs klein's 4 steps from fresh noise (skip 0, as the authors do for klein), at FLUX.2's "
+        "own constant shift (2.02; shift_mu's default means the model's own).\n"
+        "5. VAE Decode (Exact, Low Memory) decodes without tiles.\n\n"
+        "With the authors' klein guidance LoRA: select it in guidance_lora and set guidance_tokens to clean.\n"
+        f"{KLEIN_FILES}"
+    )
+    return g
+
+
+def klein_8k_recursive() -> Graph:
+    g = Graph("flux2_klein_8k_recursive")
+    model, positive, negative, vae, low = _klein_base(g, size_scale=1 / 8)
+    latent = low[0]
+    for size, seed in ((2048, 43), (4096, 44), (8192, 45)):
+        g.stage(f"{size // 1024}K")
+        stage = g.node("UltraGenRecursiveUpscale", title=f"Upscale to {size // 1024}K", model=model[0],
+                       positive=positive[0], negative=negative[0], vae=vae[0], latent=latent, seed=seed, stages=1,
+                       scale=2.0, steps=4, skip=0, cfg=1.0, sampler_name="euler", scheduler="simple",
+                       method="latent bicubic", sharpen=0.0, shift_mu=1.15, guidance_scope="local")  # fmt: skip
+        g.node("SaveImage", images=stage[0], filename_prefix=f"ultragen/klein-{size // 1024}k")
+        g.expose("seed", stage, "seed", offset=seed - 42)
+        latent = stage[1]
+    g.note(
+        "UltraGen recursive on FLUX.2 klein: 1K -> 2K -> 4K -> 8K, 4 steps a stage (needs ComfyUI 0.29 or newer). "
+        "Each Recursive Upscale node doubles the size with the previous stage as guidance (local: each window sees "
+        "the previous stage around its own area) and saves its stage.\n"
+        "Speed and memory of FLUX.2 at 8K are not yet measured (the FLUX.1 chain fits a 24 GB card).\n"
+        f"{KLEIN_FILES}"
+    )
+    return g
+
+
+FLUX2_WORKFLOWS = {  # written against ComfyUI 0.29 (its FLUX.2 nodes): ``build.py --flux2``
+    "flux2_klein_4k_from_1k": lambda: distinct_titles(klein_4k_from_1k()),
+    "flux2_klein_8k_recursive": lambda: distinct_titles(klein_8k_recursive()),
+}
+
 WORKFLOWS = {
     "flux_2k_from_1k": lambda: distinct_titles(flux_from_1k(2048)),
     "flux_4k_from_1k": lambda: distinct_titles(flux_from_1k(4096)),
@@ -312,7 +403,8 @@ def main() -> None:
     load_node_registry(PACK_ROOT)
     UI_DIR.mkdir(exist_ok=True)
     API_DIR.mkdir(exist_ok=True)
-    for name, build in WORKFLOWS.items():
+    workflows = FLUX2_WORKFLOWS if "--flux2" in sys.argv[1:] else WORKFLOWS
+    for name, build in workflows.items():
         graph = build()
         (UI_DIR / f"{name}.json").write_text(json.dumps(to_ui(graph), indent=2) + "\n")
         (API_DIR / f"{name}.api.json").write_text(json.dumps(to_api(graph), indent=2) + "\n")
