@@ -12,7 +12,10 @@ each layer band by band gives *the same* result with bounded temporaries:
 
 Shapes: (B, C, H, W). ``band_elements`` bounds the elements of one band's temporaries.
 Full tensors may live on another device than the computation (``compute``, e.g. x in
-CPU memory and the bands on the GPU): then only bands and their halos visit the GPU.
+CPU memory and the bands on the GPU): then only bands and their halos visit the GPU, and
+kept row-major (``core.row_major.RowMajor``) each band is one contiguous transfer.
+A convolution can also sum its output per channel as it writes it (``sums``): the next
+group norm then needs no pass of its own over an activation that may sit in host memory.
 """
 
 from __future__ import annotations
@@ -22,33 +25,57 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .row_major import RowMajor, empty_like_rows, read_rows, write_rows
+
 DEFAULT_BAND_ELEMENTS = 1 << 26  # ~128 MB of bf16 per temporary
 
 Pre = Callable[[torch.Tensor], torch.Tensor]
 
 
-def band_rows(x: torch.Tensor, channels: int | None = None, band_elements: int = DEFAULT_BAND_ELEMENTS) -> int:
+def band_rows(x: torch.Tensor | RowMajor, channels: int | None = None,
+              band_elements: int = DEFAULT_BAND_ELEMENTS) -> int:  # fmt: skip
     """Rows per band so that a band of ``channels`` (default: x's) stays within ``band_elements``."""
     per_row = x.shape[0] * (channels or x.shape[1]) * x.shape[-1]
     return max(1, band_elements // max(1, per_row))
 
 
-def group_stats(x: torch.Tensor, groups: int, eps: float, band_elements: int = DEFAULT_BAND_ELEMENTS,
+class ChannelSums:
+    """Sum and sum of squares per (batch, channel) of an activation, accumulated band by band in float64 as a
+    convolution writes it: what the group norm after it needs, for any number of groups."""
+
+    def __init__(self):
+        self.total: torch.Tensor | None = None
+        self.squares: torch.Tensor | None = None
+        self.count = 0  # elements per channel so far
+
+    def add(self, band: torch.Tensor) -> None:
+        part = band.to(torch.float64).flatten(2)
+        total, squares = part.sum(-1), (part * part).sum(-1)
+        if self.total is None:
+            self.total, self.squares = total, squares
+        else:
+            self.total += total
+            self.squares += squares
+        self.count += part.shape[-1]
+
+    def group_stats(self, groups: int, eps: float):
+        """(mean, 1 / std) per (batch, group), as :func:`group_stats` computes them."""
+        b, c = self.total.shape
+        n = (c // groups) * self.count
+        mean = self.total.reshape(b, groups, -1).sum(-1) / n
+        var = (self.squares.reshape(b, groups, -1).sum(-1) / n - mean * mean).clamp(min=0)
+        return mean.float(), torch.rsqrt(var.float() + eps)
+
+
+def group_stats(x: torch.Tensor | RowMajor, groups: int, eps: float, band_elements: int = DEFAULT_BAND_ELEMENTS,
                 compute: torch.device | None = None):  # fmt: skip
     """(mean, 1 / std) per (batch, group) over the whole image, accumulated band by band in float64."""
-    b, c, h, w = x.shape
     compute = compute or x.device
-    total = torch.zeros(b, groups, dtype=torch.float64, device=compute)
-    squares = torch.zeros_like(total)
+    sums = ChannelSums()
     step = band_rows(x, band_elements=band_elements)
-    for r0 in range(0, h, step):
-        part = x[:, :, r0 : r0 + step].to(compute).to(torch.float64).reshape(b, groups, -1)
-        total += part.sum(-1)
-        squares += (part * part).sum(-1)
-    n = (c // groups) * h * w
-    mean = total / n
-    var = (squares / n - mean * mean).clamp(min=0)
-    return mean.float(), torch.rsqrt(var.float() + eps)
+    for r0 in range(0, x.shape[2], step):
+        sums.add(read_rows(x, r0, min(x.shape[2], r0 + step), compute))
+    return sums.group_stats(groups, eps)
 
 
 def group_norm_silu(norm: torch.nn.GroupNorm, stats, silu: bool = True) -> Pre:
@@ -67,23 +94,24 @@ def group_norm_silu(norm: torch.nn.GroupNorm, stats, silu: bool = True) -> Pre:
     return apply
 
 
-def _prepare(x: torch.Tensor, conv: torch.nn.Conv2d, compute: torch.device | None):
+def _prepare(x: torch.Tensor | RowMajor, conv: torch.nn.Conv2d, compute: torch.device | None):
     """(compute device, weight, bias) for running ``conv`` on bands of x."""
     compute = compute or x.device
     bias = conv.bias.to(compute, x.dtype) if conv.bias is not None else None
     return compute, conv.weight.to(compute, x.dtype), bias
 
 
-def _empty(x: torch.Tensor, *shape: int) -> torch.Tensor:
-    """A full output tensor where x is kept (pinned when that is CPU memory, for fast copies)."""
-    pin = x.device.type == "cpu" and torch.cuda.is_available()
-    return torch.empty(*shape, dtype=x.dtype, device=x.device, pin_memory=pin)
+def _emit(out, r0: int, result: torch.Tensor, sums: ChannelSums | None) -> None:
+    if sums is not None:
+        sums.add(result)
+    write_rows(out, r0, result)
 
 
 def conv3x3(
-    x: torch.Tensor, conv: torch.nn.Conv2d, pre: Pre | None = None, out: torch.Tensor | None = None,
-    add: torch.Tensor | None = None, band_elements: int = DEFAULT_BAND_ELEMENTS, compute: torch.device | None = None,
-) -> torch.Tensor:  # fmt: skip
+    x: torch.Tensor | RowMajor, conv: torch.nn.Conv2d, pre: Pre | None = None, out=None,
+    add: torch.Tensor | RowMajor | None = None, band_elements: int = DEFAULT_BAND_ELEMENTS,
+    compute: torch.device | None = None, sums: ChannelSums | None = None,
+) -> torch.Tensor | RowMajor:  # fmt: skip
     """``conv(pre(x)) (+ add)`` for a 3x3, stride-1, padding-1 convolution, band by band.
 
     ``out`` may be ``add`` itself (or x when no later band reads it) to save memory.
@@ -91,68 +119,70 @@ def conv3x3(
     compute, weight, bias = _prepare(x, conv, compute)
     b, _, h, w = x.shape
     if out is None:
-        out = _empty(x, b, weight.shape[0], h, w)
+        out = empty_like_rows(x, b, weight.shape[0], h, w)
     step = band_rows(x, max(x.shape[1], weight.shape[0]), band_elements)
     for r0 in range(0, h, step):
         r1 = min(h, r0 + step)
         lo, hi = max(0, r0 - 1), min(h, r1 + 1)
-        band = x[:, :, lo:hi].to(compute, non_blocking=True)
+        band = read_rows(x, lo, hi, compute)
         if pre is not None:
             band = pre(band)  # normalise after slicing: the padding rows below stay zero, as in the full conv
         band = F.pad(band, (1, 1, 1 if r0 == 0 else 0, 1 if r1 == h else 0))
         result = F.conv2d(band, weight, bias)
         if add is not None:
-            result = result + add[:, :, r0:r1].to(compute, non_blocking=True)
-        out[:, :, r0:r1] = result.to(out.device)
+            result = result + read_rows(add, r0, r1, compute)
+        _emit(out, r0, result, sums)
     return out
 
 
-def conv1x1(x: torch.Tensor, conv: torch.nn.Conv2d, band_elements: int = DEFAULT_BAND_ELEMENTS,
-            compute: torch.device | None = None) -> torch.Tensor:  # fmt: skip
+def conv1x1(x: torch.Tensor | RowMajor, conv: torch.nn.Conv2d, band_elements: int = DEFAULT_BAND_ELEMENTS,
+            compute: torch.device | None = None, sums: ChannelSums | None = None):  # fmt: skip
     """A pointwise convolution, band by band."""
     compute, weight, bias = _prepare(x, conv, compute)
-    out = _empty(x, x.shape[0], weight.shape[0], *x.shape[2:])
+    h = x.shape[2]
+    out = empty_like_rows(x, x.shape[0], weight.shape[0], h, x.shape[3])
     step = band_rows(x, max(x.shape[1], weight.shape[0]), band_elements)
-    for r0 in range(0, x.shape[2], step):
-        band = x[:, :, r0 : r0 + step].to(compute, non_blocking=True)
-        out[:, :, r0 : r0 + step] = F.conv2d(band, weight, bias).to(out.device)
+    for r0 in range(0, h, step):
+        _emit(out, r0, F.conv2d(read_rows(x, r0, min(h, r0 + step), compute), weight, bias), sums)
     return out
 
 
 def upsample2_conv3x3(
-    x: torch.Tensor, conv: torch.nn.Conv2d, band_elements: int = DEFAULT_BAND_ELEMENTS,
-    compute: torch.device | None = None,
-) -> torch.Tensor:  # fmt: skip
-    """``conv(nearest_upsample_x2(x))`` band by band, never holding the upsampled image whole."""
+    x: torch.Tensor | RowMajor, conv: torch.nn.Conv2d, band_elements: int = DEFAULT_BAND_ELEMENTS,
+    compute: torch.device | None = None, sums: ChannelSums | None = None, rows: bool = False,
+) -> torch.Tensor | RowMajor:  # fmt: skip
+    """``conv(nearest_upsample_x2(x))`` band by band, never holding the upsampled image whole (each band
+    recomputes its rows of the upsample). ``rows``: keep the output in host memory, row-major (else as x is kept)."""
     compute, weight, bias = _prepare(x, conv, compute)
     b, _, h, w = x.shape
-    out = _empty(x, b, weight.shape[0], 2 * h, 2 * w)
+    shape = (b, weight.shape[0], 2 * h, 2 * w)
+    out = RowMajor(shape, x.dtype) if rows else empty_like_rows(x, *shape)
     big = 2 * h
     step = band_rows(out, max(x.shape[1], weight.shape[0]), band_elements)
     for r0 in range(0, big, step):
         r1 = min(big, r0 + step)
         lo, hi = max(0, r0 - 1), min(big, r1 + 1)  # rows of the upsampled image the band reads
-        src = x[:, :, lo // 2 : (hi + 1) // 2].to(compute, non_blocking=True)
+        src = read_rows(x, lo // 2, (hi + 1) // 2, compute)
         up = torch.repeat_interleave(torch.repeat_interleave(src, 2, dim=2), 2, dim=3)
         up = up[:, :, lo - 2 * (lo // 2) : lo - 2 * (lo // 2) + (hi - lo)]
         up = F.pad(up, (1, 1, 1 if r0 == 0 else 0, 1 if r1 == big else 0))
-        out[:, :, r0:r1] = F.conv2d(up, weight, bias).to(out.device)
+        _emit(out, r0, F.conv2d(up, weight, bias), sums)
     return out
 
 
 def pad_conv3x3_stride2(
-    x: torch.Tensor, conv: torch.nn.Conv2d, band_elements: int = DEFAULT_BAND_ELEMENTS,
-    compute: torch.device | None = None,
-) -> torch.Tensor:  # fmt: skip
+    x: torch.Tensor | RowMajor, conv: torch.nn.Conv2d, band_elements: int = DEFAULT_BAND_ELEMENTS,
+    compute: torch.device | None = None, sums: ChannelSums | None = None,
+) -> torch.Tensor | RowMajor:  # fmt: skip
     """``conv(pad(x, right 1, bottom 1))`` with stride 2 and no padding (the VAE's Downsample), band by band."""
     compute, weight, bias = _prepare(x, conv, compute)
     b, _, h, w = x.shape
     out_h, out_w = (h + 1 - 3) // 2 + 1, (w + 1 - 3) // 2 + 1
-    out = _empty(x, b, weight.shape[0], out_h, out_w)
+    out = empty_like_rows(x, b, weight.shape[0], out_h, out_w)
     step = max(1, band_rows(x, max(x.shape[1], weight.shape[0]), band_elements) // 2)
     for o0 in range(0, out_h, step):
         o1 = min(out_h, o0 + step)
         lo, hi = 2 * o0, 2 * (o1 - 1) + 3  # input rows, the last possibly the zero pad row
-        band = F.pad(x[:, :, lo : min(h, hi)].to(compute, non_blocking=True), (0, 1, 0, hi - min(h, hi)))
-        out[:, :, o0:o1] = F.conv2d(band, weight, bias, stride=2).to(out.device)
+        band = F.pad(read_rows(x, lo, min(h, hi), compute), (0, 1, 0, hi - min(h, hi)))
+        _emit(out, o0, F.conv2d(band, weight, bias, stride=2), sums)
     return out

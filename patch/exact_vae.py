@@ -22,12 +22,13 @@ from comfy.ldm.modules.diffusionmodules.model import AttnBlock, Decoder, Encoder
 from einops import rearrange
 
 from ..core import split_ops
+from ..core.row_major import RowMajor, read_rows
 from ..errors import UltraGenError
 from .layer_weights import take_weight
 
 # Activations at or below this many elements run through the module itself.
 DIRECT_ELEMENTS = 1 << 24
-OFFLOAD = ("auto", "never", "always")  # keep full activations in CPU memory, streaming bands to the GPU
+OFFLOAD = ("auto", "never", "always")  # keep full activations in host memory, streaming bands to the GPU
 
 
 class ExactVAEError(UltraGenError, ValueError):
@@ -37,15 +38,18 @@ class ExactVAEError(UltraGenError, ValueError):
 class _Runner:
     """Runs one encoder or decoder, layer by layer, with a progress bar and cancel checks.
 
-    Full activations live on ``storage``; bands are computed on ``compute``.
+    Bands are computed on ``compute``. Full activations live there too, or (``rows``) in host memory, row-major,
+    streamed through ``compute`` a band at a time; small ones always stay on ``compute``. Each split layer
+    returns its output with its per-channel sums (``ChannelSums``), which the group norm after it uses instead
+    of reading the activation once more.
     """
 
     def __init__(self, net: torch.nn.Module, band_elements: int, direct_elements: int, steps: int,
-                 compute: torch.device, storage: torch.device, progress: bool = True):  # fmt: skip
+                 compute: torch.device, rows: bool, progress: bool = True):  # fmt: skip
         self.net = net
         self.band = band_elements
         self.direct = direct_elements
-        self.compute, self.storage = compute, storage
+        self.compute, self.rows = compute, rows
         self.progress = comfy.utils.ProgressBar(steps) if progress else None
         self.split = dict(band_elements=band_elements, compute=compute)
 
@@ -54,14 +58,24 @@ class _Runner:
         if self.progress is not None:
             self.progress.update(1)
 
-    def small(self, x: torch.Tensor) -> bool:
+    def small(self, x) -> bool:
         return x.numel() <= self.direct
 
-    def whole(self, module, x: torch.Tensor) -> torch.Tensor:
-        """Run ``module`` on the whole (small) activation."""
-        return module(x.to(self.compute)).to(self.storage)
+    def on_compute(self, x) -> torch.Tensor:
+        """``x`` as a tensor on the compute device (a small activation leaving host memory)."""
+        if isinstance(x, RowMajor):
+            return read_rows(x, 0, x.shape[2], self.compute).contiguous()
+        return x.to(self.compute)
 
-    def taken(self, module: torch.nn.Module, x: torch.Tensor):
+    def stored(self, x: torch.Tensor):
+        """Where a large activation made whole (the encoder's input) is kept."""
+        return RowMajor.of(x) if self.rows and not self.small(x) else x
+
+    def whole(self, module, x) -> torch.Tensor:
+        """Run ``module`` on the whole (small) activation."""
+        return module(self.on_compute(x))
+
+    def taken(self, module: torch.nn.Module, x):
         """``module``'s weights as its own forward would use them (cast, LoRA functions, moved to the compute
         device by ComfyUI) for the split operations, which read ``weight`` and ``bias`` directly."""
         weights = take_weight(module, torch.empty(0, device=self.compute, dtype=x.dtype))
@@ -70,49 +84,63 @@ class _Runner:
         return SimpleNamespace(weight=weights[0], bias=weights[1], num_groups=getattr(module, "num_groups", None),
                                eps=getattr(module, "eps", None))  # fmt: skip
 
-    def norm_silu(self, norm, x: torch.Tensor):
-        stats = split_ops.group_stats(x, norm.num_groups, norm.eps, self.band, self.compute)
+    def norm_silu(self, norm, x, sums: split_ops.ChannelSums | None):
+        if sums is not None:
+            stats = sums.group_stats(norm.num_groups, norm.eps)
+        else:
+            stats = split_ops.group_stats(x, norm.num_groups, norm.eps, self.band, self.compute)
         return split_ops.group_norm_silu(self.taken(norm, x), stats)
 
-    def resnet(self, block: ResnetBlock, x: torch.Tensor) -> torch.Tensor:
+    def resnet(self, block: ResnetBlock, x, sums):
         if self.small(x):
-            return self.whole(block, x)
-        h = split_ops.conv3x3(x, self.taken(block.conv1, x), self.norm_silu(block.norm1, x), **self.split)
+            return self.whole(block, x), None
+        h_sums = split_ops.ChannelSums()
+        h = split_ops.conv3x3(x, self.taken(block.conv1, x), self.norm_silu(block.norm1, x, sums), sums=h_sums,
+                              **self.split)  # fmt: skip
         if block.in_channels != block.out_channels:
             shortcut = self.taken(block.conv_shortcut if block.use_conv_shortcut else block.nin_shortcut, x)
             skip = (split_ops.conv3x3 if block.use_conv_shortcut else split_ops.conv1x1)(x, shortcut, **self.split)
             del x
         else:
             skip = x  # identity: each output band overwrites its own input rows, no longer needed
-        pre = self.norm_silu(block.norm2, h)
-        return split_ops.conv3x3(h, self.taken(block.conv2, h), pre, out=skip, add=skip, **self.split)
+        pre = self.norm_silu(block.norm2, h, h_sums)
+        out_sums = split_ops.ChannelSums()
+        out = split_ops.conv3x3(h, self.taken(block.conv2, h), pre, out=skip, add=skip, sums=out_sums, **self.split)
+        return out, out_sums
 
-    def attention(self, block: AttnBlock, x: torch.Tensor) -> torch.Tensor:
-        return self.whole(block, x)  # global by nature; sits at 1/8 resolution
+    def attention(self, block: AttnBlock, x):
+        return self.whole(block, x), None  # global by nature; sits at 1/8 resolution
 
-    def stage(self, modules, x: torch.Tensor) -> torch.Tensor:
+    def stage(self, modules, x, sums=None):
         for m in modules:
-            x = self.resnet(m, x) if isinstance(m, ResnetBlock) else self.attention(m, x)
+            x, sums = self.resnet(m, x, sums) if isinstance(m, ResnetBlock) else self.attention(m, x)
             self._tick()
-        return x
+        return x, sums
 
-    def out(self, x: torch.Tensor) -> torch.Tensor:
+    def out(self, x, sums) -> torch.Tensor:
         net = self.net
         if self.small(x):
-            x = x.to(self.compute)
+            x = self.on_compute(x)
             return net.conv_out(torch.nn.functional.silu(net.norm_out(x)))
-        return split_ops.conv3x3(x, self.taken(net.conv_out, x), self.norm_silu(net.norm_out, x), **self.split)
+        y = split_ops.conv3x3(x, self.taken(net.conv_out, x), self.norm_silu(net.norm_out, x, sums), **self.split)
+        return self.on_compute(y)
 
-    def conv_in(self, x: torch.Tensor) -> torch.Tensor:
+    def conv_in(self, x: torch.Tensor):
         if self.small(x):
-            return self.whole(self.net.conv_in, x)
-        return split_ops.conv3x3(x.to(self.storage), self.taken(self.net.conv_in, x), **self.split)
+            return self.whole(self.net.conv_in, x), None
+        sums = split_ops.ChannelSums()
+        x = self.stored(x)
+        return split_ops.conv3x3(x, self.taken(self.net.conv_in, x), sums=sums, **self.split), sums
 
-    def resample(self, module, split_fn, x: torch.Tensor) -> torch.Tensor:
-        """The up- or downsampling of a level; split when it has a convolution and x is large."""
-        if module.with_conv and not self.small(x):
-            return split_fn(x, self.taken(module.conv, x), **self.split)
-        return self.whole(module, x)
+    def resample(self, module, split_fn, x):
+        """The up- or downsampling of a level; split when it has a convolution and x (or, upsampling, its
+        output) is large. Upsampling a small activation into a large one starts host storage (``rows``)."""
+        grows = split_fn is split_ops.upsample2_conv3x3
+        if module.with_conv and not (self.small(x) and (not grows or 4 * x.numel() <= self.direct)):
+            sums = split_ops.ChannelSums()
+            extra = {"rows": True} if grows and self.rows and not isinstance(x, RowMajor) else {}
+            return split_fn(x, self.taken(module.conv, x), sums=sums, **extra, **self.split), sums
+        return self.whole(module, x), None
 
 
 def _blocks(level) -> list:
@@ -132,17 +160,19 @@ def _check(net: torch.nn.Module, kind: type) -> None:
         )
 
 
-def _storage(compute: torch.device, offload: str, largest_elements: int, dtype: torch.dtype) -> torch.device:
-    """Where full activations live: the GPU while about three of the largest fit, else CPU memory."""
+def _keeps_rows(compute: torch.device, offload: str, largest_elements: int, dtype: torch.dtype) -> bool:
+    """Whether full activations go to host memory (row-major): when about three of the largest would not fit
+    in 90% of the compute device's free memory (``auto``), or always / never as asked. A CPU computes in place."""
     if offload not in OFFLOAD:
         raise ExactVAEError(f"offload must be one of {OFFLOAD}, got {offload!r}")
-    if compute.type == "cpu" or offload == "never":
-        return compute
+    if offload == "never":
+        return False
     if offload == "always":
-        return torch.device("cpu")
+        return True
+    if compute.type == "cpu":
+        return False
     need = 3 * largest_elements * torch.tensor([], dtype=dtype).element_size()
-    free = comfy.model_management.get_free_memory(compute)
-    return compute if need < 0.9 * free else torch.device("cpu")
+    return need >= 0.9 * comfy.model_management.get_free_memory(compute)
 
 
 def decode_latent(decoder: Decoder, z: torch.Tensor, band_elements: int = split_ops.DEFAULT_BAND_ELEMENTS,
@@ -158,17 +188,17 @@ def decode_latent(decoder: Decoder, z: torch.Tensor, band_elements: int = split_
         if i != 0:
             area *= 4
             sizes.append(decoder.up[i].block[-1].out_channels * area)  # the upsampled activation
-    storage = _storage(z.device, offload, max(sizes), z.dtype)
-    run = _Runner(decoder, band_elements, direct_elements, steps, z.device, storage, progress)
+    rows = _keeps_rows(z.device, offload, max(sizes), z.dtype)
+    run = _Runner(decoder, band_elements, direct_elements, steps, z.device, rows, progress)
     with torch.inference_mode():
-        h = run.conv_in(z)
-        h = run.stage([decoder.mid.block_1, decoder.mid.attn_1, decoder.mid.block_2], h)
+        h, sums = run.conv_in(z)
+        h, sums = run.stage([decoder.mid.block_1, decoder.mid.attn_1, decoder.mid.block_2], h, sums)
         for i in levels:
-            h = run.stage(_blocks(decoder.up[i]), h)
+            h, sums = run.stage(_blocks(decoder.up[i]), h, sums)
             if i != 0:
-                h = run.resample(decoder.up[i].upsample, split_ops.upsample2_conv3x3, h)
+                h, sums = run.resample(decoder.up[i].upsample, split_ops.upsample2_conv3x3, h)
                 run._tick()
-        return run.out(h)
+        return run.out(h, sums)
 
 
 def encode_pixels(encoder: Encoder, x: torch.Tensor, band_elements: int = split_ops.DEFAULT_BAND_ELEMENTS,
@@ -180,17 +210,17 @@ def encode_pixels(encoder: Encoder, x: torch.Tensor, band_elements: int = split_
     for i in range(encoder.num_resolutions):  # activation sizes, walking the encoder
         sizes.append(max(encoder.down[i].block[0].in_channels, encoder.down[i].block[-1].out_channels) * area)
         area //= 4
-    storage = _storage(x.device, offload, max(sizes), x.dtype)
-    run = _Runner(encoder, band_elements, direct_elements, steps, x.device, storage)
+    rows = _keeps_rows(x.device, offload, max(sizes), x.dtype)
+    run = _Runner(encoder, band_elements, direct_elements, steps, x.device, rows)
     with torch.inference_mode():
-        h = run.conv_in(x)
+        h, sums = run.conv_in(x)
         for i in range(encoder.num_resolutions):
-            h = run.stage(_blocks(encoder.down[i]), h)
+            h, sums = run.stage(_blocks(encoder.down[i]), h, sums)
             if i != encoder.num_resolutions - 1:
-                h = run.resample(encoder.down[i].downsample, split_ops.pad_conv3x3_stride2, h)
+                h, sums = run.resample(encoder.down[i].downsample, split_ops.pad_conv3x3_stride2, h)
                 run._tick()
-        h = run.stage([encoder.mid.block_1, encoder.mid.attn_1, encoder.mid.block_2], h)
-        return run.out(h).to(x.device)
+        h, sums = run.stage([encoder.mid.block_1, encoder.mid.attn_1, encoder.mid.block_2], h, sums)
+        return run.out(h, sums).to(x.device)
 
 
 def _autoencoder(vae):

@@ -45,29 +45,96 @@ def test_encode_equals_full_encode(vae, size):
     assert (node - full).abs().max().item() <= 5e-5 * max(1.0, full.abs().max().item())
 
 
-def test_offloaded_activations_equal_the_full_decode(vae):
-    """Full activations kept in CPU memory, bands computed on the VAE's device: ComfyUI's own full decode."""
-    from ultragen.patch.exact_vae import ExactVAEError, exact_decode
+@pytest.mark.parametrize("shape", [(1, 16, 6, 5), (2, 16, 7, 4)])
+def test_streamed_activations_equal_the_full_decode_and_encode(vae, shape):
+    """Full activations kept in host memory row-major, every layer streamed a band of one to three rows at a time,
+    group norms from the sums their producers accumulate: ComfyUI's own full decode and encode (float32, odd sizes,
+    batch 2)."""
+    from ultragen.patch.exact_vae import ExactVAEError, exact_decode, exact_encode
 
-    z = torch.randn(1, 16, 6, 5, generator=torch.Generator().manual_seed(3))
-    offloaded = exact_decode(vae, z, band_elements=TINY_BANDS, direct_elements=0, offload="always")
-    assert (offloaded - vae.decode(z)).abs().max().item() <= 2e-5
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    streamed = exact_decode(vae, z, band_elements=TINY_BANDS, direct_elements=0, offload="always")
+    assert (streamed - vae.decode(z)).abs().max().item() <= 2e-5
+    pixels = torch.rand(shape[0], 8 * shape[2], 8 * shape[3], 3, generator=torch.Generator().manual_seed(4))
+    ref = vae.encode(pixels)
+    ours = exact_encode(vae, pixels, band_elements=TINY_BANDS, direct_elements=0, offload="always")
+    assert (ours - ref).abs().max().item() <= 5e-5 * max(1.0, ref.abs().max().item())
     with pytest.raises(ExactVAEError, match="offload must be one of"):
         exact_decode(vae, z, offload="sometimes")
 
 
-def test_where_activations_live_by_hand(monkeypatch):
-    """GPU while three of the largest activation fit in 90% of its free memory, else CPU memory."""
+def test_streamed_bands_stay_within_the_budget(vae, monkeypatch):
+    """Every band a streamed decode moves to the compute device holds at most the band budget's rows plus its two
+    halo rows, and full activations are never moved whole (only small ones, once, by design)."""
+    import ultragen.core.split_ops as split_ops
+    from ultragen.patch.exact_vae import exact_decode
+
+    budget = 3 * 4096
+    moved = []
+    original = split_ops.read_rows
+
+    def counting(x, lo, hi, device):
+        band = original(x, lo, hi, device)
+        moved.append((band.numel(), band.numel() // max(1, hi - lo), x.shape[2]))
+        return band
+
+    monkeypatch.setattr(split_ops, "read_rows", counting)
+    z = torch.randn(1, 16, 6, 8, generator=torch.Generator().manual_seed(5))
+    exact_decode(vae, z, band_elements=budget, direct_elements=0, offload="always")
+    assert moved
+    for numel, per_row, height in moved:
+        assert numel <= max(budget, per_row) + 2 * per_row or numel == per_row * height, (numel, per_row, budget)
+    assert any(height >= 16 and numel < per_row * height for numel, per_row, height in moved)  # large ones in bands
+
+
+def test_cancel_mid_decode_leaves_no_activation_behind(vae, monkeypatch):
+    """Cancel (ComfyUI's interrupt) in the middle of a streamed decode: it stops, and every host activation it made is
+    freed once the exception is gone."""
+    import gc
+    import weakref
+
     import comfy.model_management
 
-    from ultragen.patch.exact_vae import _storage
+    import ultragen.core.row_major as row_major
+    from ultragen.patch.exact_vae import exact_decode
+
+    alive = weakref.WeakSet()
+    original_init = row_major.RowMajor.__init__
+
+    def tracked(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        alive.add(self)
+
+    calls = {"n": 0}
+
+    def interrupt_on_the_eighth():
+        calls["n"] += 1
+        if calls["n"] == 8:
+            raise comfy.model_management.InterruptProcessingException()
+
+    monkeypatch.setattr(row_major.RowMajor, "__init__", tracked)
+    monkeypatch.setattr(comfy.model_management, "throw_exception_if_processing_interrupted", interrupt_on_the_eighth)
+    z = torch.randn(1, 16, 6, 8, generator=torch.Generator().manual_seed(6))
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        exact_decode(vae, z, band_elements=TINY_BANDS, direct_elements=0, offload="always", progress=False)
+    assert calls["n"] == 8
+    gc.collect()
+    assert len(alive) == 0
+
+
+def test_where_activations_live_by_hand(monkeypatch):
+    """On the GPU while three of the largest activation fit in 90% of its free memory, else in host memory
+    (row-major); "always" / "never" as asked; a CPU computes in place unless asked."""
+    import comfy.model_management
+
+    from ultragen.patch.exact_vae import _keeps_rows
 
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda device=None: 10_000)
-    assert _storage(gpu, "auto", 1000, torch.float16) == gpu  # 3 x 1000 x 2 = 6,000 bytes < 9,000
-    assert _storage(gpu, "auto", 1500, torch.float32) == cpu  # 18,000 bytes > 9,000
-    assert _storage(gpu, "always", 1, torch.float16) == cpu and _storage(gpu, "never", 10**9, torch.float32) == gpu
-    assert _storage(cpu, "always", 1, torch.float16) == cpu  # on a CPU there is nowhere else
+    assert not _keeps_rows(gpu, "auto", 1000, torch.float16)  # 3 x 1000 x 2 = 6,000 bytes < 9,000
+    assert _keeps_rows(gpu, "auto", 1500, torch.float32)  # 18,000 bytes > 9,000
+    assert _keeps_rows(gpu, "always", 1, torch.float16) and not _keeps_rows(gpu, "never", 10**9, torch.float32)
+    assert not _keeps_rows(cpu, "auto", 10**12, torch.float16) and _keeps_rows(cpu, "always", 1, torch.float16)
 
 
 def test_weights_come_through_comfyuis_cast_as_in_its_own_decode(vae, monkeypatch):
@@ -114,10 +181,11 @@ def test_flux2_vae_latents_decode_and_encode_exactly(comfyui):
     g = torch.Generator().manual_seed(6)
     z = torch.randn(1, channels, 48 // factor, 64 // factor, generator=g)
     full = vae.decode(z)
-    split = exact_decode(vae, z, band_elements=TINY_BANDS, direct_elements=0)
-    assert split.shape == full.shape == (1, 48, 64, 3) and (split - full).abs().max().item() <= 2e-5
     pixels = torch.rand(1, 48, 64, 3, generator=g)
     ref = vae.encode(pixels)
-    ours = exact_encode(vae, pixels, band_elements=TINY_BANDS, direct_elements=0)
-    assert ours.shape == ref.shape == (1, channels, 48 // factor, 64 // factor)
-    assert (ours - ref).abs().max().item() <= 5e-5 * max(1.0, ref.abs().max().item())
+    for offload in ("never", "always"):  # activations on the compute device / streamed from host memory
+        split = exact_decode(vae, z, band_elements=TINY_BANDS, direct_elements=0, offload=offload)
+        assert split.shape == full.shape == (1, 48, 64, 3) and (split - full).abs().max().item() <= 2e-5
+        ours = exact_encode(vae, pixels, band_elements=TINY_BANDS, direct_elements=0, offload=offload)
+        assert ours.shape == ref.shape == (1, channels, 48 // factor, 64 // factor)
+        assert (ours - ref).abs().max().item() <= 5e-5 * max(1.0, ref.abs().max().item())

@@ -1,0 +1,75 @@
+"""A (B, C, H, W) activation kept in host memory row-major, (H, B, C, W): a band of rows is one block.
+
+Why: an 8192^2 VAE decode holds activations of 17 GB (128 channels at full size), more than a 24 GB card
+can keep beside another; they live in host memory and stream through the GPU a band of rows at a time.
+Kept as (B, C, H, W), a band is B x C separate strided pieces (one per channel), which PyTorch gathers
+through a CPU copy before every transfer; kept row-major, a band is one contiguous block that moves to
+the GPU (from pinned memory: asynchronously, at full bus speed) and is permuted there. Only
+``read_rows`` / ``write_rows`` know the layout; ``core.split_ops`` works on either kind of storage.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class RowMajor:
+    """Storage for a (B, C, H, W) activation as (H, B, C, W) on ``device`` (pinned when that is the CPU and CUDA
+    is available)."""
+
+    def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device | str = "cpu"):
+        b, c, h, w = shape
+        device = torch.device(device)
+        pin = device.type == "cpu" and torch.cuda.is_available()
+        self.data = torch.empty(h, b, c, w, dtype=dtype, device=device, pin_memory=pin)
+
+    @property
+    def shape(self) -> torch.Size:
+        h, b, c, w = self.data.shape
+        return torch.Size((b, c, h, w))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def numel(self) -> int:
+        return self.data.numel()
+
+    @classmethod
+    def of(cls, x: torch.Tensor, device: torch.device | str = "cpu") -> RowMajor:
+        """``x`` (B, C, H, W) copied into row-major storage."""
+        out = cls(tuple(x.shape), x.dtype, device)
+        out.data.copy_(x.permute(2, 0, 1, 3))
+        return out
+
+    def tensor(self) -> torch.Tensor:
+        """The whole activation as a (B, C, H, W) tensor on its device (a copy)."""
+        return self.data.permute(1, 2, 0, 3).contiguous()
+
+
+def read_rows(x: torch.Tensor | RowMajor, lo: int, hi: int, device: torch.device) -> torch.Tensor:
+    """Rows [lo, hi) of ``x`` as a (B, C, hi - lo, W) tensor on ``device``."""
+    if isinstance(x, RowMajor):
+        return x.data[lo:hi].to(device, non_blocking=True).permute(1, 2, 0, 3)
+    return x[:, :, lo:hi].to(device, non_blocking=True)
+
+
+def write_rows(out: torch.Tensor | RowMajor, r0: int, band: torch.Tensor) -> None:
+    """``band`` (B, C, rows, W) into rows [r0, r0 + rows) of ``out``."""
+    rows = band.shape[2]
+    if isinstance(out, RowMajor):
+        out.data[r0 : r0 + rows].copy_(band.permute(2, 0, 1, 3), non_blocking=True)
+    else:
+        out[:, :, r0 : r0 + rows] = band.to(out.device)
+
+
+def empty_like_rows(x: torch.Tensor | RowMajor, *shape: int) -> torch.Tensor | RowMajor:
+    """A full activation of ``shape`` kept where and how ``x`` is kept."""
+    if isinstance(x, RowMajor):
+        return RowMajor(tuple(shape), x.dtype, x.device)
+    pin = x.device.type == "cpu" and torch.cuda.is_available()
+    return torch.empty(*shape, dtype=x.dtype, device=x.device, pin_memory=pin)
