@@ -73,3 +73,37 @@ def empty_like_rows(x: torch.Tensor | RowMajor, *shape: int) -> torch.Tensor | R
         return RowMajor(tuple(shape), x.dtype, x.device)
     pin = x.device.type == "cpu" and torch.cuda.is_available()
     return torch.empty(*shape, dtype=x.dtype, device=x.device, pin_memory=pin)
+
+
+def prefetched(reads: list[list[tuple]], device: torch.device):
+    """The bands of ``reads`` (per band: a list of (storage, lo, hi)) read onto ``device``, one band ahead.
+
+    Where storage is host memory (pinned) and ``device`` a GPU, band i + 1 is copied on a side stream while the
+    caller computes band i; the caller's stream waits for each copy, and the side stream first waits for
+    everything the caller's stream did before (the previous layer's writes into host memory). Elsewhere the
+    reads happen in order, as ``read_rows`` does them.
+    """
+    if device.type != "cuda" or not any(isinstance(s, RowMajor) for band in reads for s, _, _ in band):
+        for band in reads:
+            yield [read_rows(s, lo, hi, device) for s, lo, hi in band]
+        return
+    compute = torch.cuda.current_stream(device)
+    copy = torch.cuda.Stream(device)
+    copy.wait_stream(compute)
+
+    def fetch(band):
+        with torch.cuda.stream(copy):
+            tensors = [read_rows(s, lo, hi, device) for s, lo, hi in band]
+            done = torch.cuda.Event()
+            done.record(copy)
+        return tensors, done
+
+    ahead = fetch(reads[0]) if reads else None
+    for i in range(len(reads)):
+        tensors, done = ahead
+        compute.wait_event(done)
+        for t in tensors:
+            t.record_stream(compute)  # allocated on the side stream, used (and freed) on the caller's
+        if i + 1 < len(reads):
+            ahead = fetch(reads[i + 1])
+        yield tensors

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .row_major import RowMajor, empty_like_rows, read_rows, write_rows
+from .row_major import RowMajor, empty_like_rows, prefetched, write_rows
 
 DEFAULT_BAND_ELEMENTS = 1 << 26  # ~128 MB of bf16 per temporary
 
@@ -73,8 +73,8 @@ def group_stats(x: torch.Tensor | RowMajor, groups: int, eps: float, band_elemen
     compute = compute or x.device
     sums = ChannelSums()
     step = band_rows(x, band_elements=band_elements)
-    for r0 in range(0, x.shape[2], step):
-        sums.add(read_rows(x, r0, min(x.shape[2], r0 + step), compute))
+    for (band,) in prefetched([[(x, r0, min(x.shape[2], r0 + step))] for r0 in range(0, x.shape[2], step)], compute):
+        sums.add(band)
     return sums.group_stats(groups, eps)
 
 
@@ -121,16 +121,18 @@ def conv3x3(
     if out is None:
         out = empty_like_rows(x, b, weight.shape[0], h, w)
     step = band_rows(x, max(x.shape[1], weight.shape[0]), band_elements)
-    for r0 in range(0, h, step):
+    starts = range(0, h, step)
+    reads = [[(x, max(0, r0 - 1), min(h, r0 + step + 1))] + ([(add, r0, min(h, r0 + step))] if add is not None else [])
+             for r0 in starts]  # fmt: skip
+    for r0, fetched in zip(starts, prefetched(reads, compute), strict=True):
         r1 = min(h, r0 + step)
-        lo, hi = max(0, r0 - 1), min(h, r1 + 1)
-        band = read_rows(x, lo, hi, compute)
+        band = fetched[0]
         if pre is not None:
             band = pre(band)  # normalise after slicing: the padding rows below stay zero, as in the full conv
         band = F.pad(band, (1, 1, 1 if r0 == 0 else 0, 1 if r1 == h else 0))
         result = F.conv2d(band, weight, bias)
         if add is not None:
-            result = result + read_rows(add, r0, r1, compute)
+            result = result + fetched[1]
         _emit(out, r0, result, sums)
     return out
 
@@ -142,8 +144,9 @@ def conv1x1(x: torch.Tensor | RowMajor, conv: torch.nn.Conv2d, band_elements: in
     h = x.shape[2]
     out = empty_like_rows(x, x.shape[0], weight.shape[0], h, x.shape[3])
     step = band_rows(x, max(x.shape[1], weight.shape[0]), band_elements)
-    for r0 in range(0, h, step):
-        _emit(out, r0, F.conv2d(read_rows(x, r0, min(h, r0 + step), compute), weight, bias), sums)
+    starts = range(0, h, step)
+    for r0, (band,) in zip(starts, prefetched([[(x, r0, min(h, r0 + step))] for r0 in starts], compute), strict=True):
+        _emit(out, r0, F.conv2d(band, weight, bias), sums)
     return out
 
 
@@ -159,10 +162,11 @@ def upsample2_conv3x3(
     out = RowMajor(shape, x.dtype) if rows else empty_like_rows(x, *shape)
     big = 2 * h
     step = band_rows(out, max(x.shape[1], weight.shape[0]), band_elements)
-    for r0 in range(0, big, step):
+    starts = range(0, big, step)
+    spans = [(max(0, r0 - 1), min(big, r0 + step + 1)) for r0 in starts]  # rows of the upsampled image a band reads
+    reads = [[(x, lo // 2, (hi + 1) // 2)] for lo, hi in spans]
+    for r0, (lo, hi), (src,) in zip(starts, spans, prefetched(reads, compute), strict=True):
         r1 = min(big, r0 + step)
-        lo, hi = max(0, r0 - 1), min(big, r1 + 1)  # rows of the upsampled image the band reads
-        src = read_rows(x, lo // 2, (hi + 1) // 2, compute)
         up = torch.repeat_interleave(torch.repeat_interleave(src, 2, dim=2), 2, dim=3)
         up = up[:, :, lo - 2 * (lo // 2) : lo - 2 * (lo // 2) + (hi - lo)]
         up = F.pad(up, (1, 1, 1 if r0 == 0 else 0, 1 if r1 == big else 0))
@@ -180,9 +184,10 @@ def pad_conv3x3_stride2(
     out_h, out_w = (h + 1 - 3) // 2 + 1, (w + 1 - 3) // 2 + 1
     out = empty_like_rows(x, b, weight.shape[0], out_h, out_w)
     step = max(1, band_rows(x, max(x.shape[1], weight.shape[0]), band_elements) // 2)
-    for o0 in range(0, out_h, step):
-        o1 = min(out_h, o0 + step)
-        lo, hi = 2 * o0, 2 * (o1 - 1) + 3  # input rows, the last possibly the zero pad row
-        band = F.pad(read_rows(x, lo, min(h, hi), compute), (0, 1, 0, hi - min(h, hi)))
+    starts = range(0, out_h, step)
+    spans = [(2 * o0, 2 * (min(out_h, o0 + step) - 1) + 3) for o0 in starts]  # input rows; the last may be padding
+    reads = [[(x, lo, min(h, hi))] for lo, hi in spans]
+    for o0, (_, hi), (band,) in zip(starts, spans, prefetched(reads, compute), strict=True):
+        band = F.pad(band, (0, 1, 0, hi - min(h, hi)))
         _emit(out, o0, F.conv2d(band, weight, bias, stride=2), sums)
     return out

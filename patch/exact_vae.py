@@ -4,8 +4,11 @@ Why: ComfyUI's full-image VAE decode needs tens of GB at 4096^2 and falls back t
 OOM; its tiled decode averages three tilings (3x the work, soft seams, a different image).
 This runs ComfyUI's own encoder/decoder modules layer by layer, every convolution and
 group norm through :mod:`core.split_ops` (row bands with halos, whole-image statistics),
-so the result is a full decode's, with temporaries bounded by the band size. Peak memory
-is about two or three full activations of the largest layer.
+so the result is a full decode's, with temporaries bounded by the band size (itself
+bounded by the free memory). Full activations stay on the GPU while about three of the
+largest fit; else they live in host memory, row-major (``core.row_major``), and stream
+through the GPU a band at a time, the next band's copy overlapping the current band's
+work; group norms take the sums their producer accumulated, so no layer is read twice.
 
 Layers whose activation is small (the 1/8-resolution middle, with its attention) run as
 they are; everything else is split.
@@ -175,6 +178,17 @@ def _keeps_rows(compute: torch.device, offload: str, largest_elements: int, dtyp
     return need >= 0.9 * comfy.model_management.get_free_memory(compute)
 
 
+BYTES_PER_BAND_ELEMENT = 64  # all of a band's temporaries (float32 norm, padding, output, float64 sums), generously
+
+
+def _band_budget(compute: torch.device, band_elements: int) -> int:
+    """``band_elements``, lowered where the compute device's free memory could not hold a band's temporaries."""
+    if compute.type == "cpu":
+        return band_elements
+    free = comfy.model_management.get_free_memory(compute)
+    return max(1, min(band_elements, free // BYTES_PER_BAND_ELEMENT))
+
+
 def decode_latent(decoder: Decoder, z: torch.Tensor, band_elements: int = split_ops.DEFAULT_BAND_ELEMENTS,
                   direct_elements: int = DIRECT_ELEMENTS, offload: str = "auto",
                   progress: bool = True) -> torch.Tensor:  # fmt: skip
@@ -189,7 +203,7 @@ def decode_latent(decoder: Decoder, z: torch.Tensor, band_elements: int = split_
             area *= 4
             sizes.append(decoder.up[i].block[-1].out_channels * area)  # the upsampled activation
     rows = _keeps_rows(z.device, offload, max(sizes), z.dtype)
-    run = _Runner(decoder, band_elements, direct_elements, steps, z.device, rows, progress)
+    run = _Runner(decoder, _band_budget(z.device, band_elements), direct_elements, steps, z.device, rows, progress)
     with torch.inference_mode():
         h, sums = run.conv_in(z)
         h, sums = run.stage([decoder.mid.block_1, decoder.mid.attn_1, decoder.mid.block_2], h, sums)
@@ -211,7 +225,7 @@ def encode_pixels(encoder: Encoder, x: torch.Tensor, band_elements: int = split_
         sizes.append(max(encoder.down[i].block[0].in_channels, encoder.down[i].block[-1].out_channels) * area)
         area //= 4
     rows = _keeps_rows(x.device, offload, max(sizes), x.dtype)
-    run = _Runner(encoder, band_elements, direct_elements, steps, x.device, rows)
+    run = _Runner(encoder, _band_budget(x.device, band_elements), direct_elements, steps, x.device, rows)
     with torch.inference_mode():
         h, sums = run.conv_in(x)
         for i in range(encoder.num_resolutions):

@@ -66,19 +66,19 @@ def test_streamed_activations_equal_the_full_decode_and_encode(vae, shape):
 def test_streamed_bands_stay_within_the_budget(vae, monkeypatch):
     """Every band a streamed decode moves to the compute device holds at most the band budget's rows plus its two
     halo rows, and full activations are never moved whole (only small ones, once, by design)."""
-    import ultragen.core.split_ops as split_ops
+    import ultragen.core.row_major as row_major
     from ultragen.patch.exact_vae import exact_decode
 
     budget = 3 * 4096
     moved = []
-    original = split_ops.read_rows
+    original = row_major.read_rows
 
     def counting(x, lo, hi, device):
         band = original(x, lo, hi, device)
         moved.append((band.numel(), band.numel() // max(1, hi - lo), x.shape[2]))
         return band
 
-    monkeypatch.setattr(split_ops, "read_rows", counting)
+    monkeypatch.setattr(row_major, "read_rows", counting)
     z = torch.randn(1, 16, 6, 8, generator=torch.Generator().manual_seed(5))
     exact_decode(vae, z, band_elements=budget, direct_elements=0, offload="always")
     assert moved
