@@ -7,6 +7,11 @@ node defaults, and of the full-image path where it fits; the largest difference 
 exact and tiled results to the full one.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/vae.py [--sizes 4096 8192] [--full-max 4096]
+    COMFYUI_PATH=/path/to/ComfyUI python bench/vae.py --cards 24 12 --sizes 4096 8192   # emulated cards
+
+With ``--cards``: on each emulated card (``bench/vram_cards.py``'s emulation: allocator cap, ComfyUI's free
+memory scaled), the exact decode and encode as the node runs them (``offload="auto"``: streamed from host
+memory where the card lacks room) against ComfyUI's tiled ones, seconds and peak GiB, in the same run.
 """
 
 from __future__ import annotations
@@ -35,9 +40,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
     ap.add_argument("--full-max", type=int, default=4096, help="largest size to also run the full-image path")
     ap.add_argument("--skip-offload", action="store_true", help="do not time offloaded mode (slow at 8192^2)")
+    ap.add_argument("--cards", type=float, nargs="+", help="emulated card sizes, GiB (then only these cells)")
     ap.add_argument("--out", help="JSON path (default: bench/results/vae.json)")
     args = ap.parse_args(argv)
     comfyui_on_gpu("vae.py")
+    if args.cards:
+        return on_cards(args)
     import comfy.model_management as mm
 
     from ultragen.patch.exact_vae import exact_decode, exact_encode
@@ -121,6 +129,57 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {'-' if ed is None else f'{ed:.2e}'} | {'-' if td is None else f'{td:.2e}'} |"
             )
     print(f"\nwrote {out}")
+
+
+def on_cards(args) -> None:
+    """Exact (auto) vs tiled decode and encode on emulated cards; a cell that runs out of memory says where."""
+    import traceback
+
+    from vram_cards import Card
+
+    from ultragen.patch.exact_vae import exact_decode, exact_encode
+
+    from random_models import flux_vae
+
+    vae = flux_vae(seed=0)
+    card = Card(dynamic=False)
+    rows = []
+    result = {**run_info(), "vae_dtype": str(vae.vae_dtype), "rows": rows}
+    for gib in args.cards:
+        for pixels in args.sizes:
+            z = torch.randn(1, 16, pixels // 8, pixels // 8, generator=torch.Generator().manual_seed(pixels))
+            image = torch.rand(1, pixels, pixels, 3, generator=torch.Generator().manual_seed(pixels + 1))
+            cells = {
+                "exact_decode": lambda z=z: exact_decode(vae, z),
+                "tiled_decode": lambda z=z: vae.decode_tiled(z, tile_x=64, tile_y=64, overlap=8),
+                "exact_encode": lambda im=image: exact_encode(vae, im),
+                "tiled_encode": lambda im=image: vae.encode_tiled(im, tile_x=512, tile_y=512, overlap=64),
+            }
+            row = {"card_gib": gib, "pixels": pixels}
+            for name, fn in cells.items():
+                card.set(gib)
+                try:
+                    _, row[f"{name}_s"], row[f"{name}_gib"] = timed(fn)
+                except torch.OutOfMemoryError as exc:
+                    frame = traceback.extract_tb(exc.__traceback__)[-1]
+                    row[f"{name}_oom"] = f"{frame.filename.split('/')[-1]}:{frame.lineno}"
+                print(f"{gib} GB {pixels}² {name}: {row.get(f'{name}_s', 'OOM')}", flush=True)
+            for d in ("decode", "encode"):
+                if f"exact_{d}_s" in row and f"tiled_{d}_s" in row:
+                    row[f"{d}_exact_over_tiled"] = row[f"exact_{d}_s"] / row[f"tiled_{d}_s"]
+            rows.append(row)
+            write_json("vae-cards", result, args.out)
+    card.set(None)
+    print("\n| card | size | exact decode | tiled decode | exact / tiled | exact encode | tiled encode "
+          "| exact / tiled |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        def c(k, r=r):
+            return f"{r[k + '_s']:.1f} s, {r[k + '_gib']:.1f} GiB" if k + "_s" in r else "OOM"
+
+        ratio = [f"{r[k]:.2f}x" if k in r else "-" for k in ("decode_exact_over_tiled", "encode_exact_over_tiled")]
+        print(f"| {r['card_gib']} GB | {r['pixels']}² | {c('exact_decode')} | {c('tiled_decode')} | {ratio[0]} "
+              f"| {c('exact_encode')} | {c('tiled_encode')} | {ratio[1]} |")  # fmt: skip
 
 
 if __name__ == "__main__":
