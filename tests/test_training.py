@@ -219,3 +219,43 @@ def test_command_line_end_to_end(tmp_path, comfyui, vae, monkeypatch):
     assert (tmp_path / "run" / "checkpoints" / "step_000004.safetensors").is_file()
     with pytest.raises(SystemExit, match="checkpoint not found"):
         main(common[:1] + [str(tmp_path / "missing.safetensors")] + common[2:])
+
+
+def test_flux2_trains_and_its_lora_is_what_the_patch_applies(tmp_path, comfyui):
+    """FLUX.2 (ComfyUI 0.29+): its VAE's 128-channel latents, text without a pooled vector, the same loop; the
+    loss falls and the saved LoRA, applied by the patch on a fresh FLUX.2, reproduces the trained prediction."""
+    import comfy.supported_models
+
+    from ultragen.patch import Guidance, PatchOptions, UltraGenFluxPatch, load_guidance_lora
+    from ultragen.training.dataset import CachedDataset, build_cache, scan_folder
+    from ultragen.training.trainer import GuidanceLoRATrainer
+
+    from comfy_flux import denoise, flux_vae
+    from random_models import tiny_flux2
+
+    if not hasattr(comfy.supported_models, "Flux2"):
+        return  # no FLUX.2 in this ComfyUI (0.3.64)
+    vae = flux_vae(seed=1, flux2=True)
+    folder = write_images(tmp_path / "data")
+    size = 128  # 8 x 8 tokens at 16 px each, guidance 2 x 2 (as the FLUX.1 runs here)
+
+    def text_only(caption):
+        return encode_text(caption)[0], None
+
+    files = build_cache(scan_folder(folder), folder / ".cache", size, RATIO, vae.encode, text_only)
+    data = CachedDataset(files, seed=0)
+    ex = data.example(0)
+    assert ex.latent.shape == (1, 128, 8, 8) and ex.guidance.shape == (1, 128, 2, 2) and ex.pooled.numel() == 0
+    t = GuidanceLoRATrainer(tiny_flux2(), data, tmp_path / "out", settings(size=size, steps=40, targets="all", learning_rate=3e-2),
+                            device=torch.device("cpu"))  # fmt: skip
+    before = t.validation_loss(4)
+    t.train()
+    assert t.validation_loss(4) < 0.97 * before
+    lora = load_guidance_lora(t.save())
+    x = torch.randn(ex.latent.shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        trained_v = t.velocity(x, torch.tensor([0.6]), ex, t._run(ex, noise_seed=77)).float()
+    patch = UltraGenFluxPatch(PatchOptions(window=WINDOW, constant_shift=False), Guidance(ex.guidance, size, size),
+                              lora=lora)  # fmt: skip
+    den = denoise(patch.apply(tiny_flux2()), x, 0.6, ex.context, None, options=patch.run_options(seed=77))
+    assert torch.allclose((x - den) / 0.6, trained_v, atol=2e-4)

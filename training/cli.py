@@ -41,12 +41,17 @@ def parser() -> argparse.ArgumentParser:
         "OUTPUT_DIR/guidance_lora.safetensors: copy it to ComfyUI/models/loras and pick it in UltraGen Attention "
         "Patch.",
     )
-    p.add_argument("--checkpoint", required=True, type=Path, help="FLUX.1 diffusion model (ComfyUI .safetensors)")
+    p.add_argument("--checkpoint", required=True, type=Path,
+                   help="FLUX.1 or FLUX.2 diffusion model (ComfyUI .safetensors)")  # fmt: skip
     p.add_argument("--data", required=True, type=Path, help="folder of ~1K+ px images with .txt captions")
     p.add_argument("--output-dir", required=True, type=Path, help="where the LoRA, checkpoints and samples go")
-    p.add_argument("--vae", type=Path, help="FLUX's ae.safetensors (to encode images and decode samples)")
-    p.add_argument("--clip-l", type=Path, help="clip_l.safetensors (captions; not needed with precomputed embeddings)")
-    p.add_argument("--t5", type=Path, help="t5xxl_fp16.safetensors (captions)")
+    p.add_argument("--vae", type=Path, help="the model's VAE: FLUX.1's ae.safetensors or flux2-vae.safetensors "
+                   "(to encode images and decode samples)")  # fmt: skip
+    p.add_argument("--clip-l", type=Path, help="FLUX.1: clip_l.safetensors (captions; not needed with precomputed "
+                   "embeddings)")  # fmt: skip
+    p.add_argument("--t5", type=Path, help="FLUX.1: t5xxl_fp16.safetensors (captions)")
+    p.add_argument("--text-encoder", type=Path, help="FLUX.2: its text encoder (klein 4B: qwen_3_4b.safetensors, "
+                   "klein 9B: qwen_3_8b, dev: Mistral 3 Small)")  # fmt: skip
     p.add_argument("--comfyui", type=Path, help="ComfyUI folder (default: $COMFYUI_PATH, or the one this pack is in)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --output-dir")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
@@ -140,10 +145,15 @@ def main(argv: list[str] | None = None) -> int:
             "ultragen-train: ComfyUI not found; pass --comfyui /path/to/ComfyUI, set COMFYUI_PATH, or run the pack "
             "from ComfyUI/custom_nodes/"
         )
-    for path, what in ((args.checkpoint, "checkpoint"), (args.vae, "VAE"), (args.clip_l, "CLIP-L"), (args.t5, "T5")):
+    for path, what in ((args.checkpoint, "checkpoint"), (args.vae, "VAE"), (args.clip_l, "CLIP-L"), (args.t5, "T5"),
+                       (args.text_encoder, "text encoder")):  # fmt: skip
         _need_file(path, what)
     if bool(args.clip_l) != bool(args.t5):
         raise SystemExit("ultragen-train: captions need both text encoders: pass --clip-l and --t5 together")
+    if args.text_encoder and args.clip_l:
+        raise SystemExit(
+            "ultragen-train: --text-encoder is FLUX.2's, --clip-l / --t5 are FLUX.1's: pass the ones of your model"
+        )
     try:  # before anything imports comfy: ComfyUI reads its arguments (--cpu) once, at its first import
         import_comfyui(comfy_path, cpu=args.cpu or not torch.cuda.is_available(), also=("comfy.sd",))
     except ComfyUINotUsable as exc:
@@ -184,6 +194,14 @@ def main(argv: list[str] | None = None) -> int:
             def encode_text(caption: str):
                 context, pooled = clip.encode_from_tokens(clip.tokenize(caption), return_pooled=True)
                 return context[0], pooled[0]
+        elif args.text_encoder:
+            clip = _load(
+                "text encoder", [args.text_encoder], "pass FLUX.2's text encoder (e.g. qwen_3_4b.safetensors)",
+                lambda: comfy.sd.load_clip(ckpt_paths=[str(args.text_encoder)], clip_type=comfy.sd.CLIPType.FLUX2),
+            )  # fmt: skip
+
+            def encode_text(caption: str):  # FLUX.2: no pooled vector
+                return clip.encode_from_tokens(clip.tokenize(caption))[0], None
 
         files = build_cache(
             items, args.data / CACHE_DIR, settings.size, settings.ratio,

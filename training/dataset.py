@@ -6,7 +6,7 @@ keeps them out of memory while FLUX trains, and a resumed or repeated run skips 
 
 Folder layout: ``name.png`` (or .jpg/.jpeg/.webp) with either ``name.txt`` (its caption)
 or ``name.safetensors`` (precomputed text embeddings: ``context`` (L, 4096) and
-``pooled`` (768,), as FLUX's T5 and CLIP-L give them). The cache holds, per image,
+``pooled`` (768,), as FLUX's T5 and CLIP-L give them; FLUX.2 has no pooled vector: empty). The cache holds, per image,
 ``latent`` (the size x size crop, VAE latent space as VAEEncode gives it), ``guidance``
 (the same crop at size / ratio), ``context`` and ``pooled``.
 """
@@ -82,15 +82,18 @@ def load_crops(path: Path, size: int, ratio: int) -> tuple[torch.Tensor, torch.T
 def _embeddings(item: Item, encode_text: EncodeText | None) -> tuple[torch.Tensor, torch.Tensor]:
     if item.embeddings is not None:
         saved = load_file(str(item.embeddings))
-        if "context" not in saved or "pooled" not in saved:
-            raise DatasetError(f"{item.embeddings.name} must hold 'context' (L, 4096) and 'pooled' (768,) tensors")
-        return saved["context"], saved["pooled"]
+        if "context" not in saved:
+            raise DatasetError(
+                f"{item.embeddings.name} must hold 'context' (L, D) and, for FLUX.1, 'pooled' (768,) tensors"
+            )
+        return saved["context"], saved.get("pooled", torch.zeros(0))
     if encode_text is None:
         raise DatasetError(
-            f"{item.image.name} has a caption but no text encoders were given: pass --clip-l and --t5 "
-            "(or put precomputed embeddings beside each image)"
+            f"{item.image.name} has a caption but no text encoders were given: pass --clip-l and --t5 (FLUX.1) or "
+            "--text-encoder (FLUX.2), or put precomputed embeddings beside each image"
         )
-    return encode_text(item.caption)
+    context, pooled = encode_text(item.caption)
+    return context, torch.zeros(0) if pooled is None else pooled  # FLUX.2: no pooled vector
 
 
 def build_cache(
@@ -111,7 +114,7 @@ def build_cache(
         if not f.is_file() or f.stat().st_mtime < item.image.stat().st_mtime:
             todo.append((item, f))
     if todo and encode_image is None:
-        raise DatasetError(f"{len(todo)} image(s) are not encoded yet: pass --vae (FLUX's ae.safetensors)")
+        raise DatasetError(f"{len(todo)} image(s) are not encoded yet: pass --vae (the model's VAE file)")
     for item, f in progress(todo):
         high, low = load_crops(item.image, size, ratio)
         context, pooled = _embeddings(item, encode_text)

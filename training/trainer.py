@@ -33,6 +33,7 @@ from torch.utils.checkpoint import checkpoint
 from ..core.flow_matching import flow_matching_loss, noised_latent, training_sigmas
 from ..patch import Guidance, PatchOptions, UltraGenFluxPatch
 from ..patch.call_state import embedding_guidance
+from ..patch.flux_family import shift_mu_for
 from ..patch.sampling import constant_shift_sigmas
 from .dataset import CachedDataset, Example
 from .row_lora import GuidanceRows, inject_guidance_lora, load_lora_tensors, lora_tensors
@@ -130,7 +131,7 @@ class GuidanceLoRATrainer:
             x.to(self.device, dtype),
             sigma.to(self.device, torch.float32),
             context=example.context.to(self.device, dtype),
-            y=example.pooled.to(self.device, dtype),
+            y=example.pooled.to(self.device, dtype) if example.pooled.numel() else None,  # FLUX.2: none
             guidance=torch.full((batch,), self.settings.flux_guidance, device=self.device, dtype=dtype),
             transformer_options={**self._options, **run},
         )
@@ -233,7 +234,7 @@ class GuidanceLoRATrainer:
         s = self.settings
         example = self.dataset.example(index)
         run = self._run(example, noise_seed=s.seed)
-        sigmas = constant_shift_sigmas(s.sample_steps, s.mu)
+        sigmas = constant_shift_sigmas(s.sample_steps, shift_mu_for(example.latent.shape[1], s.mu))
         x = torch.randn(example.latent.shape, generator=_seeded(s.seed, -1)).to(self.device)
         for a, b in zip(sigmas[:-1], sigmas[1:], strict=True):
             v = self.velocity(x, torch.full((x.shape[0],), float(a)), example, run).float()
