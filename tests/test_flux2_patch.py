@@ -265,3 +265,16 @@ def test_dense_windows_equal_unpatched_flux2_with_flux_kv_cache(flux2):
         assert (sample(ours) - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
     with pytest.raises(UltraGenPatchError, match="Flux KV Cache drops the reference images"):
         sample(kv(patched(flux2, guidance=guidance2(3, 4, (12, 16)), window=4)))
+
+
+def test_a_flux1_guidance_lora_on_flux2_is_refused(flux2):
+    """A LoRA trained on FLUX.1 (img_in takes 2x2 patches of 16 channels: 64 inputs) does not fit FLUX.2's layers."""
+    from ultragen.core.guidance_lora import GuidanceLoRAError, parse_guidance_lora
+
+    if flux2 is None:
+        return
+    g = torch.Generator().manual_seed(9)
+    lora = parse_guidance_lora({"img_in.lora_A.weight": torch.randn(4, 64, generator=g),
+                                "img_in.lora_B.weight": torch.randn(96, 4, generator=g)})  # fmt: skip
+    with pytest.raises(GuidanceLoRAError, match=r"layer .img_in. takes 128 inputs .* \(is it for another model\?\)"):
+        patched(flux2, guidance=guidance2(2, 2, (8, 8)), lora=lora)
