@@ -20,8 +20,13 @@ class RowMajor:
     def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device | str = "cpu"):
         b, c, h, w = shape
         device = torch.device(device)
-        pin = device.type == "cpu" and torch.cuda.is_available()
-        self.data = torch.empty(h, b, c, w, dtype=dtype, device=device, pin_memory=pin)
+        if device.type == "cpu" and torch.cuda.is_available():
+            try:
+                self.data = torch.empty(h, b, c, w, dtype=dtype, device=device, pin_memory=True)
+                return
+            except RuntimeError:  # the system would not pin that much: pageable memory, slower copies
+                pass
+        self.data = torch.empty(h, b, c, w, dtype=dtype, device=device)
 
     @property
     def shape(self) -> torch.Size:
