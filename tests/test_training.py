@@ -246,8 +246,8 @@ def test_flux2_trains_and_its_lora_is_what_the_patch_applies(tmp_path, comfyui):
     data = CachedDataset(files, seed=0)
     ex = data.example(0)
     assert ex.latent.shape == (1, 128, 8, 8) and ex.guidance.shape == (1, 128, 2, 2) and ex.pooled.numel() == 0
-    t = GuidanceLoRATrainer(tiny_flux2(), data, tmp_path / "out", settings(size=size, steps=40, targets="all", learning_rate=3e-2),
-                            device=torch.device("cpu"))  # fmt: skip
+    run = settings(size=size, steps=40, targets="all", learning_rate=3e-2)
+    t = GuidanceLoRATrainer(tiny_flux2(), data, tmp_path / "out", run, device=torch.device("cpu"))
     before = t.validation_loss(4)
     t.train()
     assert t.validation_loss(4) < 0.97 * before
