@@ -30,6 +30,8 @@ from .row_major import RowMajor, empty_like_rows, prefetched, write_rows
 DEFAULT_BAND_ELEMENTS = 1 << 26  # ~128 MB of bf16 per temporary
 
 Pre = Callable[[torch.Tensor], torch.Tensor]
+# Where a layer's full output is kept: (shape, dtype) -> a tensor or host rows (default: as its input is kept).
+Alloc = Callable[[tuple, torch.dtype], "torch.Tensor | RowMajor"]
 
 
 def band_rows(x: torch.Tensor | RowMajor, channels: int | None = None,
@@ -101,6 +103,10 @@ def _prepare(x: torch.Tensor | RowMajor, conv: torch.nn.Conv2d, compute: torch.d
     return compute, conv.weight.to(compute, x.dtype), bias
 
 
+def _output(x, shape: tuple, alloc: Alloc | None):
+    return alloc(shape, x.dtype) if alloc is not None else empty_like_rows(x, *shape)
+
+
 def _emit(out, r0: int, result: torch.Tensor, sums: ChannelSums | None) -> None:
     if sums is not None:
         sums.add(result)
@@ -110,7 +116,7 @@ def _emit(out, r0: int, result: torch.Tensor, sums: ChannelSums | None) -> None:
 def conv3x3(
     x: torch.Tensor | RowMajor, conv: torch.nn.Conv2d, pre: Pre | None = None, out=None,
     add: torch.Tensor | RowMajor | None = None, band_elements: int = DEFAULT_BAND_ELEMENTS,
-    compute: torch.device | None = None, sums: ChannelSums | None = None,
+    compute: torch.device | None = None, sums: ChannelSums | None = None, alloc: Alloc | None = None,
 ) -> torch.Tensor | RowMajor:  # fmt: skip
     """``conv(pre(x)) (+ add)`` for a 3x3, stride-1, padding-1 convolution, band by band.
 
@@ -119,7 +125,7 @@ def conv3x3(
     compute, weight, bias = _prepare(x, conv, compute)
     b, _, h, w = x.shape
     if out is None:
-        out = empty_like_rows(x, b, weight.shape[0], h, w)
+        out = _output(x, (b, weight.shape[0], h, w), alloc)
     step = band_rows(x, max(x.shape[1], weight.shape[0]), band_elements)
     starts = range(0, h, step)
     reads = [[(x, max(0, r0 - 1), min(h, r0 + step + 1))] + ([(add, r0, min(h, r0 + step))] if add is not None else [])
@@ -138,11 +144,12 @@ def conv3x3(
 
 
 def conv1x1(x: torch.Tensor | RowMajor, conv: torch.nn.Conv2d, band_elements: int = DEFAULT_BAND_ELEMENTS,
-            compute: torch.device | None = None, sums: ChannelSums | None = None):  # fmt: skip
+            compute: torch.device | None = None, sums: ChannelSums | None = None,
+            alloc: Alloc | None = None):  # fmt: skip
     """A pointwise convolution, band by band."""
     compute, weight, bias = _prepare(x, conv, compute)
     h = x.shape[2]
-    out = empty_like_rows(x, x.shape[0], weight.shape[0], h, x.shape[3])
+    out = _output(x, (x.shape[0], weight.shape[0], h, x.shape[3]), alloc)
     step = band_rows(x, max(x.shape[1], weight.shape[0]), band_elements)
     starts = range(0, h, step)
     for r0, (band,) in zip(starts, prefetched([[(x, r0, min(h, r0 + step))] for r0 in starts], compute), strict=True):
@@ -152,14 +159,13 @@ def conv1x1(x: torch.Tensor | RowMajor, conv: torch.nn.Conv2d, band_elements: in
 
 def upsample2_conv3x3(
     x: torch.Tensor | RowMajor, conv: torch.nn.Conv2d, band_elements: int = DEFAULT_BAND_ELEMENTS,
-    compute: torch.device | None = None, sums: ChannelSums | None = None, rows: bool = False,
+    compute: torch.device | None = None, sums: ChannelSums | None = None, alloc: Alloc | None = None,
 ) -> torch.Tensor | RowMajor:  # fmt: skip
     """``conv(nearest_upsample_x2(x))`` band by band, never holding the upsampled image whole (each band
-    recomputes its rows of the upsample). ``rows``: keep the output in host memory, row-major (else as x is kept)."""
+    recomputes its rows of the upsample)."""
     compute, weight, bias = _prepare(x, conv, compute)
     b, _, h, w = x.shape
-    shape = (b, weight.shape[0], 2 * h, 2 * w)
-    out = RowMajor(shape, x.dtype) if rows else empty_like_rows(x, *shape)
+    out = _output(x, (b, weight.shape[0], 2 * h, 2 * w), alloc)
     big = 2 * h
     step = band_rows(out, max(x.shape[1], weight.shape[0]), band_elements)
     starts = range(0, big, step)
@@ -176,13 +182,13 @@ def upsample2_conv3x3(
 
 def pad_conv3x3_stride2(
     x: torch.Tensor | RowMajor, conv: torch.nn.Conv2d, band_elements: int = DEFAULT_BAND_ELEMENTS,
-    compute: torch.device | None = None, sums: ChannelSums | None = None,
+    compute: torch.device | None = None, sums: ChannelSums | None = None, alloc: Alloc | None = None,
 ) -> torch.Tensor | RowMajor:  # fmt: skip
     """``conv(pad(x, right 1, bottom 1))`` with stride 2 and no padding (the VAE's Downsample), band by band."""
     compute, weight, bias = _prepare(x, conv, compute)
     b, _, h, w = x.shape
     out_h, out_w = (h + 1 - 3) // 2 + 1, (w + 1 - 3) // 2 + 1
-    out = empty_like_rows(x, b, weight.shape[0], out_h, out_w)
+    out = _output(x, (b, weight.shape[0], out_h, out_w), alloc)
     step = max(1, band_rows(x, max(x.shape[1], weight.shape[0]), band_elements) // 2)
     starts = range(0, out_h, step)
     spans = [(2 * o0, 2 * (min(out_h, o0 + step) - 1) + 3) for o0 in starts]  # input rows; the last may be padding

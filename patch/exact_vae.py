@@ -6,9 +6,10 @@ This runs ComfyUI's own encoder/decoder modules layer by layer, every convolutio
 group norm through :mod:`core.split_ops` (row bands with halos, whole-image statistics),
 so the result is a full decode's, with temporaries bounded by the band size (itself
 bounded by the free memory). Full activations stay on the GPU while about three of the
-largest fit; else they live in host memory, row-major (``core.row_major``), and stream
-through the GPU a band at a time, the next band's copy overlapping the current band's
-work; group norms take the sums their producer accumulated, so no layer is read twice.
+largest fit; else each stays there while it fits beside a band's temporaries and the rest
+live in host memory, row-major (``core.row_major``), streamed through the GPU a band at a
+time, the next band's copy overlapping the current band's work (``offload="always"``: all
+in host memory). Group norms take the sums their producer accumulated: no layer is read twice.
 
 Layers whose activation is small (the 1/8-resolution middle, with its attention) run as
 they are; everything else is split.
@@ -16,6 +17,7 @@ they are; everything else is split.
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import comfy.model_management
@@ -41,20 +43,33 @@ class ExactVAEError(UltraGenError, ValueError):
 class _Runner:
     """Runs one encoder or decoder, layer by layer, with a progress bar and cancel checks.
 
-    Bands are computed on ``compute``. Full activations live there too, or (``rows``) in host memory, row-major,
-    streamed through ``compute`` a band at a time; small ones always stay on ``compute``. Each split layer
-    returns its output with its per-channel sums (``ChannelSums``), which the group norm after it uses instead
-    of reading the activation once more.
+    Bands are computed on ``compute``. Where full activations live (``placement``): ``"compute"``; ``"host"``:
+    in host memory, row-major, streamed through ``compute`` a band at a time; ``"spill"``: each on ``compute``
+    while it fits beside a band's temporaries, else in host memory. Small ones always stay on ``compute``. Each
+    split layer returns its output with its per-channel sums (``ChannelSums``), which the group norm after it
+    uses instead of reading the activation once more.
     """
 
     def __init__(self, net: torch.nn.Module, band_elements: int, direct_elements: int, steps: int,
-                 compute: torch.device, rows: bool, progress: bool = True):  # fmt: skip
+                 compute: torch.device, placement: str, progress: bool = True):  # fmt: skip
         self.net = net
         self.band = band_elements
         self.direct = direct_elements
-        self.compute, self.rows = compute, rows
+        self.compute, self.placement = compute, placement
+        self.rows = placement != "compute"
         self.progress = comfy.utils.ProgressBar(steps) if progress else None
         self.split = dict(band_elements=band_elements, compute=compute)
+        if self.rows:
+            self.split["alloc"] = self.alloc
+
+    def alloc(self, shape: tuple, dtype: torch.dtype):
+        """A full activation: host rows, or (``spill``) on the compute device while it leaves room for a band."""
+        if self.placement == "spill":
+            need = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+            headroom = self.band * BYTES_PER_BAND_ELEMENT + (1 << 30)
+            if need + headroom < comfy.model_management.get_free_memory(self.compute):
+                return torch.empty(shape, dtype=dtype, device=self.compute)
+        return RowMajor(shape, dtype)
 
     def _tick(self) -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -71,8 +86,9 @@ class _Runner:
         return x.to(self.compute)
 
     def stored(self, x: torch.Tensor):
-        """Where a large activation made whole (the encoder's input) is kept."""
-        return RowMajor.of(x) if self.rows and not self.small(x) else x
+        """Where a large activation made whole (the encoder's input) is kept: host rows only when asked (``host``);
+        when spilling it stays where the caller made it, on the compute device."""
+        return RowMajor.of(x) if self.placement == "host" and not self.small(x) else x
 
     def whole(self, module, x) -> torch.Tensor:
         """Run ``module`` on the whole (small) activation."""
@@ -137,12 +153,11 @@ class _Runner:
 
     def resample(self, module, split_fn, x):
         """The up- or downsampling of a level; split when it has a convolution and x (or, upsampling, its
-        output) is large. Upsampling a small activation into a large one starts host storage (``rows``)."""
+        output) is large."""
         grows = split_fn is split_ops.upsample2_conv3x3
         if module.with_conv and not (self.small(x) and (not grows or 4 * x.numel() <= self.direct)):
             sums = split_ops.ChannelSums()
-            extra = {"rows": True} if grows and self.rows and not isinstance(x, RowMajor) else {}
-            return split_fn(x, self.taken(module.conv, x), sums=sums, **extra, **self.split), sums
+            return split_fn(x, self.taken(module.conv, x), sums=sums, **self.split), sums
         return self.whole(module, x), None
 
 
@@ -163,19 +178,20 @@ def _check(net: torch.nn.Module, kind: type) -> None:
         )
 
 
-def _keeps_rows(compute: torch.device, offload: str, largest_elements: int, dtype: torch.dtype) -> bool:
-    """Whether full activations go to host memory (row-major): when about three of the largest would not fit
-    in 90% of the compute device's free memory (``auto``), or always / never as asked. A CPU computes in place."""
+def _placement(compute: torch.device, offload: str, largest_elements: int, dtype: torch.dtype) -> str:
+    """Where full activations go (see ``_Runner``): ``compute`` while about three of the largest fit in 90% of its
+    free memory, else ``spill`` (each on the compute device while it fits, the rest in host memory) for ``auto``;
+    ``host`` for ``always``, ``compute`` for ``never``. A CPU computes in place unless asked."""
     if offload not in OFFLOAD:
         raise ExactVAEError(f"offload must be one of {OFFLOAD}, got {offload!r}")
     if offload == "never":
-        return False
+        return "compute"
     if offload == "always":
-        return True
+        return "host"
     if compute.type == "cpu":
-        return False
+        return "compute"
     need = 3 * largest_elements * torch.tensor([], dtype=dtype).element_size()
-    return need >= 0.9 * comfy.model_management.get_free_memory(compute)
+    return "spill" if need >= 0.9 * comfy.model_management.get_free_memory(compute) else "compute"
 
 
 BYTES_PER_BAND_ELEMENT = 64  # all of a band's temporaries (float32 norm, padding, output, float64 sums), generously
@@ -202,8 +218,9 @@ def decode_latent(decoder: Decoder, z: torch.Tensor, band_elements: int = split_
         if i != 0:
             area *= 4
             sizes.append(decoder.up[i].block[-1].out_channels * area)  # the upsampled activation
-    rows = _keeps_rows(z.device, offload, max(sizes), z.dtype)
-    run = _Runner(decoder, _band_budget(z.device, band_elements), direct_elements, steps, z.device, rows, progress)
+    placement = _placement(z.device, offload, max(sizes), z.dtype)
+    run = _Runner(decoder, _band_budget(z.device, band_elements), direct_elements, steps, z.device, placement,
+                  progress)  # fmt: skip
     with torch.inference_mode():
         h, sums = run.conv_in(z)
         h, sums = run.stage([decoder.mid.block_1, decoder.mid.attn_1, decoder.mid.block_2], h, sums)
@@ -224,8 +241,8 @@ def encode_pixels(encoder: Encoder, x: torch.Tensor, band_elements: int = split_
     for i in range(encoder.num_resolutions):  # activation sizes, walking the encoder
         sizes.append(max(encoder.down[i].block[0].in_channels, encoder.down[i].block[-1].out_channels) * area)
         area //= 4
-    rows = _keeps_rows(x.device, offload, max(sizes), x.dtype)
-    run = _Runner(encoder, _band_budget(x.device, band_elements), direct_elements, steps, x.device, rows)
+    placement = _placement(x.device, offload, max(sizes), x.dtype)
+    run = _Runner(encoder, _band_budget(x.device, band_elements), direct_elements, steps, x.device, placement)
     with torch.inference_mode():
         h, sums = run.conv_in(x)
         for i in range(encoder.num_resolutions):

@@ -123,18 +123,46 @@ def test_cancel_mid_decode_leaves_no_activation_behind(vae, monkeypatch):
 
 
 def test_where_activations_live_by_hand(monkeypatch):
-    """On the GPU while three of the largest activation fit in 90% of its free memory, else in host memory
-    (row-major); "always" / "never" as asked; a CPU computes in place unless asked."""
+    """On the GPU while three of the largest activation fit in 90% of its free memory, else spilled (each on the GPU
+    while it fits, the rest in host memory); "always" / "never" as asked; a CPU computes in place unless asked."""
     import comfy.model_management
 
-    from ultragen.patch.exact_vae import _keeps_rows
+    from ultragen.patch.exact_vae import _placement
 
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda device=None: 10_000)
-    assert not _keeps_rows(gpu, "auto", 1000, torch.float16)  # 3 x 1000 x 2 = 6,000 bytes < 9,000
-    assert _keeps_rows(gpu, "auto", 1500, torch.float32)  # 18,000 bytes > 9,000
-    assert _keeps_rows(gpu, "always", 1, torch.float16) and not _keeps_rows(gpu, "never", 10**9, torch.float32)
-    assert not _keeps_rows(cpu, "auto", 10**12, torch.float16) and _keeps_rows(cpu, "always", 1, torch.float16)
+    assert _placement(gpu, "auto", 1000, torch.float16) == "compute"  # 3 x 1000 x 2 = 6,000 bytes < 9,000
+    assert _placement(gpu, "auto", 1500, torch.float32) == "spill"  # 18,000 bytes > 9,000
+    assert _placement(gpu, "always", 1, torch.float16) == "host"
+    assert _placement(gpu, "never", 10**9, torch.float32) == "compute"
+    assert _placement(cpu, "auto", 10**12, torch.float16) == "compute"
+    assert _placement(cpu, "always", 1, torch.float16) == "host"
+
+
+def test_spilled_activations_equal_the_full_decode(vae, monkeypatch):
+    """Spilling (the 16K case: some activations on the compute device, the largest in host memory, as free memory
+    allows): the result is ComfyUI's full decode, and both kinds of storage were used."""
+    import comfy.model_management
+
+    import ultragen.patch.exact_vae as exact_vae
+    from ultragen.core.row_major import RowMajor
+
+    kinds = []
+    original = exact_vae._Runner.alloc
+
+    def recording(self, shape, dtype):
+        out = original(self, shape, dtype)
+        kinds.append(isinstance(out, RowMajor))
+        return out
+
+    monkeypatch.setattr(exact_vae, "_placement", lambda *args: "spill")
+    monkeypatch.setattr(exact_vae._Runner, "alloc", recording)
+    room = TINY_BANDS * exact_vae.BYTES_PER_BAND_ELEMENT + (1 << 30) + 1_000_000  # fits activations under ~1 MB
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda device=None, **kw: room)
+    z = torch.randn(1, 16, 6, 8, generator=torch.Generator().manual_seed(7))  # 48 x 64 px: 128-ch ones are 1.5 MB
+    spilled = exact_vae.exact_decode(vae, z, band_elements=TINY_BANDS, direct_elements=0)
+    assert (spilled - vae.decode(z)).abs().max().item() <= 2e-5
+    assert True in kinds and False in kinds, kinds
 
 
 def test_weights_come_through_comfyuis_cast_as_in_its_own_decode(vae, monkeypatch):

@@ -66,7 +66,7 @@ def test_split_ops_on_row_major_storage_and_fused_sums():
     ref = full.reshape(2, 3, -1)
     assert torch.allclose(mean.double(), ref.mean(-1), atol=1e-6)
     assert torch.allclose(rstd.double(), torch.rsqrt(ref.var(-1, unbiased=False) + 1e-6), rtol=1e-5)
-    up = split_ops.upsample2_conv3x3(x, conv, tiny, rows=True)  # a tensor in, host rows out
+    up = split_ops.upsample2_conv3x3(x, conv, tiny, alloc=RowMajor)  # a tensor in, host rows out
     assert isinstance(up, RowMajor)
     assert torch.allclose(up.tensor(), conv(torch.nn.functional.interpolate(x, scale_factor=2.0)), atol=1e-12)
     down = torch.nn.Conv2d(8, 6, 3, stride=2).double()
