@@ -42,6 +42,20 @@ def test_options_set_what_each_workflow_declares():
     out = apply_options(prompt, declared, {"width": 4096, "height": 4096}, [], "scalediff")
     assert [n["target_width"] for n in by_type(out, "UltraGenWarmStartLatent")] == [2048, 4096]
 
+    prompt, declared = load_workflow(API / "flux2_klein_4k_from_1k.api.json")
+    out = apply_options(prompt, declared, {"prompt": "a fox", "seed": 7, "width": 4096, "height": 2048}, [], "klein")
+    assert by_type(out, "CLIPTextEncode")[0]["text"] == "a fox"
+    assert [n["noise_seed"] for n in by_type(out, "RandomNoise")] == [7, 8]  # the 1K base, then the 4K pass
+    for node in by_type(out, "EmptyFlux2LatentImage") + by_type(out, "Flux2Scheduler"):
+        assert (node["width"], node["height"]) == (1024, 512)  # the 1K base and its schedule keep the shape
+    for node in by_type(out, "UltraGenLowResGuidanceEncode") + by_type(out, "UltraGenWarmStartLatent"):
+        assert (node["target_width"], node["target_height"]) == (4096, 2048)
+
+    prompt, declared = load_workflow(API / "flux2_klein_8k_recursive.api.json")
+    out = apply_options(prompt, declared, {"seed": 100, "width": 8192, "height": 8192}, [], "klein 8k")
+    assert [n["seed"] for n in by_type(out, "UltraGenRecursiveUpscale")] == [101, 102, 103]
+    assert by_type(out, "EmptyFlux2LatentImage")[0]["width"] == 1024
+
 
 def test_options_a_workflow_does_not_declare_are_refused(tmp_path):
     plain = tmp_path / "mine.api.json"
