@@ -50,7 +50,9 @@ from .layer_weights import TakenLinear
 log = logging.getLogger("UltraGen")
 MAX_CHUNK_TOKENS = 16384  # big enough that the GEMMs run at full speed; ~1.5 GiB of temporaries at FLUX.1's width
 MIN_CHUNK_TOKENS = 256
-MIN_SLICES = 12  # a slice's temporaries stay near 1.3U at any size (at 4096^2 a 16384-token slice alone was 3.7U)
+# A slice's temporaries stay near 1U at any size (at 4096^2 a 16384-token slice alone was 3.7U; a twelfth, 1.3U, left
+# fp8 at 4096^2 near 6U with the cast weights, which are 0.55U of it at that size).
+MIN_SLICES = 16
 # ...but not below this many tokens unless memory is short: a slice launches ~15 kernels per block, and at 2048^2
 # twelve slices would add ~10,000 launches to a 0.6-s step.
 EFFICIENT_CHUNK_TOKENS = 4096
@@ -60,7 +62,7 @@ SLICE_WIDTHS = 16
 
 
 def chunk_tokens(length: int, batch: int, hidden: int, element_size: int, free_bytes: int | None) -> int:
-    """Tokens per slice of a ``length``-token sequence: a twelfth of it, within :data:`EFFICIENT_CHUNK_TOKENS` ..
+    """Tokens per slice of a ``length``-token sequence: a sixteenth of it, within :data:`EFFICIENT_CHUNK_TOKENS` ..
     :data:`MAX_CHUNK_TOKENS`, fewer when a slice's temporaries would take more than half of ``free_bytes`` (None:
     no limit); a multiple of 256 (GEMM tiles) unless the sequence is shorter."""
     tokens = min(MAX_CHUNK_TOKENS, max(EFFICIENT_CHUNK_TOKENS, -(-length // MIN_SLICES // 256) * 256))

@@ -205,10 +205,10 @@ def test_slice_size_by_hand():
     from ultragen.patch.chunked_blocks import MIN_CHUNK_TOKENS, SLICE_WIDTHS, chunk_tokens
 
     eight_k, four_k = 278528 + 512, 65536 + 512 + 4096  # image + text + guidance tokens (4096^2: 4096 guidance)
-    assert chunk_tokens(eight_k, 1, 3072, 2, None) == 16384  # a twelfth (23,254) capped at 16,384
-    assert chunk_tokens(four_k, 1, 3072, 2, None) == 5888  # 70,144 / 12 = 5,846, up to 23 x 256
+    assert chunk_tokens(eight_k, 1, 3072, 2, None) == 16384  # a sixteenth (17,440) capped at 16,384
+    assert chunk_tokens(four_k, 1, 3072, 2, None) == 4608  # 70,144 / 16 = 4,384, up to 18 x 256
     assert chunk_tokens(100, 1, 3072, 2, None) == 100  # a short sequence is one slice
-    assert chunk_tokens(16384 + 512 + 1024, 1, 3072, 2, None) == 4096  # 2048^2: 1,494 a twelfth, 4,096 at least
+    assert chunk_tokens(16384 + 512 + 1024, 1, 3072, 2, None) == 4096  # 2048^2: 1,120 a sixteenth, 4,096 at least
     per_token = SLICE_WIDTHS * 3072 * 2  # 98,304 bytes: 16 hidden widths in bf16
     assert chunk_tokens(eight_k, 1, 3072, 2, 2 * 16384 * per_token) == 16384  # half the free memory holds it
     assert chunk_tokens(eight_k, 1, 3072, 2, 2 * 5000 * per_token) == 4864  # 5000 tokens fit: 19 x 256

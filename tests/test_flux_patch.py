@@ -201,10 +201,10 @@ def test_memory_estimate_is_windowed_during_prepare_sampling(flux):
     original = flux.model.memory_required(shape)
     assert pe.WrapperExecutor.new_executor(prepare, wrappers).execute(model, shape, {}, model_options={}) == "prepared"
     # By hand: U = 2 x (256 x 256 image + 512 text + 32 x 32 guidance) tokens x 96 units x 4 bytes (float32);
-    # 7 U, one slice (67,072 / 12 = 5,590 tokens, up to 5,632 = 22 x 256) x 16 widths for the batch of 2,
+    # 7 U, one slice (67,072 / 16 = 4,192 tokens, up to 4,352 = 17 x 256) x 16 widths for the batch of 2,
     # and 512 MiB for cast weights.
     u = 2 * (65536 + 512 + 1024) * 96 * 4
-    assert seen["estimate"] == 7 * u + 16 * 2 * 5632 * 96 * 4 + 512 * 2**20
+    assert seen["estimate"] == 7 * u + 16 * 2 * 4352 * 96 * 4 + 512 * 2**20
     assert seen["estimate"] < original
     assert "memory_required" not in flux.model.__dict__  # restored after the call
 
