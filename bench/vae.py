@@ -40,7 +40,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[4096, 8192])
     ap.add_argument("--full-max", type=int, default=4096, help="largest size to also run the full-image path")
     ap.add_argument("--skip-offload", action="store_true", help="do not time offloaded mode (slow at 8192^2)")
-    ap.add_argument("--cards", type=float, nargs="+", help="emulated card sizes, GiB (then only these cells)")
+    ap.add_argument("--cards", type=float, nargs="+", help="emulated card sizes, GiB (then only these cells; 0: the "
+                    "whole GPU, e.g. for 16384^2)")  # fmt: skip
     ap.add_argument("--out", help="JSON path (default: bench/results/vae.json)")
     args = ap.parse_args(argv)
     comfyui_on_gpu("vae.py")
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def on_cards(args) -> None:
     """Exact (auto) vs tiled decode and encode on emulated cards; a cell that runs out of memory says where."""
+    import resource
     import traceback
 
     from vram_cards import Card
@@ -145,7 +147,7 @@ def on_cards(args) -> None:
     card = Card(dynamic=False)
     rows = []
     result = {**run_info(), "vae_dtype": str(vae.vae_dtype), "rows": rows}
-    for gib in args.cards:
+    for gib in (None if g == 0 else g for g in args.cards):
         for pixels in args.sizes:
             z = torch.randn(1, 16, pixels // 8, pixels // 8, generator=torch.Generator().manual_seed(pixels))
             image = torch.rand(1, pixels, pixels, 3, generator=torch.Generator().manual_seed(pixels + 1))
@@ -163,7 +165,9 @@ def on_cards(args) -> None:
                 except torch.OutOfMemoryError as exc:
                     frame = traceback.extract_tb(exc.__traceback__)[-1]
                     row[f"{name}_oom"] = f"{frame.filename.split('/')[-1]}:{frame.lineno}"
-                print(f"{gib} GB {pixels}² {name}: {row.get(f'{name}_s', 'OOM')}", flush=True)
+                # the process's peak resident host memory so far (streamed activations live there)
+                row[f"{name}_host_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                print(f"{gib or 'whole'} GB {pixels}² {name}: {row.get(f'{name}_s', 'OOM')}", flush=True)
             for d in ("decode", "encode"):
                 if f"exact_{d}_s" in row and f"tiled_{d}_s" in row:
                     row[f"{d}_exact_over_tiled"] = row[f"exact_{d}_s"] / row[f"tiled_{d}_s"]
@@ -178,7 +182,8 @@ def on_cards(args) -> None:
             return f"{r[k + '_s']:.1f} s, {r[k + '_gib']:.1f} GiB" if k + "_s" in r else "OOM"
 
         ratio = [f"{r[k]:.2f}x" if k in r else "-" for k in ("decode_exact_over_tiled", "encode_exact_over_tiled")]
-        print(f"| {r['card_gib']} GB | {r['pixels']}² | {c('exact_decode')} | {c('tiled_decode')} | {ratio[0]} "
+        card = "whole GPU" if r["card_gib"] is None else f"{r['card_gib']} GB"
+        print(f"| {card} | {r['pixels']}² | {c('exact_decode')} | {c('tiled_decode')} | {ratio[0]} "
               f"| {c('exact_encode')} | {c('tiled_encode')} | {ratio[1]} |")  # fmt: skip
 
 
