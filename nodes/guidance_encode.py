@@ -58,13 +58,15 @@ class UltraGenLowResGuidanceEncode(io.ComfyNode):
             if vae is None:
                 raise UltraGenPatchError("Low-Res Guidance Encode: an image needs the VAE connected to encode it")
             samples = vae.encode(image[:, :, :, :3])
+            px = int(vae.spacial_compression_encode())
         else:
             samples = latent["samples"]
+            px = None
         if samples.dim() != 4:
             raise UltraGenPatchError(
                 f"Low-Res Guidance Encode: expected an image latent (B, C, H, W), got {tuple(samples.shape)}"
             )
-        px = pixels_per_latent(samples.shape[1])
+        px = px or pixels_per_latent(samples.shape[1])
         if px is None:
             raise UltraGenPatchError(f"Low-Res Guidance Encode: {not_a_flux_latent(samples.shape[1])}")
         width, height = samples.shape[-1] * px, samples.shape[-2] * px
@@ -80,4 +82,4 @@ class UltraGenLowResGuidanceEncode(io.ComfyNode):
                 f"{target_height} px) differ in shape, so the guidance would be stretched; make the low-res image "
                 "the target's aspect ratio (or set the target to a multiple of the low-res size)"
             )
-        return io.NodeOutput(Guidance(samples.detach().cpu().float(), target_width, target_height))
+        return io.NodeOutput(Guidance(samples.detach().cpu().float(), target_width, target_height, px))

@@ -28,26 +28,23 @@ MAX_TEXT_TOKENS = 512
 
 @dataclass(frozen=True)
 class FluxGeometry:
-    """How a supported FLUX model maps pixels to tokens and tokens to RoPE positions."""
+    """How a supported FLUX model maps latent cells to tokens and tokens to RoPE positions (pixels per latent cell
+    come from the model's latent format or the VAE: see :func:`pixels_per_latent`)."""
 
     family: str  # "FLUX.1" or "FLUX.2"
     axes: int  # RoPE axes of a position id: image tokens use 0 (index), 1 (row), 2 (column)
     patch: int  # latent cells per token along a side
-    latent_channels: int
-    pixels_per_latent: int
-
-    @property
-    def pixels_per_token(self) -> int:
-        return self.patch * self.pixels_per_latent
 
 
-FLUX1 = FluxGeometry("FLUX.1", axes=3, patch=2, latent_channels=16, pixels_per_latent=8)
-FLUX2 = FluxGeometry("FLUX.2", axes=4, patch=1, latent_channels=128, pixels_per_latent=16)
+FLUX1 = FluxGeometry("FLUX.1", axes=3, patch=2)
+FLUX2 = FluxGeometry("FLUX.2", axes=4, patch=1)
 
 
-def pixels_per_latent(channels: int) -> int | None:
-    """Pixels per latent cell of a FLUX latent with ``channels`` channels (None: not a FLUX latent)."""
-    return PIXELS_PER_LATENT_OF_CHANNELS.get(channels)
+def pixels_per_latent(channels: int, latent_format=None) -> int | None:
+    """Pixels per latent cell: the latent format's own ratio where ComfyUI has it (0.29), else FLUX's by the
+    latent's ``channels`` (None: not a FLUX latent)."""
+    ratio = getattr(latent_format, "spacial_downscale_ratio", None)
+    return int(ratio) if ratio else PIXELS_PER_LATENT_OF_CHANNELS.get(channels)
 
 
 def shift_mu_for(channels: int, mu: float) -> float:

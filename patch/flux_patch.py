@@ -59,7 +59,7 @@ from ..kernels import sparse_attention
 from ..kernels.rope import apply_rope
 from .call_state import CallState, HandOver, active_call, calling
 from .chunked_blocks import BlockContext, double_block, fallback_reason, install_chunked_blocks, single_block
-from .flux_family import MAX_TEXT_TOKENS, flux_geometry
+from .flux_family import MAX_TEXT_TOKENS, flux_geometry, pixels_per_latent
 from .host import check_host
 from .inplace_gelu import inplace_gelu_patches
 from .options import Guidance, PatchOptions, UltraGenPatchError
@@ -112,6 +112,12 @@ class UltraGenFluxPatch:
                 raise UltraGenPatchError(
                     f"{NODE}: the guidance latent has {self.guidance.latent.shape[1]} channels but this model takes "
                     f"{channels}; encode the guidance with this model's VAE in Low-Res Guidance Encode"
+                )
+            model_px = pixels_per_latent(channels, model.get_model_object("latent_format"))
+            if model_px is not None and self.guidance.pixels_per_latent != model_px:
+                raise UltraGenPatchError(
+                    f"{NODE}: the guidance was encoded at {self.guidance.pixels_per_latent} px a latent cell, this "
+                    f"model works at {model_px}; encode the guidance with this model's VAE in Low-Res Guidance Encode"
                 )
         if self.lora:
             check_fits(self.lora, dm)

@@ -30,6 +30,7 @@ class Guidance:
     latent: torch.Tensor  # (B, C, h, w)
     target_width: int
     target_height: int
+    latent_pixels: int | None = None  # pixels per latent cell, as the VAE that made it says (None: FLUX's by channels)
 
     def grid(self, patch: int = 2) -> tuple[int, int]:
         return -(-self.latent.shape[-2] // patch), -(-self.latent.shape[-1] // patch)
@@ -37,7 +38,7 @@ class Guidance:
     @property
     def pixels_per_latent(self) -> int:
         """Pixels per latent cell: FLUX.1's latent (16 channels) 8, FLUX.2's (128) 16."""
-        px = pixels_per_latent(self.latent.shape[1])
+        px = self.latent_pixels or pixels_per_latent(self.latent.shape[1])
         if px is None:
             raise UltraGenPatchError(f"UltraGen guidance: {not_a_flux_latent(self.latent.shape[1])}")
         return px

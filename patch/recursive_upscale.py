@@ -47,9 +47,10 @@ class StageSettings:
     shift_mu: float = FLUX_MU_1024
     guidance_scope: str = "local"
 
-    def target(self, samples: torch.Tensor) -> tuple[int, int]:
-        """(width, height) in pixels of the next stage, on the 16-pixel grid FLUX works on."""
-        px = pixels_per_latent(samples.shape[1])
+    def target(self, samples: torch.Tensor, px: int | None = None) -> tuple[int, int]:
+        """(width, height) in pixels of the next stage, on the 16-pixel grid FLUX works on (``px``: pixels per
+        latent cell, the model's; default FLUX's by the latent's channels)."""
+        px = px or pixels_per_latent(samples.shape[1])
         w, h = samples.shape[-1] * px, samples.shape[-2] * px
         return max(16, round(w * self.scale / 16) * 16), max(16, round(h * self.scale / 16) * 16)
 
@@ -68,8 +69,9 @@ def run_stage(
     progress: comfy.utils.ProgressBar, done: int, total: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """One stage: ``samples`` (VAE latent space) -> (latent, image) at ``settings.scale`` times the size."""
-    width, height = settings.target(samples)
-    guidance = Guidance(samples.detach().cpu().float(), width, height)
+    px = pixels_per_latent(samples.shape[1], model.get_model_object("latent_format"))
+    width, height = settings.target(samples, px)
+    guidance = Guidance(samples.detach().cpu().float(), width, height, px)
     shift_mu = shift_mu_for(samples.shape[1], settings.shift_mu)
     options = PatchOptions(guidance_scope=settings.guidance_scope, shift_mu=shift_mu)
     patched = UltraGenFluxPatch(options, guidance=guidance).apply(model)
@@ -110,8 +112,9 @@ def recursive_upscale(model, positive, negative, vae, samples: torch.Tensor, sta
     per_stage = len(warm_start_sigmas(settings.steps, settings.skip, 0.0, settings.shift_mu, settings.scheduler)) - 1
     progress = comfy.utils.ProgressBar(stages * per_stage)
     image = None
+    px = pixels_per_latent(samples.shape[1], model.get_model_object("latent_format"))
     for i in range(stages):
-        width, height = settings.target(samples)
+        width, height = settings.target(samples, px)
         try:
             samples, image = run_stage(model, positive, negative, vae, samples, settings, seed + i, progress,
                                        i * per_stage, stages * per_stage)  # fmt: skip

@@ -278,3 +278,24 @@ def test_a_flux1_guidance_lora_on_flux2_is_refused(flux2):
                                 "img_in.lora_B.weight": torch.randn(96, 4, generator=g)})  # fmt: skip
     with pytest.raises(GuidanceLoRAError, match=r"layer .img_in. takes 128 inputs .* \(is it for another model\?\)"):
         patched(flux2, guidance=guidance2(2, 2, (8, 8)), lora=lora)
+
+
+def test_guidance_encode_reads_pixels_per_latent_from_the_vae_and_the_patch_checks_the_models(flux2):
+    """Low-Res Guidance Encode on an image with FLUX.2's VAE: a 128-channel latent at 16 px a cell (the VAE's ratio,
+    not a constant); a guidance claiming another ratio than the model's latent format is refused."""
+    from ultragen.nodes.guidance_encode import UltraGenLowResGuidanceEncode
+    from ultragen.patch import Guidance
+    from ultragen.patch.options import UltraGenPatchError
+
+    from random_models import flux_vae
+
+    if flux2 is None:
+        return
+    image = torch.rand(1, 64, 96, 3, generator=torch.Generator().manual_seed(2))
+    out = UltraGenLowResGuidanceEncode.execute(384, 256, image=image, vae=flux_vae(seed=4, flux2=True))
+    guidance = (out.result if hasattr(out, "result") else out)[0]
+    assert guidance.latent.shape == (1, 128, 4, 6) and guidance.pixels_per_latent == 16 and guidance.ratio() == 4.0
+    patched(flux2, guidance=guidance)  # fits
+    odd = Guidance(guidance.latent, 384, 256, latent_pixels=8)
+    with pytest.raises(UltraGenPatchError, match="encoded at 8 px a latent cell, this model works at 16"):
+        patched(flux2, guidance=odd)
