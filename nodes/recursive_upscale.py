@@ -26,7 +26,7 @@ class UltraGenRecursiveUpscale(io.ComfyNode):
                 "exact low-memory VAE. Chain nodes (one stage each) or set stages; each stage uses seed + its index."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="FLUX.1 (add LoRAs before this node)."),
+                io.Model.Input("model", tooltip="FLUX.1 or FLUX.2 (add LoRAs before this node)."),
                 io.Conditioning.Input("positive", tooltip="The prompt."),
                 io.Conditioning.Input("negative", tooltip="The negative prompt (FLUX dev with cfg 1 ignores it)."),
                 io.Vae.Input("vae", tooltip="The FLUX VAE."),
@@ -51,7 +51,8 @@ class UltraGenRecursiveUpscale(io.ComfyNode):
                 io.Float.Input("sharpen", default=D.sharpen, min=0.0, max=2.0, step=0.05,
                                tooltip="Unsharp mask on each upsampled stage (0 = off)."),
                 io.Float.Input("shift_mu", default=D.shift_mu, min=0.0, max=10.0, step=0.01,
-                               tooltip="Constant FLUX shift at every size."),
+                               tooltip="Constant FLUX shift at every size; the default (FLUX.1's 1.15) means the "
+                               "model's own: FLUX.2 keeps its 2.02."),
                 io.Combo.Input("guidance_scope", options=["global", "local"], default=D.guidance_scope,
                                tooltip="local: each window sees the previous stage around its own area (the "
                                "authors' choice); global: the whole previous stage (steps ~15% longer at 4K, "
