@@ -41,7 +41,6 @@ from results_io import run_info, write_json
 CARDS = (12, 16, 24, 32, 48, 80)
 CONTEXT_GIB = 0.5  # a real card's CUDA context, outside PyTorch's allocator
 TEXT = 512
-MODEL = {"name": "flux1-dev"}  # the architecture of this run (--model): flux_step.MODELS
 DENSE_UP_TO = 4096
 
 
@@ -114,19 +113,16 @@ class Card:
         return (emulated, torch_free) if torch_free_too else emulated
 
 
-def arch():
+def architecture(name: str = "flux1-dev"):
+    """``bench/flux_step.py``'s architecture of that name, with its config's hidden width."""
+    import random_models
     from flux_step import MODELS
 
-    return MODELS[MODEL["name"]]
+    arch = MODELS[name]
+    return arch, getattr(random_models, arch.config)
 
 
-def hidden() -> int:
-    import random_models
-
-    return getattr(random_models, arch().config)["hidden_size"]
-
-
-def build(dtype_name: str):
+def build(dtype_name: str, name: str = "flux1-dev"):
     """The architecture (FLUX.1-dev unless --model) as ComfyUI loads it: weights on the CPU, ~N(0, 0.02) (norm
     scales 1), bf16 or fp8."""
     import comfy.ldm.flux.model
@@ -134,12 +130,11 @@ def build(dtype_name: str):
     import comfy.model_patcher
     import comfy.supported_models
 
-    import random_models
-
-    config = dict(getattr(random_models, arch().config))
+    arch, config = architecture(name)
+    config = dict(config)
     if "txt_ids_dims" in comfy.ldm.flux.model.FluxParams.__dataclass_fields__:
         config.setdefault("txt_ids_dims", [])
-    model_config = getattr(comfy.supported_models, arch().config_class)(config)
+    model_config = getattr(comfy.supported_models, arch.config_class)(config)
     if dtype_name == "fp8":
         model_config.set_inference_dtype(torch.float8_e4m3fn, torch.bfloat16)
     else:
@@ -158,11 +153,11 @@ def build(dtype_name: str):
     return patcher(model, load_device=mm.get_torch_device(), offload_device=torch.device("cpu"))
 
 
-def ultragen(model, pixels: int, whole_blocks: bool = False):
+def ultragen(model, pixels: int, arch, whole_blocks: bool = False):
     from ultragen.patch import Guidance, UltraGenFluxPatch
 
-    side = pixels // arch().pixels_per_latent // 4
-    latent = torch.randn(1, arch().channels, side, side, generator=torch.Generator().manual_seed(1))
+    side = pixels // arch.pixels_per_latent // 4
+    latent = torch.randn(1, arch.channels, side, side, generator=torch.Generator().manual_seed(1))
     m = UltraGenFluxPatch(guidance=Guidance(latent, pixels, pixels)).apply(model)
     if whole_blocks:  # ComfyUI's own block code (what the patch did before its chunked blocks)
         m.set_model_attn1_patch(lambda q, k, v, **kwargs: {})
@@ -194,7 +189,7 @@ def aimdo_vram_gib() -> float | None:
     return comfy_aimdo.control.get_total_vram_usage() / 2**30
 
 
-def step(model, pixels: int) -> dict:
+def step(model, pixels: int, arch) -> dict:
     """One Euler step through comfy.sample; the model call timed and measured by an APPLY_MODEL wrapper."""
     import comfy.model_management as mm
     import comfy.patcher_extension
@@ -220,11 +215,11 @@ def step(model, pixels: int) -> dict:
     m = model.clone()
     m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "vram_cards", timed)
     gen = torch.Generator().manual_seed(pixels)
-    a = arch()
-    latent = torch.zeros(1, a.channels, pixels // a.pixels_per_latent, pixels // a.pixels_per_latent)
+    side = pixels // arch.pixels_per_latent
+    latent = torch.zeros(1, arch.channels, side, side)
     noise = torch.randn(latent.shape, generator=gen)
-    cond = torch.randn(1, TEXT, a.text_width, generator=gen, dtype=torch.bfloat16)
-    if a.pooled:
+    cond = torch.randn(1, TEXT, arch.text_width, generator=gen, dtype=torch.bfloat16)
+    if arch.pooled:
         pooled = torch.randn(1, 768, generator=gen, dtype=torch.bfloat16)
         positive = [[cond, {"pooled_output": pooled, "guidance": 3.5}]]
         negative = [[torch.zeros_like(cond), {"pooled_output": torch.zeros_like(pooled), "guidance": 3.5}]]
@@ -237,18 +232,19 @@ def step(model, pixels: int) -> dict:
     return seen
 
 
-def cell(card: Card, base, gib, dtype: str, pixels: int, mode: str) -> dict:
+def cell(card: Card, base, gib, dtype: str, pixels: int, mode: str, name: str = "flux1-dev") -> dict:
     card.set(gib)
+    arch, config = architecture(name)
     row = {"card_gib": gib, "weights": dtype, "pixels": pixels, "mode": mode}
-    u = tokens(pixels, mode) * hidden() * 2 / 2**30
+    u = tokens(pixels, mode) * config["hidden_size"] * 2 / 2**30
     try:
         if mode == "dense":
             model = base
         elif mode == "floor":
             model = floor(base)
         else:
-            model = ultragen(base, pixels, whole_blocks=mode == "ultragen-whole-blocks")  # or a warm-up
-        seen = step(model, pixels)
+            model = ultragen(base, pixels, arch, whole_blocks=mode == "ultragen-whole-blocks")  # or a warm-up
+        seen = step(model, pixels, arch)
         row.update(status="runs", **{k: round(v, 3) for k, v in seen.items()})
         row["activations_u"] = round((seen["peak_gib"] - seen["before_gib"]) / u, 2)
     except torch.OutOfMemoryError as exc:
@@ -303,7 +299,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH)")
     ap.add_argument("--out", help="JSON path (default: bench/results/vram_cards.json)")
     args = ap.parse_args(argv)
-    MODEL["name"] = args.model
     start = time.perf_counter()
     import_comfyui(args.comfyui, args.dynamic_vram)
     card = Card(args.dynamic_vram)
@@ -328,9 +323,9 @@ def main(argv: list[str] | None = None) -> None:
             continue
         if dtype not in models:
             t0 = time.perf_counter()
-            models[dtype] = build(dtype)
-            print(f"built {MODEL['name']} ({dtype}) on the CPU in {time.perf_counter() - t0:.0f} s", flush=True)
-        rows.append(cell(card, models[dtype], gib, dtype, pixels, mode))
+            models[dtype] = build(dtype, args.model)
+            print(f"built {args.model} ({dtype}) on the CPU in {time.perf_counter() - t0:.0f} s", flush=True)
+        rows.append(cell(card, models[dtype], gib, dtype, pixels, mode, args.model))
         write_json("vram_cards", result, args.out)
     card.set(None)
     print_table(rows)

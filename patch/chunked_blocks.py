@@ -46,6 +46,7 @@ from ..kernels.rope import apply_rope
 from .call_state import CallState, HandOver
 from .inplace_gelu import InPlaceGELU
 from .layer_weights import TakenLinear
+from .zero_timestep import slice_modulation, zero_modulations
 
 log = logging.getLogger("UltraGen")
 MAX_CHUNK_TOKENS = 16384  # big enough that the GEMMs run at full speed; ~1.5 GiB of temporaries at FLUX.1's width
@@ -122,38 +123,6 @@ def vec_batch(vec) -> int:
 
 def _modulated(norm: torch.nn.Module, x: torch.Tensor, mod) -> torch.Tensor:
     return torch.addcmul(mod.shift, norm(x), 1 + mod.scale)  # ComfyUI's apply_mod
-
-
-def _slice_mod(mod, mod_zero, guidance_row: int, rows: int):
-    """The modulation of a slice of ``rows`` rows whose rows from ``guidance_row`` on are guidance tokens modulated
-    at timestep 0 (``mod_zero``; None: every row at the step's). Row-wise (B, rows, D) only where a slice straddles."""
-    if mod_zero is None or guidance_row >= rows:
-        return mod
-    if guidance_row <= 0:
-        return mod_zero
-
-    def joined(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return torch.cat((a.expand(-1, guidance_row, -1), b.expand(-1, rows - guidance_row, -1)), 1)
-
-    return comfy.ldm.flux.layers.ModulationOut(joined(mod.shift, mod_zero.shift), joined(mod.scale, mod_zero.scale),
-                                               joined(mod.gate, mod_zero.gate))  # fmt: skip
-
-
-def zero_modulations(block, call: CallState, kind: str):
-    """The modulations of ``call.vec_zero`` (timestep 0) for ``block``'s guidance rows, or None ("noised" tokens):
-    FLUX.1's per-block ``img_mod`` / ``modulation``, FLUX.2's global ones (computed once per call)."""
-    if call.vec_zero is None or not call.n_guid:
-        return None
-    if kind == "double":
-        if getattr(block, "modulation", True):
-            return block.img_mod(call.vec_zero)
-    elif block.modulation is not None:
-        return block.modulation(call.vec_zero)[0]
-    if call.zero_modulations is None:
-        dm = call.diffusion_model
-        call.zero_modulations = {"double": dm.double_stream_modulation_img(call.vec_zero),
-                                 "single": dm.single_stream_modulation(call.vec_zero)[0]}  # fmt: skip
-    return call.zero_modulations[kind]
 
 
 def _activate(act: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -235,7 +204,7 @@ def _write_qkv(qkv: torch.Tensor, offset: int, x: torch.Tensor, norm, mod, attn,
     batch, heads, dim = qkv.shape[0], qkv.shape[3], qkv.shape[4]
     for s in range(0, x.shape[1], chunk):
         e = min(s + chunk, x.shape[1])
-        h = _modulated(norm, x[:, s:e], _slice_mod(mod, mod_zero, guidance_from - s, e - s))
+        h = _modulated(norm, x[:, s:e], slice_modulation(mod, mod_zero, guidance_from - s, e - s))
         out = layer(h, guidance_from - s)
         del h
         q, k, v = out.view(batch, e - s, 3, heads, dim).unbind(2)
@@ -298,7 +267,7 @@ def double_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
         for s in range(0, x.shape[1], chunk):
             e = min(s + chunk, x.shape[1])
             rows, here = x[:, s:e], guidance_from - s
-            m1, m2 = (_slice_mod(m, z, here, e - s) for m, z in zip((mod1, mod2), zero[side], strict=True))
+            m1, m2 = (slice_modulation(m, z, here, e - s) for m, z in zip((mod1, mod2), zero[side], strict=True))
             rows += proj(qkv[:, offset + s : offset + e, 0].flatten(2), here) * m1.gate
             hidden_state = _activate(mlp[1], up(_modulated(norm2, rows, m2), here))
             rows += down(hidden_state, here) * m2.gate
@@ -330,7 +299,7 @@ def single_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
     for s in range(0, length, chunk):
         e = min(s + chunk, length)
         rows, here = x[:, s:e], guidance_from - s
-        m = _slice_mod(mod, mod_zero, here, e - s)
+        m = slice_modulation(mod, mod_zero, here, e - s)
         mlp = _activate(act, mlp_in(_modulated(block.pre_norm, rows, m), here))
         rows += out_layer.of_joined((qkv[:, s:e, 0].flatten(2), mlp), here) * m.gate
         del mlp

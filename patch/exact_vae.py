@@ -56,10 +56,9 @@ class _Runner:
         self.band = band_elements
         self.direct = direct_elements
         self.compute, self.placement = compute, placement
-        self.rows = placement != "compute"
         self.progress = comfy.utils.ProgressBar(steps) if progress else None
         self.split = dict(band_elements=band_elements, compute=compute)
-        if self.rows:
+        if placement != "compute":
             self.split["alloc"] = self.alloc
 
     def alloc(self, shape: tuple, dtype: torch.dtype):

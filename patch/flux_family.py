@@ -1,43 +1,25 @@
-"""Which models of ComfyUI's ``Flux`` class the patch runs (FLUX.1 and FLUX.2), and their geometry.
+"""Which models of ComfyUI's ``Flux`` class the patch runs (FLUX.1 and FLUX.2), and their latents' scale.
 
 Why: newer ComfyUI (0.29) runs FLUX.1, FLUX.2, LongCat-Image and Ovis-Image through the same class,
-so ``isinstance(dm, Flux)`` says little. The patch needs to know, from the model's parameters:
-how many RoPE axes a position has (FLUX.1: index, row, column; FLUX.2: the same plus a fourth that
-only text uses), how many latent cells a token covers (2x2 / 1x1 patches), and how many pixels a
-latent cell covers (the VAE: 8 / 16 after FLUX.2's 2x2 unshuffle). Windows and guidance are in
-tokens; every pixel <-> token conversion goes through :class:`FluxGeometry`. Models of the class
-that are neither (LongCat-Image places text on axes 1 and 2, Ovis has a third MLP layout) get a
-clear refusal until they are supported.
+so ``isinstance(dm, Flux)`` says little. FLUX.1 and FLUX.2 differ in ways the patch reads from the
+model itself (RoPE axes from ``params.axes_dim``: FLUX.2 has a fourth that only text uses; tokens per
+latent cell from ``patch_size``), and in how many pixels a latent cell covers (the VAE: 8, or 16
+after FLUX.2's 2x2 unshuffle), read from the latent format or the VAE where ComfyUI says it. Models
+of the class that are neither (LongCat-Image places text on axes 1 and 2, Ovis has a third MLP
+layout) get a clear refusal until they are supported.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-# Pixels per latent cell along each side, by the latent's channel count (ComfyUI's
-# latent_format.spacial_downscale_ratio): FLUX.1's VAE (16 channels at 1/8), FLUX.2's (128 at 1/16).
+# Pixels per latent cell along each side, by the latent's channel count, where ComfyUI does not say it
+# (0.3.64 has no latent_format.spacial_downscale_ratio; latent-only nodes): FLUX.1's VAE (16 channels at 1/8),
+# FLUX.2's (128 at 1/16).
 PIXELS_PER_LATENT_OF_CHANNELS = {16: 8, 128: 16}
 # ComfyUI's sampling shift (mu) of each family at 1024 px, by latent channels: FLUX.1's 1.15 (core.flow_matching's
 # FLUX_MU_1024) and FLUX.2's 2.02 (``supported_models.Flux2.sampling_settings``), which ComfyUI keeps at every size.
 DEFAULT_SHIFT_MU_OF_CHANNELS = {16: 1.15, 128: 2.02}
-LATENT_CHANNELS = 16  # FLUX.1's VAE latent
-PIXELS_PER_LATENT = 8  # FLUX.1's
 # The longest text FLUX takes (T5 tokens of FLUX.1-dev; FLUX.2 pads to 512): what the memory estimate assumes.
 MAX_TEXT_TOKENS = 512
-
-
-@dataclass(frozen=True)
-class FluxGeometry:
-    """How a supported FLUX model maps latent cells to tokens and tokens to RoPE positions (pixels per latent cell
-    come from the model's latent format or the VAE: see :func:`pixels_per_latent`)."""
-
-    family: str  # "FLUX.1" or "FLUX.2"
-    axes: int  # RoPE axes of a position id: image tokens use 0 (index), 1 (row), 2 (column)
-    patch: int  # latent cells per token along a side
-
-
-FLUX1 = FluxGeometry("FLUX.1", axes=3, patch=2)
-FLUX2 = FluxGeometry("FLUX.2", axes=4, patch=1)
 
 
 def pixels_per_latent(channels: int, latent_format=None) -> int | None:
@@ -61,8 +43,8 @@ def not_a_flux_latent(channels: int) -> str:
             "by a FLUX VAE")  # fmt: skip
 
 
-def flux_geometry(diffusion_model) -> FluxGeometry | str:
-    """The geometry of a FLUX.1- or FLUX.2-shaped ``comfy.ldm.flux.model.Flux``; else a name for what it is."""
+def other_family(diffusion_model) -> str | None:
+    """None for a FLUX.1- or FLUX.2-shaped ``comfy.ldm.flux.model.Flux``; else a name for what it is instead."""
     p = diffusion_model.params
     txt_axes = list(getattr(p, "txt_ids_dims", None) or [])
     if getattr(p, "yak_mlp", False) or getattr(p, "txt_norm", False):
@@ -70,9 +52,9 @@ def flux_geometry(diffusion_model) -> FluxGeometry | str:
     if getattr(p, "global_modulation", False) or len(p.axes_dim) == 4:
         flux2 = (len(p.axes_dim) == 4 and txt_axes == [3] and p.patch_size == 1 and p.in_channels == 128
                  and getattr(p, "mlp_silu_act", False) and getattr(p, "global_modulation", False))  # fmt: skip
-        return FLUX2 if flux2 else "a FLUX.2-like model of another layout"
+        return None if flux2 else "a FLUX.2-like model of another layout"
     if txt_axes:
         return "LongCat-Image" if p.vec_in_dim is None else "a FLUX-class model with text positions"
     if len(p.axes_dim) != 3 or p.patch_size != 2 or getattr(p, "mlp_silu_act", False):
         return f"a FLUX-class model with {len(p.axes_dim)} position axes and {p.patch_size}x{p.patch_size} patches"
-    return FLUX1
+    return None

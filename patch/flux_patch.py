@@ -56,17 +56,17 @@ from ..core.guidance import noised
 from ..core.guidance_lora import LoRALayer, check_fits, guidance_rows_forward
 from ..core.token_order import to_raster, to_window_first
 from ..kernels import sparse_attention
-from ..kernels.rope import apply_rope
 from .call_state import CallState, HandOver, active_call, calling
 from .chunked_blocks import BlockContext, double_block, fallback_reason, install_chunked_blocks, single_block
-from .flux_family import MAX_TEXT_TOKENS, flux_geometry, pixels_per_latent
+from .flux_family import MAX_TEXT_TOKENS, other_family, pixels_per_latent
 from .host import check_host
 from .inplace_gelu import inplace_gelu_patches
 from .options import Guidance, PatchOptions, UltraGenPatchError
 from .planning import NODE, SizePlan, call_layout, check_guidance_fits, npa_offset, plan_size
-from .rotary_table import RotaryTable
+from .rotary_table import RotaryTable, rotate
 from .run_state import PatchRun
 from .sampling import constant_shift_sampling, memory_estimate_wrapper, model_shift_mu
+from .zero_timestep import timestep_zero_vector
 
 KEY = "ultragen"  # transformer_options: the model call being run (read by the attention override)
 RUN_KEY = "ultragen_run"  # transformer_options: the sampling run (PatchRun)
@@ -95,11 +95,11 @@ class UltraGenFluxPatch:
                 f"{NODE} needs a FLUX model, but this MODEL is {type(dm).__name__}; "
                 "load FLUX.1 (dev, schnell, Krea, Kontext) with Load Diffusion Model or Load Checkpoint"
             )
-        geometry = flux_geometry(dm)
-        if isinstance(geometry, str):
+        family = other_family(dm)
+        if family is not None:
             raise UltraGenPatchError(
                 f"{NODE} works with FLUX.1 (dev, schnell, Krea, Kontext) and FLUX.2 (klein, dev) models; this MODEL "
-                f"is {geometry}, which UltraGen does not support yet. Load a FLUX.1 or FLUX.2 model."
+                f"is {family}, which UltraGen does not support yet. Load a FLUX.1 or FLUX.2 model."
             )
         if isinstance(model.get_model_object("diffusion_model.pe_embedder"), RotaryTable):
             raise UltraGenPatchError(
@@ -381,7 +381,7 @@ class InstalledPatch:
         call = (kwargs.get("transformer_options") or {}).get(KEY)
         q, k, v = args[:3]
         if call is not None and call.rotary_table is not None:
-            q, k = _rotate(q, k, call.rotary_table, kwargs)
+            q, k = rotate(q, k, call.rotary_table, kwargs, NODE)
             args = (q, k, v, *args[3:])
         if call is None or kwargs.get("mask") is not None or not kwargs.get("skip_reshape") or q.dim() != 4:
             return self._fallback(func, args, kwargs)
@@ -427,42 +427,8 @@ class InstalledPatch:
         return MAX_TEXT_TOKENS + guid[0] * guid[1]
 
 
-def timestep_zero_vector(dm, x: torch.Tensor, timestep: torch.Tensor, y, guidance) -> torch.Tensor:
-    """FLUX's modulation input ``vec`` (B, D) as ``forward_orig`` builds it, at timestep 0: how the authors modulate
-    the clean guidance tokens (their ``low_res_timestep=0``)."""
-    from comfy.ldm.flux.layers import timestep_embedding
-
-    dtype = x.dtype
-    vec = dm.time_in(timestep_embedding(torch.zeros_like(timestep), 256).to(dtype))
-    if dm.params.guidance_embed and guidance is not None:
-        vec = vec + dm.guidance_in(timestep_embedding(guidance, 256).to(dtype))
-    if getattr(dm, "vector_in", None) is not None:
-        if y is None:
-            y = torch.zeros((x.shape[0], dm.params.vec_in_dim), device=x.device, dtype=dtype)
-        vec = vec + dm.vector_in(y[:, : dm.params.vec_in_dim])
-    return vec
-
-
 def _is_last_block(dm, kind: str, index: int) -> bool:
     """Whether FLUX's forward runs no block after this one (only its final layer)."""
     if len(dm.single_blocks):
         return kind == "single_block" and index == len(dm.single_blocks) - 1
     return kind == "double_block" and index == len(dm.double_blocks) - 1
-
-
-def _rotate(q, k, table, kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE on q and k, which FLUX's attention left unrotated because the table came here.
-
-    As ComfyUI's own rotation: a q shorter than the table (Flux KV Cache drops the cached references' queries but
-    not their positions) takes the table's first rows; k, with the cached keys appended, takes all of it.
-    """
-    if not kwargs.get("skip_reshape") or q.dim() != 4 or k.shape[2] != table.shape[2] or q.shape[2] > k.shape[2]:
-        raise UltraGenPatchError(
-            f"UltraGen: an attention call of shape {tuple(q.shape)} reached the patch in a forward whose "
-            f"positions cover {table.shape[2]} tokens; another node replaces FLUX's blocks in a way UltraGen "
-            f"cannot follow. Remove that node, or {NODE}, from this model."
-        )
-    if q.shape[2] == k.shape[2]:
-        return apply_rope(q, k, table)
-    q = apply_rope(q, q, table[:, :, : q.shape[2]])[0]
-    return q, apply_rope(k, k, table)[0]

@@ -66,10 +66,10 @@ def check_settings(settings: StageSettings, stages: int) -> None:
 
 def run_stage(
     model, positive, negative, vae, samples: torch.Tensor, settings: StageSettings, seed: int,
-    progress: comfy.utils.ProgressBar, done: int, total: int,
+    progress: comfy.utils.ProgressBar, done: int, total: int, px: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """One stage: ``samples`` (VAE latent space) -> (latent, image) at ``settings.scale`` times the size."""
-    px = pixels_per_latent(samples.shape[1], model.get_model_object("latent_format"))
+    """One stage: ``samples`` (VAE latent space, ``px`` pixels a cell) -> (latent, image) at ``settings.scale``
+    times the size."""
     width, height = settings.target(samples, px)
     guidance = Guidance(samples.detach().cpu().float(), width, height, px)
     shift_mu = shift_mu_for(samples.shape[1], settings.shift_mu)
@@ -117,7 +117,7 @@ def recursive_upscale(model, positive, negative, vae, samples: torch.Tensor, sta
         width, height = settings.target(samples, px)
         try:
             samples, image = run_stage(model, positive, negative, vae, samples, settings, seed + i, progress,
-                                       i * per_stage, stages * per_stage)  # fmt: skip
+                                       i * per_stage, stages * per_stage, px)  # fmt: skip
         except comfy.model_management.InterruptProcessingException:
             raise
         except Exception as exc:

@@ -18,6 +18,8 @@ import torch
 from comfy.ldm.flux.math import rope
 
 from ..core.rope import ntk_theta
+from ..kernels.rope import apply_rope
+from .options import UltraGenPatchError
 
 
 class RotaryTable(torch.nn.Module):
@@ -44,3 +46,20 @@ class RotaryTable(torch.nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor | None:
         table = self.table(ids)
         return None if self.take(table) else table
+
+
+def rotate(q: torch.Tensor, k: torch.Tensor, table: torch.Tensor, kwargs: dict, node: str):
+    """RoPE on q and k (B, H, L, D), which FLUX's attention left unrotated because the table came to the patch.
+
+    As ComfyUI's own rotation: a q shorter than the table (Flux KV Cache drops the cached references' queries but
+    not their positions) takes the table's first rows; k, with the cached keys appended, takes all of it.
+    """
+    if not kwargs.get("skip_reshape") or q.dim() != 4 or k.shape[2] != table.shape[2] or q.shape[2] > k.shape[2]:
+        raise UltraGenPatchError(
+            f"UltraGen: an attention call of shape {tuple(q.shape)} reached the patch in a forward whose "
+            f"positions cover {table.shape[2]} tokens; another node replaces FLUX's blocks in a way UltraGen "
+            f"cannot follow. Remove that node, or {node}, from this model."
+        )
+    if q.shape[2] == k.shape[2]:
+        return apply_rope(q, k, table)
+    return apply_rope(q, q, table[:, :, : q.shape[2]])[0], apply_rope(k, k, table)[0]

@@ -14,7 +14,7 @@ import torch
 
 from ..core.frequency import low_pass
 from ..core.guidance import aspect_mismatch
-from .flux_family import PIXELS_PER_LATENT, pixels_per_latent
+from .flux_family import pixels_per_latent
 from .options import UltraGenPatchError
 
 GAMMA_SCHEDULES = ("sigma", "sigma squared", "constant")
@@ -56,7 +56,7 @@ class StructureGuidance:
                 )
             if ref.shape[-2:] != like.shape[-2:]:
                 if aspect_mismatch(ref.shape[-1], ref.shape[-2], like.shape[-1], like.shape[-2]):
-                    px = pixels_per_latent(ref.shape[1]) or PIXELS_PER_LATENT
+                    px = pixels_per_latent(ref.shape[1], self.latent_format) or 8
                     ref_w, ref_h, w, h = (s * px for s in (*ref.shape[-1:-3:-1], *like.shape[-1:-3:-1]))
                     raise UltraGenPatchError(
                         f"Structure Guidance: the reference is {ref_w}x{ref_h} px but the sampler runs at {w}x{h} px, "

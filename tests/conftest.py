@@ -67,3 +67,14 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if report.skipped and isinstance(report.longrepr, tuple) and HOW_TO_ENABLE in str(report.longrepr[2]):
         report.longrepr = (__file__, 0, report.longrepr[2])
+
+
+@pytest.fixture
+def slices(monkeypatch):
+    """Set the slice size of the chunked blocks (tokens)."""
+    from ultragen.patch import chunked_blocks
+
+    def set_size(tokens: int) -> None:
+        monkeypatch.setattr(chunked_blocks, "MAX_CHUNK_TOKENS", tokens)
+
+    return set_size

@@ -57,3 +57,10 @@ def guidance_of(h, w, target_hw, seed=3):
 
     g = torch.Generator().manual_seed(seed)
     return Guidance(torch.randn(1, 16, h, w, generator=g), target_hw[1] * 8, target_hw[0] * 8)
+
+
+def whole_blocks(model):
+    """``model`` with every block run by ComfyUI's own code: an attn1_patch that changes nothing."""
+    m = model.clone()
+    m.set_model_attn1_patch(lambda q, k, v, **kwargs: {})
+    return m

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from patching import IDENTITY, device, patched
+from patching import IDENTITY, device, patched, whole_blocks
 
 pytestmark = pytest.mark.usefixtures("comfyui")
 
@@ -118,8 +118,7 @@ def test_flux2_guidance_equals_comfyuis_own_blocks(flux2):
     g = guidance2(4, 5, (16, 20))
     options = dict(window=4, ntk_factor=10.0)
     out = denoise(patched(flux2, guidance=g, **options), x, 0.6, ctx, y)
-    whole = flux2.clone()
-    whole.set_model_attn1_patch(lambda q, k, v, **kwargs: {})  # ComfyUI's blocks, the patch's attention
+    whole = whole_blocks(flux2)  # ComfyUI's blocks, the patch's attention
     ref = denoise(patched(whole, guidance=g, **options), x, 0.6, ctx, y)
     assert (out - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
     unguided = denoise(patched(flux2, **options), x, 0.6, ctx, y)
@@ -227,8 +226,7 @@ def test_the_authors_flux2_lora_applies_to_guidance_rows(flux2):
     guidance = guidance2(4, 5, (16, 20))
     options = dict(window=4, ntk_factor=10.0)
     out = denoise(patched(flux2, guidance=guidance, lora=lora, **options), x, 0.6, ctx, y)
-    whole = flux2.clone()
-    whole.set_model_attn1_patch(lambda q, k, v, **kwargs: {})
+    whole = whole_blocks(flux2)
     ref = denoise(patched(whole, guidance=guidance, lora=lora, **options), x, 0.6, ctx, y)
     assert (out - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
     without = denoise(patched(flux2, guidance=guidance, **options), x, 0.6, ctx, y)
