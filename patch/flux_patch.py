@@ -62,7 +62,7 @@ from .flux_family import MAX_TEXT_TOKENS, other_family, pixels_per_latent
 from .host import check_host
 from .inplace_gelu import inplace_gelu_patches
 from .options import Guidance, PatchOptions, UltraGenPatchError
-from .planning import NODE, SizePlan, call_layout, check_guidance_fits, npa_offset, plan_size
+from .planning import NODE, SizePlan, call_layout, check_guidance_fits, check_sampling, npa_offset, plan_size
 from .rotary_table import RotaryTable, rotate
 from .run_state import PatchRun
 from .sampling import constant_shift_sampling, memory_estimate_wrapper, model_shift_mu
@@ -177,7 +177,8 @@ class InstalledPatch:
     def outer_sample(self, executor, noise, latent_image, sampler, sigmas, denoise_mask=None, callback=None,
                      disable_pbar=False, seed=None, **kwargs):  # fmt: skip
         guider = executor.class_obj
-        self._check_sampling(guider.model_patcher, (kwargs.get("latent_shapes") or [latent_image.shape])[0])
+        check_sampling(guider.model_patcher, (kwargs.get("latent_shapes") or [latent_image.shape])[0],
+                       self.shift_mu if self.options.constant_shift else None, self.patch.guidance)  # fmt: skip
         run = PatchRun(0 if seed is None else int(seed), self.patch.guidance)
         original = guider.model_options
         guider.model_options = comfy.model_patcher.create_model_options_clone(original)
@@ -187,30 +188,6 @@ class InstalledPatch:
         finally:
             guider.model_options = original
             run.close()
-
-    def _check_sampling(self, model, latent_shape) -> None:
-        """Wiring mistakes a sampler would otherwise run with in silence."""
-        o = self.options
-        shift = getattr(model.get_model_object("model_sampling"), "shift", None)
-        if o.constant_shift and shift is not None and abs(float(shift) - self.shift_mu) > 1e-6:
-            raise UltraGenPatchError(
-                f"{NODE} keeps FLUX's shift at {self.shift_mu} for every size, but a node after it (e.g. "
-                f"ModelSamplingFlux) set {float(shift):.3g}, which at high resolution runs every step near full "
-                f"noise. Remove that node or place it before {NODE}, or turn {NODE}'s constant_shift off to use it."
-            )
-        g = self.patch.guidance
-        attn1 = model.model_options["transformer_options"].get("patches", {}).get("attn1_patch", [])
-        if g is not None and any(type(p).__name__ == "KV_Attn_Input" for p in attn1):
-            raise UltraGenPatchError(
-                f"{NODE}: Flux KV Cache drops the reference images' tokens after the first step, which moves "
-                "UltraGen's guidance tokens off their positions; remove the Flux KV Cache node (or the guidance)"
-            )
-        if g is not None and g.latent.shape[0] not in (1, latent_shape[0]):
-            raise UltraGenPatchError(
-                f"{NODE}: the guidance holds {g.latent.shape[0]} images but the sampler's latent batch has "
-                f"{latent_shape[0]}; encode one guidance image (shared by the batch) or one per latent in "
-                "Low-Res Guidance Encode"
-            )
 
     # -- 1. the DIFFUSION_MODEL wrapper ---------------------------------------------------
     def diffusion_model(

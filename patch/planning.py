@@ -3,7 +3,8 @@
 Why apart from the hooks: all of it follows from the options, the guidance, the image size
 and the sampling seed, nothing else. Kept as plain functions of those, it is tested alone,
 and a sampling run (``run_state.PatchRun``) builds it once per size and reuses it for every
-step.
+step. The checks a run makes before it plans (does the guidance fit the size, is the sampler wired
+so that the plan holds) live here too.
 """
 
 from __future__ import annotations
@@ -78,6 +79,32 @@ def check_guidance_fits(guidance: Guidance, latent_hw: tuple[int, int], patch: i
             f"sampler runs at {width}x{height} px; guidance positions are scaled to the sampled size."
         )
     return None
+
+
+def check_sampling(model, latent_shape, shift_mu: float | None, guidance: Guidance | None) -> None:
+    """Wiring mistakes a sampler would otherwise run with in silence (``shift_mu``: the patch's constant shift, or
+    None when it keeps none)."""
+    shift = getattr(model.get_model_object("model_sampling"), "shift", None)
+    if shift_mu is not None and shift is not None and abs(float(shift) - shift_mu) > 1e-6:
+        raise UltraGenPatchError(
+            f"{NODE} keeps FLUX's shift at {shift_mu} for every size, but a node after it (e.g. "
+            f"ModelSamplingFlux) set {float(shift):.3g}, which at high resolution runs every step near full "
+            f"noise. Remove that node or place it before {NODE}, or turn {NODE}'s constant_shift off to use it."
+        )
+    if guidance is None:
+        return
+    attn1 = model.model_options["transformer_options"].get("patches", {}).get("attn1_patch", [])
+    if any(type(p).__name__ == "KV_Attn_Input" for p in attn1):
+        raise UltraGenPatchError(
+            f"{NODE}: Flux KV Cache drops the reference images' tokens after the first step, which moves "
+            "UltraGen's guidance tokens off their positions; remove the Flux KV Cache node (or the guidance)"
+        )
+    if guidance.latent.shape[0] not in (1, latent_shape[0]):
+        raise UltraGenPatchError(
+            f"{NODE}: the guidance holds {guidance.latent.shape[0]} images but the sampler's latent batch has "
+            f"{latent_shape[0]}; encode one guidance image (shared by the batch) or one per latent in "
+            "Low-Res Guidance Encode"
+        )
 
 
 def plan_size(dm, options: PatchOptions, guidance: Guidance | None, latent: torch.Tensor | None,
