@@ -269,14 +269,15 @@ def _line(r: dict) -> str:
             f"activations {r['activations_u']:.1f} U")  # fmt: skip
 
 
-def plan(cards, sizes, dtypes, big, big_sizes) -> list[tuple]:
+def plan(cards, sizes, dtypes, big, big_sizes, modes=("dense", "ultragen")) -> list[tuple]:
     cells = []
     for gib in cards:
         for dtype in dtypes:
             for pixels in sizes:
-                if pixels <= DENSE_UP_TO:
+                if pixels <= DENSE_UP_TO and "dense" in modes:
                     cells.append((gib, dtype, pixels, "dense"))
-                cells.append((gib, dtype, pixels, "ultragen"))
+                if "ultragen" in modes:
+                    cells.append((gib, dtype, pixels, "ultragen"))
     for gib in big:
         for pixels in big_sizes:
             cells.append((gib, "bf16", pixels, "ultragen"))
@@ -290,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cards", type=float, nargs="+", default=list(CARDS), help="emulated card sizes, GiB")
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048, 4096, 8192])
     ap.add_argument("--weights", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"])
+    ap.add_argument("--modes", nargs="+", default=["dense", "ultragen"], choices=["dense", "ultragen"],
+                    help="which cells of the card matrix (dense: ComfyUI unpatched, sizes up to 4096^2)")  # fmt: skip
     ap.add_argument("--big", type=float, nargs="*", default=[80], help="cards that also run 12288² and 16384²")
     ap.add_argument("--big-sizes", type=int, nargs="+", default=[12288, 16384])
     ap.add_argument("--whole-gpu", action="store_true", help="also the unconstrained GPU: UltraGen, its whole-block "
@@ -312,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     # 16384^2 are warmed by their whole-GPU cells, which therefore include that.)
     cells = [(None, args.weights[0], p, "warm-up") for p in sorted(args.sizes)] + cells
     cards = [int(c) if c == int(c) else c for c in args.cards]
-    cells += plan(cards, args.sizes, args.weights, args.big, args.big_sizes)
+    cells += plan(cards, args.sizes, args.weights, args.big, args.big_sizes, args.modes)
     models = {}
     rows = []
     result = {**run_info(), "model": args.model, "dynamic_vram": args.dynamic_vram, "context_gib": CONTEXT_GIB,
