@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--skip-offload", action="store_true", help="do not time offloaded mode (slow at 8192^2)")
     ap.add_argument("--cards", type=float, nargs="+", help="emulated card sizes, GiB (then only these cells; 0: the "
                     "whole GPU, e.g. for 16384^2)")  # fmt: skip
+    ap.add_argument("--profile", action="store_true", help="with --cards: seconds per decoder/encoder stage and in "
+                    "pinning host memory, and the bus's copy speed")  # fmt: skip
     ap.add_argument("--out", help="JSON path (default: bench/results/vae.json)")
     args = ap.parse_args(argv)
     comfyui_on_gpu("vae.py")
@@ -132,6 +134,61 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nwrote {out}")
 
 
+STAGES: dict[str, list] = {}
+CURRENT = [""]
+
+
+def profile(result: dict) -> dict:
+    """Time each stage of the exact passes (a tick of their progress bar) and every pinning of host memory; measure
+    the bus once (1 GiB each way, pinned)."""
+    import ultragen.core.row_major as row_major
+    import ultragen.patch.exact_vae as exact_vae
+
+    last = [0.0]
+    tick, pin = exact_vae._Runner._tick, row_major.pinned_empty
+
+    def timed_tick(self):
+        torch.cuda.synchronize()
+        now = time.perf_counter()
+        STAGES.setdefault(CURRENT[0], []).append(("stage", round(now - last[0], 3)))
+        last[0] = now
+        tick(self)
+
+    def timed_pin(shape, dtype):
+        t0 = time.perf_counter()
+        out = pin(shape, dtype)
+        STAGES.setdefault(CURRENT[0], []).append(("pin", round(time.perf_counter() - t0, 3), list(shape),
+                                                  out.is_pinned()))  # fmt: skip
+        last[0] += time.perf_counter() - t0
+        return out
+
+    def start(runner_init):
+        def init(self, *a, **kw):
+            torch.cuda.synchronize()
+            last[0] = time.perf_counter()
+            runner_init(self, *a, **kw)
+
+        return init
+
+    exact_vae._Runner._tick = timed_tick
+    exact_vae._Runner.__init__ = start(exact_vae._Runner.__init__)
+    row_major.pinned_empty = timed_pin
+    host = pin((1 << 29,), torch.bfloat16)
+    dev = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda")
+    bus = {}
+    for name, fn in (("h2d", lambda: dev.copy_(host, non_blocking=True)),
+                     ("d2h", lambda: host.copy_(dev, non_blocking=True))):  # fmt: skip
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(4):
+            fn()
+        torch.cuda.synchronize()
+        bus[f"{name}_gb_s"] = 4 * 2**30 / (time.perf_counter() - t0) / 1e9
+    print(f"bus: {bus}, host pinned: {host.is_pinned()}", flush=True)
+    return bus
+
+
 def on_cards(args) -> None:
     """Exact (auto) vs tiled decode and encode on emulated cards; a cell that runs out of memory says where."""
     import resource
@@ -147,6 +204,8 @@ def on_cards(args) -> None:
     card = Card(dynamic=False)
     rows = []
     result = {**run_info(), "vae_dtype": str(vae.vae_dtype), "rows": rows}
+    if args.profile:
+        result["bus"] = profile(result)
     for gib in (None if g == 0 else g for g in args.cards):
         for pixels in args.sizes:
             z = torch.randn(1, 16, pixels // 8, pixels // 8, generator=torch.Generator().manual_seed(pixels))
@@ -160,6 +219,7 @@ def on_cards(args) -> None:
             row = {"card_gib": gib, "pixels": pixels}
             for name, fn in cells.items():
                 card.set(gib)
+                CURRENT[0] = name
                 try:
                     _, row[f"{name}_s"], row[f"{name}_gib"] = timed(fn)
                 except torch.OutOfMemoryError as exc:
@@ -168,6 +228,8 @@ def on_cards(args) -> None:
                 # the process's peak resident host memory so far (streamed activations live there)
                 row[f"{name}_host_peak_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
                 print(f"{gib or 'whole'} GB {pixels}² {name}: {row.get(f'{name}_s', 'OOM')}", flush=True)
+            if args.profile:
+                row["stages"] = STAGES.pop("exact_decode", None), STAGES.pop("exact_encode", None)
             for d in ("decode", "encode"):
                 if f"exact_{d}_s" in row and f"tiled_{d}_s" in row:
                     row[f"{d}_exact_over_tiled"] = row[f"exact_{d}_s"] / row[f"tiled_{d}_s"]

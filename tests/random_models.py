@@ -74,11 +74,12 @@ def tiny_flux2(seed: int = 0, depth: int = 2, single: int = 2, dtype=torch.float
     return flux_model(config, dtype=dtype, seed=seed, load_device=device, config_class="Flux2")
 
 
-def flux_vae(seed: int = 0, flux2: bool = False):
+def flux_vae(seed: int = 0, flux2: bool = False, dtype: torch.dtype | None = None):
     """ComfyUI's VAE with FLUX's autoencoder architecture (16 channels, 8x) and seeded random
     weights, loaded the way ComfyUI loads ae.safetensors: from a state dict. ``flux2``: FLUX.2's
     (32 channels, and a batch norm over 2x2-unshuffled latents: 128 channels at 1/16), which
-    ComfyUI recognises by its ``bn.*`` entries where it knows FLUX.2."""
+    ComfyUI recognises by its ``bn.*`` entries where it knows FLUX.2. ``dtype``: ComfyUI's choice when None
+    (bf16 on a recent GPU, float32 on a CPU)."""
     import comfy.sd
     from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder
 
@@ -99,4 +100,4 @@ def flux_vae(seed: int = 0, flux2: bool = False):
             else:  # norms 1, biases 0
                 value = torch.ones(p.shape) if name.endswith("weight") else torch.zeros(p.shape)
             state[prefix + name] = value
-    return comfy.sd.VAE(sd=state)
+    return comfy.sd.VAE(sd=state, dtype=dtype)

@@ -10,11 +10,22 @@ pytestmark = pytest.mark.usefixtures("comfyui")
 TINY_BANDS = 4096  # forces bands of a row or two everywhere: every halo path runs
 
 
+@pytest.fixture(scope="module", autouse=True)
+def float32_convolutions():
+    """On a GPU, convolutions without TF32: the exactness tests compare to 2e-5 in float32, and there they are what
+    checks the pinned host memory and the side-stream copies."""
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
 @pytest.fixture(scope="module")
 def vae(comfyui):
+    """float32, also on a GPU (where ComfyUI would pick bf16)."""
     from comfy_flux import flux_vae
 
-    return flux_vae(seed=1)
+    return flux_vae(seed=1, dtype=torch.float32)
 
 
 @pytest.mark.parametrize("shape", [(2, 16, 8, 6), (1, 16, 5, 7)])
@@ -203,7 +214,7 @@ def test_flux2_vae_latents_decode_and_encode_exactly(comfyui):
         with pytest.raises(RuntimeError, match="size mismatch"):  # read as a video VAE: ComfyUI's own refusal
             flux_vae(seed=3, flux2=True)
         return
-    vae = flux_vae(seed=3, flux2=True)
+    vae = flux_vae(seed=3, flux2=True, dtype=torch.float32)
     assert vae.first_stage_model.bn is not None
     channels, factor = 128, 16
     g = torch.Generator().manual_seed(6)
