@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
                     "whole GPU, e.g. for 16384^2)")  # fmt: skip
     ap.add_argument("--profile", action="store_true", help="with --cards: seconds per decoder/encoder stage and in "
                     "pinning host memory, and the bus's copy speed")  # fmt: skip
+    ap.add_argument("--passes", nargs="+", default=["exact_decode", "tiled_decode", "exact_encode", "tiled_encode"],
+                    help="with --cards: which passes")  # fmt: skip
     ap.add_argument("--out", help="JSON path (default: bench/results/vae.json)")
     args = ap.parse_args(argv)
     comfyui_on_gpu("vae.py")
@@ -151,6 +153,7 @@ def profile(result: dict) -> dict:
         torch.cuda.synchronize()
         now = time.perf_counter()
         STAGES.setdefault(CURRENT[0], []).append(("stage", round(now - last[0], 3)))
+        print(f"  {CURRENT[0]} stage {len(STAGES[CURRENT[0]])}: {now - last[0]:.2f} s", flush=True)
         last[0] = now
         tick(self)
 
@@ -159,6 +162,8 @@ def profile(result: dict) -> dict:
         out = pin(shape, dtype)
         STAGES.setdefault(CURRENT[0], []).append(("pin", round(time.perf_counter() - t0, 3), list(shape),
                                                   out.is_pinned()))  # fmt: skip
+        print(f"  {CURRENT[0]} pinned {list(shape)} in {time.perf_counter() - t0:.2f} s ({out.is_pinned()})",
+              flush=True)  # fmt: skip
         last[0] += time.perf_counter() - t0
         return out
 
@@ -217,7 +222,7 @@ def on_cards(args) -> None:
                 "tiled_encode": lambda im=image: vae.encode_tiled(im, tile_x=512, tile_y=512, overlap=64),
             }
             row = {"card_gib": gib, "pixels": pixels}
-            for name, fn in cells.items():
+            for name, fn in ((n, f) for n, f in cells.items() if n in args.passes):
                 card.set(gib)
                 CURRENT[0] = name
                 try:

@@ -169,7 +169,10 @@ def test_spilled_activations_equal_the_full_decode(vae, monkeypatch):
     monkeypatch.setattr(exact_vae, "_placement", lambda *args: "spill")
     monkeypatch.setattr(exact_vae._Runner, "alloc", recording)
     room = TINY_BANDS * exact_vae.BYTES_PER_BAND_ELEMENT + (1 << 30) + 1_000_000  # fits activations under ~1 MB
-    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda device=None, **kw: room)
+    def free(dev=None, torch_free_too=False):  # ComfyUI's signature: its loader asks for both numbers on a GPU
+        return (room, room) if torch_free_too else room
+
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", free)
     z = torch.randn(1, 16, 6, 8, generator=torch.Generator().manual_seed(7))  # 48 x 64 px: 128-ch ones are 1.5 MB
     spilled = exact_vae.exact_decode(vae, z, band_elements=TINY_BANDS, direct_elements=0)
     assert (spilled - vae.decode(z)).abs().max().item() <= 2e-5
