@@ -191,7 +191,46 @@ def profile(result: dict) -> dict:
         torch.cuda.synchronize()
         bus[f"{name}_gb_s"] = 4 * 2**30 / (time.perf_counter() - t0) / 1e9
     print(f"bus: {bus}, host pinned: {host.is_pinned()}", flush=True)
+    cudart = torch.cuda.cudart()
+    for touched in (False, True):  # pinning 4 GiB of fresh host memory, as is and with its pages faulted in first
+        t0 = time.perf_counter()
+        t = torch.empty(1 << 31, dtype=torch.bfloat16)
+        if touched:
+            t.zero_()
+        t1 = time.perf_counter()
+        cudart.cudaHostRegister(t.data_ptr(), 1 << 32, 1)
+        t2 = time.perf_counter()
+        cudart.cudaHostUnregister(t.data_ptr())
+        bus[f"pin_4gib_touched_{touched}_s"] = (t1 - t0, t2 - t1)
+        del t
+    print(f"pinning 4 GiB (touch, register): {bus}", flush=True)
+    bus["attention"] = attention_speed()
     return bus
+
+
+def attention_speed() -> dict:
+    """The VAE's middle attention at 8192^2 (one 512-wide head, 1M tokens): ComfyUI's (SDPA) vs query chunks."""
+    import comfy.ldm.modules.diffusionmodules.model as vae_model
+
+    from ultragen.core import long_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 512, 1024, 1024, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    result = {}
+    for name, fn in (("comfyui", lambda: vae_model.pytorch_attention(q, k, v)),
+                     ("chunked", lambda: long_attention.attention(*(t.flatten(2).transpose(1, 2) for t in (q, k, v)),
+                                                                  budget_bytes=2 << 30).transpose(1, 2)
+                      .reshape(q.shape))):  # fmt: skip
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        result[name] = fn()
+        torch.cuda.synchronize()
+        print(f"attention {name}: {time.perf_counter() - t0:.2f} s", flush=True)
+        result[name + "_s"] = time.perf_counter() - t0
+    diff = (result.pop("comfyui").float() - result.pop("chunked").float()).abs().max().item()
+    result["max_diff"] = diff
+    print(f"attention: {result}", flush=True)
+    return result
 
 
 def on_cards(args) -> None:

@@ -32,6 +32,8 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     nbytes = t.numel() * t.element_size()
     if nbytes == 0 or not torch.cuda.is_available():
         return t
+    t.zero_()  # the pages faulted in by all of PyTorch's threads: registering then only locks them (as PyTorch's own
+    # pinned_use_cuda_host_register does)
     if int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 1)) != 0:  # 1: portable, every GPU
         return t  # not pinned: the system would not lock that much
     weakref.finalize(t, _unregister, t.data_ptr())

@@ -26,13 +26,14 @@ import torch
 from comfy.ldm.modules.diffusionmodules.model import AttnBlock, Decoder, Encoder, ResnetBlock
 from einops import rearrange
 
-from ..core import split_ops
+from ..core import long_attention, split_ops
 from ..core.row_major import RowMajor, read_rows
 from ..errors import UltraGenError
 from .layer_weights import take_weight
 
 # Activations at or below this many elements run through the module itself.
 DIRECT_ELEMENTS = 1 << 24
+LONG_ATTENTION_TOKENS = 1 << 16  # from here (2048^2 images) the middle attention runs query rows at a time
 OFFLOAD = ("auto", "never", "always")  # keep full activations in host memory, streaming bands to the GPU
 
 
@@ -127,7 +128,19 @@ class _Runner:
         return out, out_sums
 
     def attention(self, block: AttnBlock, x):
-        return self.whole(block, x), None  # global by nature; sits at 1/8 resolution
+        """ComfyUI's block (global by nature; at 1/8 resolution), its attention query rows at a time where the
+        sequence is long (``core.long_attention``: PyTorch has no fused kernel for its 512-wide head)."""
+        x = self.on_compute(x)
+        tokens = x.shape[-2] * x.shape[-1]
+        if tokens < LONG_ATTENTION_TOKENS or not long_attention.can_run(x):
+            return block(x), None
+        h = block.norm(x)
+        q, k, v = (rearrange(conv(h), "b c h w -> b (h w) c") for conv in (block.q, block.k, block.v))
+        del h
+        out = long_attention.attention(q, k, v, self.band * BYTES_PER_BAND_ELEMENT // 2)
+        del q, k, v
+        out = rearrange(out, "b (h w) c -> b c h w", h=x.shape[-2])
+        return x + block.proj_out(out), None
 
     def stage(self, modules, x, sums=None):
         for m in modules:

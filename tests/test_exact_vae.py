@@ -42,6 +42,27 @@ def test_decode_equals_full_decode(vae, shape):
     assert (node - full).abs().max().item() <= 2e-5
 
 
+def test_long_middle_attention_equals_the_full_decode(vae, monkeypatch):
+    """The middle attention query rows at a time (as from 2048^2 images; here forced, in chunks of one row): still
+    ComfyUI's full decode."""
+    import ultragen.patch.exact_vae as exact_vae
+    from ultragen.core import long_attention
+
+    calls = []
+    original = long_attention.attention
+
+    def one_row_at_a_time(q, k, v, budget_bytes):
+        calls.append(q.shape)
+        return original(q, k, v, budget_bytes=1)
+
+    z = torch.randn(1, 16, 6, 7, generator=torch.Generator().manual_seed(8))
+    monkeypatch.setattr(exact_vae, "LONG_ATTENTION_TOKENS", 0)
+    monkeypatch.setattr(long_attention, "attention", one_row_at_a_time)
+    split = exact_vae.exact_decode(vae, z, band_elements=TINY_BANDS, direct_elements=0)
+    assert (split - vae.decode(z)).abs().max().item() <= 2e-5
+    assert calls == [(1, 42, vae.first_stage_model.decoder.mid.attn_1.in_channels)]
+
+
 @pytest.mark.parametrize("size", [(64, 48), (40, 56)])
 def test_encode_equals_full_encode(vae, size):
     from ultragen.nodes.exact_vae import UltraGenVAEEncodeExact
