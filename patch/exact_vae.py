@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import comfy.model_management
 import comfy.utils
+import psutil
 import torch
 from comfy.ldm.modules.diffusionmodules.model import AttnBlock, Decoder, Encoder, ResnetBlock
 from einops import rearrange
@@ -33,12 +34,14 @@ from .layer_weights import take_weight
 
 # Activations at or below this many elements run through the module itself.
 DIRECT_ELEMENTS = 1 << 24
+HOST_RESERVE_BYTES = 2 << 30  # system memory left to everything else when activations move to host memory
 LONG_ATTENTION_TOKENS = 1 << 16  # from here (2048^2 images) the middle attention runs query rows at a time
 OFFLOAD = ("auto", "never", "always")  # keep full activations in host memory, streaming bands to the GPU
 
 
 class ExactVAEError(UltraGenError, ValueError):
-    """A VAE this path does not know; the message says what to use instead."""
+    """A VAE this path does not know, or an image too large for this machine's memory; the message says what to
+    use instead."""
 
 
 class _Runner:
@@ -64,11 +67,12 @@ class _Runner:
 
     def alloc(self, shape: tuple, dtype: torch.dtype):
         """A full activation: host rows, or (``spill``) on the compute device while it leaves room for a band."""
+        need = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
         if self.placement == "spill":
-            need = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
             headroom = self.band * BYTES_PER_BAND_ELEMENT + (1 << 30)
             if need + headroom < comfy.model_management.get_free_memory(self.compute):
                 return torch.empty(shape, dtype=dtype, device=self.compute)
+        _check_host_room(need)
         return RowMajor(shape, dtype)
 
     def _tick(self) -> None:
@@ -88,7 +92,10 @@ class _Runner:
     def stored(self, x: torch.Tensor):
         """Where a large activation made whole (the encoder's input) is kept: host rows only when asked (``host``);
         when spilling it stays where the caller made it, on the compute device."""
-        return RowMajor.of(x) if self.placement == "host" and not self.small(x) else x
+        if self.placement != "host" or self.small(x):
+            return x
+        _check_host_room(x.numel() * x.element_size())
+        return RowMajor.of(x)
 
     def whole(self, module, x) -> torch.Tensor:
         """Run ``module`` on the whole (small) activation."""
@@ -171,6 +178,18 @@ class _Runner:
             sums = split_ops.ChannelSums()
             return split_fn(x, self.taken(module.conv, x), sums=sums, **self.split), sums
         return self.whole(module, x), None
+
+
+def _check_host_room(need: int) -> None:
+    """Refuse, naming the way out, an activation that system memory cannot hold (rather than have the operating
+    system end ComfyUI)."""
+    available = psutil.virtual_memory().available
+    if need + HOST_RESERVE_BYTES > available:
+        raise ExactVAEError(
+            f"the exact VAE needs {need / 2**30:.1f} GiB more system memory (RAM) for an activation that does not "
+            f"fit on the GPU, and {available / 2**30:.1f} GiB is available: close other programs, or use ComfyUI's "
+            "VAE Decode (Tiled) / VAE Encode (Tiled) for this size"
+        )
 
 
 def _blocks(level) -> list:

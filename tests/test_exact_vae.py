@@ -154,6 +154,24 @@ def test_cancel_mid_decode_leaves_no_activation_behind(vae, monkeypatch):
     assert len(alive) == 0
 
 
+def test_too_little_system_memory_is_a_clear_error(vae, monkeypatch):
+    """An activation bound for host memory that the system cannot hold: an error naming the memory and the tiled
+    nodes, before anything is allocated (not an operating system killing ComfyUI)."""
+    from types import SimpleNamespace
+
+    import ultragen.patch.exact_vae as exact_vae
+    from ultragen.core.row_major import RowMajor
+
+    made = []
+    monkeypatch.setattr(RowMajor, "__init__", lambda self, *a, **k: made.append(a))
+    monkeypatch.setattr(exact_vae.psutil, "virtual_memory", lambda: SimpleNamespace(available=3 << 30))
+    z = torch.randn(1, 16, 6, 8, generator=torch.Generator().manual_seed(9))
+    monkeypatch.setattr(exact_vae, "HOST_RESERVE_BYTES", (3 << 30) - 1000)  # room for 1,000 bytes: too little
+    with pytest.raises(exact_vae.ExactVAEError, match=r"system memory .* VAE Decode \(Tiled\)"):
+        exact_vae.exact_decode(vae, z, band_elements=TINY_BANDS, direct_elements=0, offload="always", progress=False)
+    assert made == []
+
+
 def test_where_activations_live_by_hand(monkeypatch):
     """On the GPU while three of the largest activation fit in 90% of its free memory, else spilled (each on the GPU
     while it fits, the rest in host memory); "always" / "never" as asked; a CPU computes in place unless asked."""
