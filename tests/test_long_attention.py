@@ -30,3 +30,18 @@ def test_half_precision_needs_float32_scores():
     """bf16 on a CPU: torch.mm cannot write float32 scores there, so the VAE keeps ComfyUI's own attention."""
     assert long_attention.can_run(torch.zeros(1, 2, 2))
     assert not long_attention.can_run(torch.zeros(1, 2, 2, dtype=torch.bfloat16))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16 scores written as float32)")
+def test_bf16_on_the_gpu_is_as_close_to_float32_as_sdpa():
+    """bf16 inputs on a GPU (the VAE's case): float32 scores through torch.mm(out_dtype); no further from the float32
+    result than PyTorch's own bf16 SDPA is."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(1, 5000, 512, generator=g, device="cuda") for _ in range(3))
+    exact = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+    half = [t.bfloat16() for t in (q, k, v)]
+    assert long_attention.can_run(half[0])
+    ours = long_attention.attention(*half, budget_bytes=10 * 5000 * 1000)  # chunks of 896 rows
+    sdpa = F.scaled_dot_product_attention(*(t[:, None] for t in half))[:, 0]
+    ours_err = (ours.float() - exact).abs().max().item()
+    assert ours_err <= 1.5 * (sdpa.float() - exact).abs().max().item() + 1e-3
