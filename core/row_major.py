@@ -81,7 +81,10 @@ class RowMajor:
 
 
 def read_rows(x: torch.Tensor | RowMajor, lo: int, hi: int, device: torch.device) -> torch.Tensor:
-    """Rows [lo, hi) of ``x`` as a (B, C, hi - lo, W) tensor on ``device``."""
+    """Rows [lo, hi) of ``x`` as a (B, C, hi - lo, W) tensor on ``device``. ``x`` may also be an activation that
+    is never stored (it has ``compute_rows``, e.g. ``split_ops.Upsampled``): then they are made on its device."""
+    if hasattr(x, "compute_rows"):
+        return x.compute_rows(lo, hi).to(device)
     if isinstance(x, RowMajor):
         return x.data[lo:hi].to(device, non_blocking=True).permute(1, 2, 0, 3)
     return x[:, :, lo:hi].to(device, non_blocking=True)
@@ -110,10 +113,12 @@ def prefetched(reads: list[list[tuple]], device: torch.device):
 
     Where storage is host memory (pinned) and ``device`` a GPU, band i + 1 is copied on a side stream while the
     caller computes band i; the caller's stream waits for each copy, and the side stream first waits for
-    everything the caller's stream did before (the previous layer's writes into host memory). Elsewhere the
-    reads happen in order, as ``read_rows`` does them.
+    everything the caller's stream did before (the previous layer's writes into host memory). Elsewhere (and
+    where rows are computed, not stored) the reads happen in order, as ``read_rows`` does them.
     """
-    if device.type != "cuda" or not any(isinstance(s, RowMajor) for band in reads for s, _, _ in band):
+    storages = [s for band in reads for s, _, _ in band]
+    computed = any(hasattr(s, "compute_rows") for s in storages)  # made on the caller's stream, never the side one
+    if device.type != "cuda" or computed or not any(isinstance(s, RowMajor) for s in storages):
         for band in reads:
             yield [read_rows(s, lo, hi, device) for s, lo, hi in band]
         return

@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .row_major import RowMajor, empty_like_rows, prefetched, write_rows
+from .row_major import RowMajor, empty_like_rows, prefetched, read_rows, write_rows
 
 DEFAULT_BAND_ELEMENTS = 1 << 26  # ~128 MB of bf16 per temporary
 
@@ -143,18 +143,18 @@ def conv3x3(
     return out
 
 
-def conv1x1(x: torch.Tensor | RowMajor, conv: torch.nn.Conv2d, band_elements: int = DEFAULT_BAND_ELEMENTS,
-            compute: torch.device | None = None, sums: ChannelSums | None = None,
-            alloc: Alloc | None = None):  # fmt: skip
-    """A pointwise convolution, band by band."""
-    compute, weight, bias = _prepare(x, conv, compute)
-    h = x.shape[2]
-    out = _output(x, (x.shape[0], weight.shape[0], h, x.shape[3]), alloc)
-    step = band_rows(x, max(x.shape[1], weight.shape[0]), band_elements)
-    starts = range(0, h, step)
-    for r0, (band,) in zip(starts, prefetched([[(x, r0, min(h, r0 + step))] for r0 in starts], compute), strict=True):
-        _emit(out, r0, F.conv2d(band, weight, bias), sums)
-    return out
+def _conv_of_upsampled(src: torch.Tensor, r0: int, r1: int, big: int, weight, bias) -> torch.Tensor:
+    """Rows [r0, r1) of ``conv(nearest_upsample_x2(x))`` (``big`` rows in all) from ``src``: the rows of x from
+    ``max(0, r0 - 1) // 2`` up to ``(min(big, r1 + 1) + 1) // 2``, on the compute device."""
+    lo, hi = max(0, r0 - 1), min(big, r1 + 1)  # rows of the upsampled image the convolution reads
+    up = torch.repeat_interleave(torch.repeat_interleave(src, 2, dim=2), 2, dim=3)
+    up = up[:, :, lo - 2 * (lo // 2) : lo - 2 * (lo // 2) + (hi - lo)]
+    up = F.pad(up, (1, 1, 1 if r0 == 0 else 0, 1 if r1 == big else 0))
+    return F.conv2d(up, weight, bias)
+
+
+def _source_rows(r0: int, r1: int, big: int) -> tuple[int, int]:
+    return max(0, r0 - 1) // 2, (min(big, r1 + 1) + 1) // 2
 
 
 def upsample2_conv3x3(
@@ -169,15 +169,73 @@ def upsample2_conv3x3(
     big = 2 * h
     step = band_rows(out, max(x.shape[1], weight.shape[0]), band_elements)
     starts = range(0, big, step)
-    spans = [(max(0, r0 - 1), min(big, r0 + step + 1)) for r0 in starts]  # rows of the upsampled image a band reads
-    reads = [[(x, lo // 2, (hi + 1) // 2)] for lo, hi in spans]
-    for r0, (lo, hi), (src,) in zip(starts, spans, prefetched(reads, compute), strict=True):
-        r1 = min(big, r0 + step)
-        up = torch.repeat_interleave(torch.repeat_interleave(src, 2, dim=2), 2, dim=3)
-        up = up[:, :, lo - 2 * (lo // 2) : lo - 2 * (lo // 2) + (hi - lo)]
-        up = F.pad(up, (1, 1, 1 if r0 == 0 else 0, 1 if r1 == big else 0))
-        _emit(out, r0, F.conv2d(up, weight, bias), sums)
+    reads = [[(x, *_source_rows(r0, min(big, r0 + step), big))] for r0 in starts]
+    for r0, (src,) in zip(starts, prefetched(reads, compute), strict=True):
+        _emit(out, r0, _conv_of_upsampled(src, r0, min(big, r0 + step), big, weight, bias), sums)
     return out
+
+
+class Upsampled:
+    """``conv(nearest_upsample_x2(x))`` never stored: any rows are made on demand from x's rows.
+
+    Why: the decoder's last upsample is its largest activation (256 channels at full size: 32 GiB at 8192^2,
+    128 GiB at 16384^2) and is read by one layer only. Where activations live in host memory, making its rows
+    again costs less than pinning it, copying it out and reading it back, and takes that much less RAM. Read it
+    in one pass (:func:`conv3x3_with_shortcut`): every read computes.
+    """
+
+    def __init__(self, x: torch.Tensor | RowMajor, conv: torch.nn.Conv2d, compute: torch.device,
+                 band_elements: int = DEFAULT_BAND_ELEMENTS):  # fmt: skip
+        self.x, self.band_elements = x, band_elements
+        self.device, self.weight, self.bias = _prepare(x, conv, compute)
+        b, _, h, w = x.shape
+        self.shape = torch.Size((b, self.weight.shape[0], 2 * h, 2 * w))
+        self.dtype = x.dtype
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def compute_rows(self, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) as a (B, C, hi - lo, W) tensor on the compute device."""
+        src = read_rows(self.x, *_source_rows(lo, hi, self.shape[2]), self.device)
+        return _conv_of_upsampled(src, lo, hi, self.shape[2], self.weight, self.bias)
+
+    def sums(self) -> ChannelSums:
+        """The per-channel sums of the whole activation (for the group norm that reads it), in one pass."""
+        sums = ChannelSums()
+        big = self.shape[2]
+        step = band_rows(self, band_elements=self.band_elements)
+        starts = range(0, big, step)
+        reads = [[(self.x, *_source_rows(r0, min(big, r0 + step), big))] for r0 in starts]
+        for r0, (src,) in zip(starts, prefetched(reads, self.device), strict=True):
+            sums.add(_conv_of_upsampled(src, r0, min(big, r0 + step), big, self.weight, self.bias))
+        return sums
+
+
+def conv3x3_with_shortcut(
+    x: torch.Tensor | RowMajor | Upsampled, conv: torch.nn.Conv2d, pre: Pre, shortcut: torch.nn.Conv2d,
+    band_elements: int = DEFAULT_BAND_ELEMENTS, compute: torch.device | None = None,
+    sums: ChannelSums | None = None, alloc: Alloc | None = None,
+) -> tuple[torch.Tensor | RowMajor, torch.Tensor | RowMajor]:  # fmt: skip
+    """``(conv(pre(x)), shortcut(x))`` for a resnet block that changes channels (``shortcut``: its 1x1
+    convolution), in one pass over x: each band of x is read (or made, when x is :class:`Upsampled`) once for
+    both. ``sums``: of the first output."""
+    compute, weight, bias = _prepare(x, conv, compute)
+    _, skip_weight, skip_bias = _prepare(x, shortcut, compute)
+    b, _, h, w = x.shape
+    like = x.x if isinstance(x, Upsampled) else x
+    out = _output(like, (b, weight.shape[0], h, w), alloc)
+    skip = _output(like, (b, skip_weight.shape[0], h, w), alloc)
+    step = band_rows(x, max(x.shape[1], weight.shape[0]), band_elements)
+    starts = range(0, h, step)
+    reads = [[(x, max(0, r0 - 1), min(h, r0 + step + 1))] for r0 in starts]
+    for r0, (band,) in zip(starts, prefetched(reads, compute), strict=True):
+        r1 = min(h, r0 + step)
+        top = r0 - max(0, r0 - 1)
+        write_rows(skip, r0, F.conv2d(band[:, :, top : top + r1 - r0], skip_weight, skip_bias))
+        band = F.pad(pre(band), (1, 1, 1 if r0 == 0 else 0, 1 if r1 == h else 0))
+        _emit(out, r0, F.conv2d(band, weight, bias), sums)
+    return out, skip
 
 
 def pad_conv3x3_stride2(

@@ -9,7 +9,10 @@ bounded by the free memory). Full activations stay on the GPU while about three 
 largest fit; else each stays there while it fits beside a band's temporaries and the rest
 live in host memory, row-major (``core.row_major``), streamed through the GPU a band at a
 time, the next band's copy overlapping the current band's work (``offload="always"``: all
-in host memory). Group norms take the sums their producer accumulated: no layer is read twice.
+in host memory). Group norms take the sums their producer accumulated; a resnet block's first
+convolution and its 1x1 shortcut read their input in one pass; while streaming, an upsample
+followed by such a block is never stored (its rows are made as the block reads them: the
+largest activation, 32 GiB at 8192^2, neither pinned nor moved).
 
 Layers whose activation is small (the 1/8-resolution middle, with its attention) run as
 they are; everything else is split.
@@ -84,8 +87,8 @@ class _Runner:
         return x.numel() <= self.direct
 
     def on_compute(self, x) -> torch.Tensor:
-        """``x`` as a tensor on the compute device (a small activation leaving host memory)."""
-        if isinstance(x, RowMajor):
+        """``x`` as a tensor on the compute device (a small activation leaving host memory, or made whole)."""
+        if not isinstance(x, torch.Tensor):
             return read_rows(x, 0, x.shape[2], self.compute).contiguous()
         return x.to(self.compute)
 
@@ -121,13 +124,18 @@ class _Runner:
         if self.small(x):
             return self.whole(block, x), None
         h_sums = split_ops.ChannelSums()
-        h = split_ops.conv3x3(x, self.taken(block.conv1, x), self.norm_silu(block.norm1, x, sums), sums=h_sums,
-                              **self.split)  # fmt: skip
-        if block.in_channels != block.out_channels:
-            shortcut = self.taken(block.conv_shortcut if block.use_conv_shortcut else block.nin_shortcut, x)
-            skip = (split_ops.conv3x3 if block.use_conv_shortcut else split_ops.conv1x1)(x, shortcut, **self.split)
+        pre = self.norm_silu(block.norm1, x, sums)
+        if block.in_channels != block.out_channels and not block.use_conv_shortcut:  # x read once for both
+            h, skip = split_ops.conv3x3_with_shortcut(x, self.taken(block.conv1, x), pre,
+                                                      self.taken(block.nin_shortcut, x), sums=h_sums,
+                                                      **self.split)  # fmt: skip
+            del x
+        elif block.in_channels != block.out_channels:
+            h = split_ops.conv3x3(x, self.taken(block.conv1, x), pre, sums=h_sums, **self.split)
+            skip = split_ops.conv3x3(x, self.taken(block.conv_shortcut, x), **self.split)
             del x
         else:
+            h = split_ops.conv3x3(x, self.taken(block.conv1, x), pre, sums=h_sums, **self.split)
             skip = x  # identity: each output band overwrites its own input rows, no longer needed
         pre = self.norm_silu(block.norm2, h, h_sums)
         out_sums = split_ops.ChannelSums()
@@ -170,10 +178,17 @@ class _Runner:
         x = self.stored(x)
         return split_ops.conv3x3(x, self.taken(self.net.conv_in, x), sums=sums, **self.split), sums
 
-    def resample(self, module, split_fn, x):
+    def resample(self, module, split_fn, x, consumer=None):
         """The up- or downsampling of a level; split when it has a convolution and x (or, upsampling, its
-        output) is large."""
+        output) is large. An upsample whose output would leave the compute device and whose ``consumer`` reads it
+        in one pass (a resnet block with a 1x1 shortcut) is never stored: its rows are made as that block reads
+        them (``split_ops.Upsampled``)."""
         grows = split_fn is split_ops.upsample2_conv3x3
+        fused = (grows and self.placement != "compute" and isinstance(consumer, ResnetBlock)
+                 and consumer.in_channels != consumer.out_channels and not consumer.use_conv_shortcut)  # fmt: skip
+        if module.with_conv and fused and 4 * x.numel() > self.direct:
+            up = split_ops.Upsampled(x, self.taken(module.conv, x), self.compute, self.band)
+            return up, up.sums()
         if module.with_conv and not (self.small(x) and (not grows or 4 * x.numel() <= self.direct)):
             sums = split_ops.ChannelSums()
             return split_fn(x, self.taken(module.conv, x), sums=sums, **self.split), sums
@@ -258,7 +273,8 @@ def decode_latent(decoder: Decoder, z: torch.Tensor, band_elements: int = split_
         for i in levels:
             h, sums = run.stage(_blocks(decoder.up[i]), h, sums)
             if i != 0:
-                h, sums = run.resample(decoder.up[i].upsample, split_ops.upsample2_conv3x3, h)
+                h, sums = run.resample(decoder.up[i].upsample, split_ops.upsample2_conv3x3, h,
+                                       consumer=decoder.up[i - 1].block[0])  # fmt: skip
                 run._tick()
         return run.out(h, sums)
 

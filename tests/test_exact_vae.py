@@ -78,15 +78,19 @@ def test_encode_equals_full_encode(vae, size):
 
 
 @pytest.mark.parametrize("shape", [(1, 16, 6, 5), (2, 16, 7, 4)])
-def test_streamed_activations_equal_the_full_decode_and_encode(vae, shape):
+def test_streamed_activations_equal_the_full_decode_and_encode(vae, shape, monkeypatch):
     """Full activations kept in host memory row-major, every layer streamed a band of one to three rows at a time,
-    group norms from the sums their producers accumulate: ComfyUI's own full decode and encode (float32, odd sizes,
-    batch 2)."""
+    group norms from the sums their producers accumulate, the upsamples before a channel change made as their
+    reader needs them: ComfyUI's own full decode and encode (float32, odd sizes, batch 2)."""
+    from ultragen.core import split_ops
     from ultragen.patch.exact_vae import ExactVAEError, exact_decode, exact_encode
 
+    made = []
+    monkeypatch.setattr(split_ops.Upsampled, "sums", lambda self, f=split_ops.Upsampled.sums: made.append(1) or f(self))
     z = torch.randn(shape, generator=torch.Generator().manual_seed(3))
     streamed = exact_decode(vae, z, band_elements=TINY_BANDS, direct_elements=0, offload="always")
     assert (streamed - vae.decode(z)).abs().max().item() <= 2e-5
+    assert len(made) == 2 * shape[0]  # per image, the upsamples before a channel change (512 -> 256, 256 -> 128)
     pixels = torch.rand(shape[0], 8 * shape[2], 8 * shape[3], 3, generator=torch.Generator().manual_seed(4))
     ref = vae.encode(pixels)
     ours = exact_encode(vae, pixels, band_elements=TINY_BANDS, direct_elements=0, offload="always")

@@ -72,3 +72,33 @@ def test_split_ops_on_row_major_storage_and_fused_sums():
     down = torch.nn.Conv2d(8, 6, 3, stride=2).double()
     assert torch.allclose(split_ops.pad_conv3x3_stride2(rows, down, tiny).tensor(),
                           down(torch.nn.functional.pad(x, (0, 1, 0, 1))), atol=1e-12)  # fmt: skip
+
+
+def test_upsample_made_on_demand_and_the_one_pass_resnet_entry():
+    """An upsample never stored (rows made as they are read, from a tensor or host rows), its sums, and a resnet
+    block's first convolution with its 1x1 channel-changing shortcut in one pass: the plain layers' results."""
+    from ultragen.core.row_major import RowMajor
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 8, 7, 5, generator=g, dtype=torch.float64)
+    up_conv = torch.nn.Conv2d(8, 8, 3, padding=1).double()
+    conv1 = torch.nn.Conv2d(8, 4, 3, padding=1).double()
+    nin = torch.nn.Conv2d(8, 4, 1).double()
+    norm = torch.nn.GroupNorm(2, 8, eps=1e-6).double()
+    torch.nn.init.normal_(norm.weight, generator=g)
+    full_up = up_conv(torch.nn.functional.interpolate(x, scale_factor=2.0))
+    expected_h = conv1(torch.nn.functional.silu(norm(full_up)))
+    expected_skip = nin(full_up)
+    cpu = torch.device("cpu")
+    for source in (x, RowMajor.of(x)):
+        for tiny in (2 * 8 * 10 * 1, 2 * 8 * 10 * 3):  # bands of one and three rows
+            up = split_ops.Upsampled(source, up_conv, cpu, tiny)
+            assert up.shape == full_up.shape
+            assert torch.allclose(up.compute_rows(3, 9), full_up[:, :, 3:9], atol=1e-12)
+            sums = up.sums()
+            assert torch.allclose(sums.total, full_up.sum((2, 3)), atol=1e-9)
+            pre = split_ops.group_norm_silu(norm, sums.group_stats(2, 1e-6))
+            h, skip = split_ops.conv3x3_with_shortcut(up, conv1, pre, nin, band_elements=tiny)
+            assert torch.allclose(h if isinstance(h, torch.Tensor) else h.tensor(), expected_h, atol=1e-6)
+            assert torch.allclose(skip if isinstance(skip, torch.Tensor) else skip.tensor(), expected_skip, atol=1e-12)
+            assert isinstance(h, RowMajor) == isinstance(source, RowMajor)  # kept where the upsample's input is
