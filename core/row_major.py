@@ -10,14 +10,29 @@ the GPU (from pinned memory: asynchronously, at full bus speed) and is permuted 
 
 from __future__ import annotations
 
+import logging
 import weakref
 
 import torch
 
 
 def _unregister(pointer: int) -> None:
-    torch.cuda.synchronize()  # no copy into or out of the memory may still be in flight when it is released
+    for device in range(torch.cuda.device_count()):  # no copy into or out of the memory may still be in flight
+        torch.cuda.synchronize(device)
     torch.cuda.cudart().cudaHostUnregister(pointer)
+
+
+def _clear_cuda_error() -> None:
+    """A failed ``cudaHostRegister`` stays CUDA's "last error" (PyTorch's binding hands the code back without
+    clearing it), and PyTorch's next kernel launch check would raise it against some unrelated operation. A
+    throwaway launch reads and clears it here instead."""
+    try:
+        torch.ones(1, device="cuda").add_(1)
+    except RuntimeError:
+        pass
+
+
+_warned: set[str] = set()
 
 
 def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -35,8 +50,13 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     t.zero_()  # the pages faulted in by all of PyTorch's threads: registering then only locks them (as PyTorch's own
     # pinned_use_cuda_host_register does)
     if int(torch.cuda.cudart().cudaHostRegister(t.data_ptr(), nbytes, 1)) != 0:  # 1: portable, every GPU
-        return t  # not pinned: the system would not lock that much
-    weakref.finalize(t, _unregister, t.data_ptr())
+        _clear_cuda_error()
+        if "pin" not in _warned:
+            _warned.add("pin")
+            logging.warning("UltraGen: the system would not pin %.1f GiB of host memory for the exact VAE; it goes on "
+                            "with ordinary memory (slower copies)", nbytes / 2**30)  # fmt: skip
+        return t
+    weakref.finalize(t, _unregister, t.data_ptr()).atexit = False  # at exit the process's memory goes anyway
     return t
 
 

@@ -102,3 +102,24 @@ def test_upsample_made_on_demand_and_the_one_pass_resnet_entry():
             assert torch.allclose(h if isinstance(h, torch.Tensor) else h.tensor(), expected_h, atol=1e-6)
             assert torch.allclose(skip if isinstance(skip, torch.Tensor) else skip.tensor(), expected_skip, atol=1e-12)
             assert isinstance(h, RowMajor) == isinstance(source, RowMajor)  # kept where the upsample's input is
+
+
+def test_memory_the_system_will_not_pin_is_used_unpinned(monkeypatch, caplog):
+    """cudaHostRegister refused (e.g. WSL's pinning limit): ordinary memory of the asked shape, CUDA's error cleared
+    so that no later operation reports it, and one warning however often it happens."""
+    from types import SimpleNamespace
+
+    import ultragen.core.row_major as row_major
+
+    cleared = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: SimpleNamespace(cudaHostRegister=lambda ptr, size, flags: 2))
+    monkeypatch.setattr(row_major, "_clear_cuda_error", lambda: cleared.append(1))
+    monkeypatch.setattr(row_major, "_warned", set())
+    with caplog.at_level("WARNING"):
+        for _ in range(2):
+            t = row_major.pinned_empty((3, 4), torch.float16)
+            assert t.shape == (3, 4) and t.dtype == torch.float16 and not t.is_pinned()
+    assert cleared == [1, 1]
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "would not pin" in caplog.records[0].message
