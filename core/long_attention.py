@@ -12,6 +12,8 @@ Shapes: q, k, v (B, L, C); returns (B, L, C) in q's dtype.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 BYTES_PER_SCORE = 10  # float32 scores, their float32 softmax and its bf16 / fp16 copy for the product with V
@@ -37,8 +39,10 @@ def query_rows(length: int, budget_bytes: int) -> int:
     return rows - rows % 128 if rows >= 128 else rows
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget_bytes: int) -> torch.Tensor:
-    """softmax(q k^T / sqrt(C)) v for (B, L, C) inputs, query rows at a time."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget_bytes: int,
+              between_chunks: Callable[[], None] | None = None) -> torch.Tensor:  # fmt: skip
+    """softmax(q k^T / sqrt(C)) v for (B, L, C) inputs, query rows at a time. ``between_chunks`` runs before each
+    chunk (the caller's cancel check: at 8192^2 this attention takes seconds)."""
     b, length, channels = q.shape
     scale = channels**-0.5
     rows = query_rows(length, budget_bytes)
@@ -46,6 +50,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget_bytes: i
     for i in range(b):
         keys = k[i].t()
         for r0 in range(0, length, rows):
+            if between_chunks is not None:
+                between_chunks()
             chunk = q[i, r0 : r0 + rows]
             if q.dtype == torch.float32:
                 scores = chunk @ keys

@@ -152,7 +152,8 @@ class _Runner:
         h = block.norm(x)
         q, k, v = (rearrange(conv(h), "b c h w -> b (h w) c") for conv in (block.q, block.k, block.v))
         del h
-        out = long_attention.attention(q, k, v, self.band * BYTES_PER_BAND_ELEMENT // 2)
+        out = long_attention.attention(q, k, v, self.band * BYTES_PER_BAND_ELEMENT // 2,
+                                       comfy.model_management.throw_exception_if_processing_interrupted)
         del q, k, v
         out = rearrange(out, "b (h w) c -> b c h w", h=x.shape[-2])
         return x + block.proj_out(out), None

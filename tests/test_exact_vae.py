@@ -51,9 +51,9 @@ def test_long_middle_attention_equals_the_full_decode(vae, monkeypatch):
     calls = []
     original = long_attention.attention
 
-    def one_row_at_a_time(q, k, v, budget_bytes):
+    def one_row_at_a_time(q, k, v, budget_bytes, between_chunks):
         calls.append(q.shape)
-        return original(q, k, v, budget_bytes=1)
+        return original(q, k, v, budget_bytes=1, between_chunks=between_chunks)
 
     z = torch.randn(1, 16, 6, 7, generator=torch.Generator().manual_seed(8))
     monkeypatch.setattr(exact_vae, "LONG_ATTENTION_TOKENS", 0)

@@ -19,6 +19,21 @@ def test_chunked_attention_equals_sdpa(length, budget):
     assert (out - expected).abs().max().item() <= 1e-5
 
 
+def test_the_callers_check_runs_before_every_chunk():
+    """Cancel (the caller's check raising) stops it between chunks."""
+    q = torch.randn(1, 10, 4, generator=torch.Generator().manual_seed(1))
+    seen = []
+
+    def check():
+        seen.append(1)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        long_attention.attention(q, q, q, budget_bytes=10 * 10 * 2, between_chunks=check)  # chunks of 2 rows
+    assert len(seen) == 3
+
+
 def test_rows_per_chunk_by_hand():
     assert long_attention.query_rows(1000, 10 * 1000 * 300) == 256  # 300 fit: whole tiles of 128
     assert long_attention.query_rows(1000, 10 * 1000 * 100) == 100
