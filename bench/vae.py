@@ -8,6 +8,7 @@ exact and tiled results to the full one.
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/vae.py [--sizes 4096 8192] [--full-max 4096]
     COMFYUI_PATH=/path/to/ComfyUI python bench/vae.py --cards 24 12 --sizes 4096 8192   # emulated cards
+    ... --cards 24 --sizes 8192 --passes exact_decode --profile   # seconds per stage and per pinning
 
 With ``--cards``: on each emulated card (``bench/vram_cards.py``'s emulation: allocator cap, ComfyUI's free
 memory scaled), the exact decode and encode as the node runs them (``offload="auto"``: streamed from host
@@ -285,7 +286,9 @@ def on_cards(args) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         def c(k, r=r):
-            return f"{r[k + '_s']:.1f} s, {r[k + '_gib']:.1f} GiB" if k + "_s" in r else "OOM"
+            if k + "_s" in r:
+                return f"{r[k + '_s']:.1f} s, {r[k + '_gib']:.1f} GiB"
+            return f"OOM ({r[k + '_oom']})" if k + "_oom" in r else "–"
 
         ratio = [f"{r[k]:.2f}x" if k in r else "-" for k in ("decode_exact_over_tiled", "encode_exact_over_tiled")]
         card = "whole GPU" if r["card_gib"] is None else f"{r['card_gib']} GB"
