@@ -30,8 +30,18 @@ from .row_major import RowMajor, empty_like_rows, prefetched, read_rows, write_r
 DEFAULT_BAND_ELEMENTS = 1 << 26  # ~128 MB of bf16 per temporary
 
 Pre = Callable[[torch.Tensor], torch.Tensor]
+# Run before every band (the caller's cancel check: one layer of an 8192^2 decode takes seconds).
+Check = Callable[[], None]
 # Where a layer's full output is kept: (shape, dtype) -> a tensor or host rows (default: as its input is kept).
 Alloc = Callable[[tuple, torch.dtype], "torch.Tensor | RowMajor"]
+
+
+def _bands(reads: list[list[tuple]], compute: torch.device, between_bands: Check | None):
+    """``prefetched(reads, compute)``, with the caller's check before each band."""
+    for band in prefetched(reads, compute):
+        if between_bands is not None:
+            between_bands()
+        yield band
 
 
 def band_rows(x: torch.Tensor | RowMajor, channels: int | None = None,
@@ -70,12 +80,13 @@ class ChannelSums:
 
 
 def group_stats(x: torch.Tensor | RowMajor, groups: int, eps: float, band_elements: int = DEFAULT_BAND_ELEMENTS,
-                compute: torch.device | None = None):  # fmt: skip
+                compute: torch.device | None = None, between_bands: Check | None = None):  # fmt: skip
     """(mean, 1 / std) per (batch, group) over the whole image, accumulated band by band in float64."""
     compute = compute or x.device
     sums = ChannelSums()
     step = band_rows(x, band_elements=band_elements)
-    for (band,) in prefetched([[(x, r0, min(x.shape[2], r0 + step))] for r0 in range(0, x.shape[2], step)], compute):
+    reads = [[(x, r0, min(x.shape[2], r0 + step))] for r0 in range(0, x.shape[2], step)]
+    for (band,) in _bands(reads, compute, between_bands):
         sums.add(band)
     return sums.group_stats(groups, eps)
 
@@ -117,6 +128,7 @@ def conv3x3(
     x: torch.Tensor | RowMajor, conv: torch.nn.Conv2d, pre: Pre | None = None, out=None,
     add: torch.Tensor | RowMajor | None = None, band_elements: int = DEFAULT_BAND_ELEMENTS,
     compute: torch.device | None = None, sums: ChannelSums | None = None, alloc: Alloc | None = None,
+    between_bands: Check | None = None,
 ) -> torch.Tensor | RowMajor:  # fmt: skip
     """``conv(pre(x)) (+ add)`` for a 3x3, stride-1, padding-1 convolution, band by band.
 
@@ -130,7 +142,7 @@ def conv3x3(
     starts = range(0, h, step)
     reads = [[(x, max(0, r0 - 1), min(h, r0 + step + 1))] + ([(add, r0, min(h, r0 + step))] if add is not None else [])
              for r0 in starts]  # fmt: skip
-    for r0, fetched in zip(starts, prefetched(reads, compute), strict=True):
+    for r0, fetched in zip(starts, _bands(reads, compute, between_bands), strict=True):
         r1 = min(h, r0 + step)
         band = fetched[0]
         if pre is not None:
@@ -160,6 +172,7 @@ def _source_rows(r0: int, r1: int, big: int) -> tuple[int, int]:
 def upsample2_conv3x3(
     x: torch.Tensor | RowMajor, conv: torch.nn.Conv2d, band_elements: int = DEFAULT_BAND_ELEMENTS,
     compute: torch.device | None = None, sums: ChannelSums | None = None, alloc: Alloc | None = None,
+    between_bands: Check | None = None,
 ) -> torch.Tensor | RowMajor:  # fmt: skip
     """``conv(nearest_upsample_x2(x))`` band by band, never holding the upsampled image whole (each band
     recomputes its rows of the upsample)."""
@@ -170,7 +183,7 @@ def upsample2_conv3x3(
     step = band_rows(out, max(x.shape[1], weight.shape[0]), band_elements)
     starts = range(0, big, step)
     reads = [[(x, *_source_rows(r0, min(big, r0 + step), big))] for r0 in starts]
-    for r0, (src,) in zip(starts, prefetched(reads, compute), strict=True):
+    for r0, (src,) in zip(starts, _bands(reads, compute, between_bands), strict=True):
         _emit(out, r0, _conv_of_upsampled(src, r0, min(big, r0 + step), big, weight, bias), sums)
     return out
 
@@ -185,8 +198,8 @@ class Upsampled:
     """
 
     def __init__(self, x: torch.Tensor | RowMajor, conv: torch.nn.Conv2d, compute: torch.device,
-                 band_elements: int = DEFAULT_BAND_ELEMENTS):  # fmt: skip
-        self.x, self.band_elements = x, band_elements
+                 band_elements: int = DEFAULT_BAND_ELEMENTS, between_bands: Check | None = None):  # fmt: skip
+        self.x, self.band_elements, self.between_bands = x, band_elements, between_bands
         self.device, self.weight, self.bias = _prepare(x, conv, compute)
         b, _, h, w = x.shape
         self.shape = torch.Size((b, self.weight.shape[0], 2 * h, 2 * w))
@@ -207,7 +220,7 @@ class Upsampled:
         step = band_rows(self, band_elements=self.band_elements)
         starts = range(0, big, step)
         reads = [[(self.x, *_source_rows(r0, min(big, r0 + step), big))] for r0 in starts]
-        for r0, (src,) in zip(starts, prefetched(reads, self.device), strict=True):
+        for r0, (src,) in zip(starts, _bands(reads, self.device, self.between_bands), strict=True):
             sums.add(_conv_of_upsampled(src, r0, min(big, r0 + step), big, self.weight, self.bias))
         return sums
 
@@ -215,7 +228,7 @@ class Upsampled:
 def conv3x3_with_shortcut(
     x: torch.Tensor | RowMajor | Upsampled, conv: torch.nn.Conv2d, pre: Pre, shortcut: torch.nn.Conv2d,
     band_elements: int = DEFAULT_BAND_ELEMENTS, compute: torch.device | None = None,
-    sums: ChannelSums | None = None, alloc: Alloc | None = None,
+    sums: ChannelSums | None = None, alloc: Alloc | None = None, between_bands: Check | None = None,
 ) -> tuple[torch.Tensor | RowMajor, torch.Tensor | RowMajor]:  # fmt: skip
     """``(conv(pre(x)), shortcut(x))`` for a resnet block that changes channels (``shortcut``: its 1x1
     convolution), in one pass over x: each band of x is read (or made, when x is :class:`Upsampled`) once for
@@ -229,7 +242,7 @@ def conv3x3_with_shortcut(
     step = band_rows(x, max(x.shape[1], weight.shape[0]), band_elements)
     starts = range(0, h, step)
     reads = [[(x, max(0, r0 - 1), min(h, r0 + step + 1))] for r0 in starts]
-    for r0, (band,) in zip(starts, prefetched(reads, compute), strict=True):
+    for r0, (band,) in zip(starts, _bands(reads, compute, between_bands), strict=True):
         r1 = min(h, r0 + step)
         top = r0 - max(0, r0 - 1)
         write_rows(skip, r0, F.conv2d(band[:, :, top : top + r1 - r0], skip_weight, skip_bias))
@@ -241,6 +254,7 @@ def conv3x3_with_shortcut(
 def pad_conv3x3_stride2(
     x: torch.Tensor | RowMajor, conv: torch.nn.Conv2d, band_elements: int = DEFAULT_BAND_ELEMENTS,
     compute: torch.device | None = None, sums: ChannelSums | None = None, alloc: Alloc | None = None,
+    between_bands: Check | None = None,
 ) -> torch.Tensor | RowMajor:  # fmt: skip
     """``conv(pad(x, right 1, bottom 1))`` with stride 2 and no padding (the VAE's Downsample), band by band."""
     compute, weight, bias = _prepare(x, conv, compute)
@@ -251,7 +265,7 @@ def pad_conv3x3_stride2(
     starts = range(0, out_h, step)
     spans = [(2 * o0, 2 * (min(out_h, o0 + step) - 1) + 3) for o0 in starts]  # input rows; the last may be padding
     reads = [[(x, lo, min(h, hi))] for lo, hi in spans]
-    for o0, (_, hi), (band,) in zip(starts, spans, prefetched(reads, compute), strict=True):
+    for o0, (_, hi), (band,) in zip(starts, spans, _bands(reads, compute, between_bands), strict=True):
         band = F.pad(band, (0, 1, 0, hi - min(h, hi)))
         _emit(out, o0, F.conv2d(band, weight, bias, stride=2), sums)
     return out

@@ -64,7 +64,7 @@ class _Runner:
         self.direct = direct_elements
         self.compute, self.placement = compute, placement
         self.progress = comfy.utils.ProgressBar(steps) if progress else None
-        self.split = dict(band_elements=band_elements, compute=compute)
+        self.split = dict(band_elements=band_elements, compute=compute, between_bands=self._check_cancel)
         if placement != "compute":
             self.split["alloc"] = self.alloc
 
@@ -78,8 +78,12 @@ class _Runner:
         _check_host_room(need)
         return RowMajor(shape, dtype)
 
-    def _tick(self) -> None:
+    @staticmethod
+    def _check_cancel() -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
+
+    def _tick(self) -> None:
+        self._check_cancel()
         if self.progress is not None:
             self.progress.update(1)
 
@@ -117,7 +121,7 @@ class _Runner:
         if sums is not None:
             stats = sums.group_stats(norm.num_groups, norm.eps)
         else:
-            stats = split_ops.group_stats(x, norm.num_groups, norm.eps, self.band, self.compute)
+            stats = split_ops.group_stats(x, norm.num_groups, norm.eps, self.band, self.compute, self._check_cancel)
         return split_ops.group_norm_silu(self.taken(norm, x), stats)
 
     def resnet(self, block: ResnetBlock, x, sums):
@@ -152,8 +156,7 @@ class _Runner:
         h = block.norm(x)
         q, k, v = (rearrange(conv(h), "b c h w -> b (h w) c") for conv in (block.q, block.k, block.v))
         del h
-        out = long_attention.attention(q, k, v, self.band * BYTES_PER_BAND_ELEMENT // 2,
-                                       comfy.model_management.throw_exception_if_processing_interrupted)
+        out = long_attention.attention(q, k, v, self.band * BYTES_PER_BAND_ELEMENT // 2, self._check_cancel)
         del q, k, v
         out = rearrange(out, "b (h w) c -> b c h w", h=x.shape[-2])
         return x + block.proj_out(out), None
@@ -188,7 +191,7 @@ class _Runner:
         fused = (grows and self.placement != "compute" and isinstance(consumer, ResnetBlock)
                  and consumer.in_channels != consumer.out_channels and not consumer.use_conv_shortcut)  # fmt: skip
         if module.with_conv and fused and 4 * x.numel() > self.direct:
-            up = split_ops.Upsampled(x, self.taken(module.conv, x), self.compute, self.band)
+            up = split_ops.Upsampled(x, self.taken(module.conv, x), self.compute, self.band, self._check_cancel)
             return up, up.sums()
         if module.with_conv and not (self.small(x) and (not grows or 4 * x.numel() <= self.direct)):
             sums = split_ops.ChannelSums()

@@ -123,3 +123,19 @@ def test_memory_the_system_will_not_pin_is_used_unpinned(monkeypatch, caplog):
     assert cleared == [1, 1]
     assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
     assert "would not pin" in caplog.records[0].message
+
+
+def test_the_callers_check_runs_before_every_band():
+    """Cancel reaches into a layer: the check runs once per band (13 rows in bands of 2: 7 bands; the upsample's
+    26 output rows, twice as wide, in bands of 1), for each kind of split layer."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 8, 13, 11, generator=g, dtype=torch.float64)
+    conv = torch.nn.Conv2d(8, 8, 3, padding=1).double()
+    two_rows = 8 * 11 * 2
+    runs = ((lambda check: split_ops.conv3x3(x, conv, band_elements=two_rows, between_bands=check), 7),
+            (lambda check: split_ops.group_stats(x, 4, 1e-6, two_rows, between_bands=check), 7),
+            (lambda check: split_ops.upsample2_conv3x3(x, conv, two_rows, between_bands=check), 26))  # fmt: skip
+    for run, bands in runs:
+        seen = []
+        run(lambda seen=seen: seen.append(1))
+        assert len(seen) == bands
