@@ -11,7 +11,8 @@ def _offload_input():
     return io.Combo.Input(
         "offload", options=list(OFFLOAD), default="auto",
         tooltip="Keep the full-size activations in CPU memory and stream them through the GPU in bands: auto does "
-        "so only when the GPU lacks room (8K on cards under ~100 GB); always bounds GPU memory to a few GB.",
+        "so only for those the GPU has no room for (8K on cards under ~100 GB; an 8K decode on a 24 GB card then "
+        "needs roughly 20-50 GB of free system RAM); always bounds GPU memory to a few GB.",
     )  # fmt: skip
 
 
