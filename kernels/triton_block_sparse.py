@@ -205,13 +205,33 @@ def launch_config(head_dim: int, device: torch.device) -> LaunchConfig:
     bench/NOTES.md): 128x128 tiles, 8 warps, 2 stages and TMA loads of K/V are fastest for
     global guidance, local guidance and dense layouts alike; 4-warp configs with 128-row
     tiles spill registers at head_dim 128.
+
+    Those tiles need 176 KB of shared memory with TMA (compiled for sm_90 at head_dim 128): they run only
+    where a block may take that much, H100 / H200 and datacenter Blackwell (227 KB). RTX 50xx and RTX PRO
+    Blackwell cards report compute capability 12 but give a block 99 KB, like Ampere and Ada: there the
+    64x64 tiles (48 KB) run. ``tests/test_kernel_limits.py`` compiles each choice for each kind of GPU.
     """
     if device.type != "cuda":  # interpreter: small tiles keep tests fast and exercise masks
         return LaunchConfig(32, 32, 4, 1, False)
-    hopper = torch.cuda.get_device_capability(device)[0] >= 9
+    large = _hopper_class(device)
+    if head_dim > 64 and large:
+        return LaunchConfig(128, 128, 8, 2, True)
     if head_dim > 64:
-        return LaunchConfig(128, 128, 8, 2, True) if hopper else LaunchConfig(64, 64, 4, 3, False)
-    return LaunchConfig(128, 64, 4, 2, hopper)  # head_dim <= 64: half the accumulator; not measured
+        return LaunchConfig(64, 64, 4, 3, False)  # 48 KB at head_dim 128, 96 KB at 256
+    return LaunchConfig(128, 64, 4, 2, large)  # head_dim <= 64: half the accumulator; not measured
+
+
+HOPPER_CLASS_SHARED = 200 * 1024  # shared memory a block must be allowed for the 128x128 TMA tiles (176 KB)
+
+
+def _hopper_class(device: torch.device) -> bool:
+    """Hopper's instructions (TMA) and room for its tiles: compute capability 9+ *and* a large shared memory
+    (not the capability alone: consumer Blackwell, sm_120, has TMA but 99 KB a block)."""
+    props = torch.cuda.get_device_properties(device)
+    optin = getattr(props, "shared_memory_per_block_optin", None)  # PyTorch 2.5+ reports it
+    if optin is None:
+        return props.major in (9, 10)  # H100 / H200, B200 / GB200
+    return props.major >= 9 and optin >= HOPPER_CLASS_SHARED
 
 
 def _nonempty(t: torch.Tensor) -> torch.Tensor:

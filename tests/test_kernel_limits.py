@@ -53,3 +53,55 @@ def test_attention_written_over_q_of_a_qkv_buffer(backend):
     assert out.data_ptr() == q.data_ptr()
     assert (buf[:, :, 0].transpose(1, 2).cpu() - expected).abs().max().item() <= 2e-5
     assert torch.equal(buf[:, :, 1].transpose(1, 2), k) and torch.equal(buf[:, :, 2].transpose(1, 2), v)
+
+
+# Shared memory one block may opt into, by GPU (NVIDIA's CUDA C++ Programming Guide, "Technical Specifications
+# per Compute Capability"): the limit a kernel's tiles must fit, or the launch fails on the artist's card.
+GPUS = {
+    "A100 (sm_80)": ((8, 0), 166_912),
+    "RTX 3060-3090, A6000 (sm_86)": ((8, 6), 101_376),
+    "RTX 4060-4090, L40 (sm_89)": ((8, 9), 101_376),
+    "H100 / H200 (sm_90)": ((9, 0), 232_448),
+    "B200 (sm_100)": ((10, 0), 232_448),
+    "RTX 5060-5090, RTX PRO 6000 (sm_120)": ((12, 0), 101_376),
+}
+
+
+def compiled_shared_bytes(builds: list[tuple[tuple[int, int], int, tuple]]) -> list[int]:
+    """The block-sparse kernel compiled (on this machine: no GPU needed) for each (GPU capability, head_dim,
+    launch configuration): the shared memory each asks for. In a process of its own, since the tests run
+    Triton's interpreter, whose kernels cannot be compiled."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).with_name("compile_shared.py")
+    done = subprocess.run([sys.executable, str(script), json.dumps(builds)], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_attention_tiles_fit_each_gpus_shared_memory(monkeypatch):
+    """The launch configuration chosen for each kind of GPU, compiled for it, fits its shared memory (the
+    H200-tuned 128x128 TMA tiles need ~176 KB: an RTX 5090, compute capability 12, gives 99 KB); Hopper-class
+    GPUs keep the tuned tiles."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("triton")
+    from ultragen.kernels import triton_block_sparse as tbs
+
+    builds, limits, tuned = [], [], {}
+    for gpu, (capability, optin) in GPUS.items():
+        props = SimpleNamespace(major=capability[0], minor=capability[1], shared_memory_per_block_optin=optin)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None, props=props: props)
+        for head_dim in (128, 64):  # FLUX's, and a smaller head
+            builds.append((capability, head_dim, tuple(tbs.launch_config(head_dim, torch.device("cuda", 0)))))
+            limits.append((gpu, head_dim, optin))
+        tuned[gpu] = tbs.launch_config(128, torch.device("cuda", 0)).kv_tma
+    for (gpu, head_dim, optin), (_, _, cfg), shared in zip(limits, builds, compiled_shared_bytes(builds), strict=True):
+        assert 0 < shared <= optin, (gpu, head_dim, cfg, shared)
+    assert tuned == {gpu: capability[0] >= 9 and optin > 200_000 for gpu, (capability, optin) in GPUS.items()}
