@@ -13,6 +13,10 @@ step run, the sampler node's whole time, which also holds its setup: an upper bo
 Per node: seconds and peak GPU memory; per workflow: the whole image and its ratio to dense. The model
 is built before anything is timed; the first sampler of the UltraGen run (the 1K base) includes loading
 its weights onto the GPU and the Triton compilation, which the dense run after it does not pay.
+``--warm`` times an artist's next image instead: each workflow (and its dense counterpart) first runs once with
+every sampler at one step, untimed, so the weights are on the GPU, kernels compiled and attention schedules
+cached for those sizes (Triton keeps compiled kernels on disk, so only the very first image on a machine
+compiles); that pass's time is kept in the JSON.
 On a machine whose Python lacks ComfyUI's video / server requirements (PyAV, pydantic, ...), put
 ``bench/stubs`` on ``PYTHONPATH`` with ``STUB_MODULES=av,pydantic,...`` (see its docstring).
 
@@ -105,7 +109,7 @@ def dense_prompt(size: int, steps: int) -> dict:
 
 
 def shrink(prompt: dict, factor: int, steps: int | None) -> dict:
-    """Sizes divided by ``factor`` and step counts set (the --tiny smoke run)."""
+    """Sizes divided by ``factor`` and step counts set (the --tiny smoke run; factor 1: the --warm pass)."""
     prompt = json.loads(json.dumps(prompt))
     for node in prompt.values():
         inputs = node["inputs"]
@@ -116,9 +120,9 @@ def shrink(prompt: dict, factor: int, steps: int | None) -> dict:
             inputs["steps"] = steps
             if "skip" in inputs:
                 inputs["skip"] = min(inputs["skip"], steps - 1)
-        if node["class_type"] == "UltraGenAttentionPatch" and inputs.get("mode") == "npa":
+        if factor > 1 and node["class_type"] == "UltraGenAttentionPatch" and inputs.get("mode") == "npa":
             inputs["window"] = 4
-        if node["class_type"] == "VAEDecodeTiled":
+        if factor > 1 and node["class_type"] == "VAEDecodeTiled":
             inputs.update(tile_size=64, overlap=16)
     return prompt
 
@@ -187,6 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny models, sizes / 16, 2 steps: a CPU smoke run")
     ap.add_argument("--card", type=float, help="run on an emulated card of this many GiB (bench/vram_cards.py's "
                     "emulation); UltraGen's workflows only")  # fmt: skip
+    ap.add_argument("--warm", action="store_true", help="time the next image: a one-step pass of each workflow "
+                    "first (weights loaded, kernels compiled, schedules cached), untimed")  # fmt: skip
     ap.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH)")
     ap.add_argument("--out", help="JSON path (default: bench/results/pipeline.json)")
     args = ap.parse_args(argv)
@@ -204,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     model_files(work / "models")
     rows = []
     text = "conditioning of the real shapes (T5 512 x 4096, CLIP pooled 768)"
-    result = {**run_info(), "tiny": args.tiny, "random_weights": True, "text_encoders": text, "rows": rows}
+    result = {**run_info(), "tiny": args.tiny, "random_weights": True, "text_encoders": text, "warm": args.warm,
+              "rows": rows}  # fmt: skip
     for i, name in enumerate(args.workflows):
         size = FINAL_SIZE[name]
         dense_steps = args.dense_steps[min(i, len(args.dense_steps) - 1)] if args.dense_steps else (
@@ -213,12 +220,18 @@ def main(argv: list[str] | None = None) -> None:
         dense = dense_prompt(size, dense_steps)
         if args.tiny:
             ours, dense, dense_steps = shrink(ours, 16, 2), shrink(dense, 16, 2), 2
+        warm_up = {}
+        if args.warm:
+            warm_up["ultragen_s"] = run_measured(shrink(ours, 1, 1), work / f"{name}-warm")["s"]
         measured_ours = run_measured(ours, work / name)
-        rows.append({"workflow": name, "size": size, "ultragen": measured_ours, "card_gib": args.card})
+        rows.append({"workflow": name, "size": size, "ultragen": measured_ours, "card_gib": args.card,
+                     "warm_up": warm_up})  # fmt: skip
         out = write_json("pipeline", result, args.out)  # a run cut short in the dense pass keeps this
         if card is not None:  # on a card: UltraGen's stages and peaks only (dense 8K cannot fit)
             print(f"{name} on an emulated {args.card:g} GB card: {measured_ours['s']:.1f} s", flush=True)
             continue
+        if args.warm:
+            warm_up["dense_s"] = run_measured(shrink(dense, 1, 1), work / f"{name}-dense-warm")["s"]
         measured_dense = run_measured(dense, work / f"{name}-dense")
         sampler = next(r for r in measured_dense["nodes"] if r["type"] == "KSampler")
         per_step, how = dense_step_seconds(sampler)

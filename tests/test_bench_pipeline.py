@@ -27,8 +27,9 @@ def test_pipeline_smoke_run_times_every_node(tmp_path, monkeypatch):
     import pipeline
 
     out = tmp_path / "pipeline.json"
-    pipeline.main(["--tiny", "--workflows", "flux_2k_from_1k", "--out", str(out)])
+    pipeline.main(["--tiny", "--warm", "--workflows", "flux_2k_from_1k", "--out", str(out)])
     result = json.loads(out.read_text())
+    assert result["warm"] is True and set(result["rows"][0]["warm_up"]) == {"ultragen_s", "dense_s"}
     (row,) = result["rows"]
     shipped = json.loads((pipeline.API / "flux_2k_from_1k.api.json").read_text())
     timed = [n["node"] for n in row["ultragen"]["nodes"]]
@@ -40,6 +41,26 @@ def test_pipeline_smoke_run_times_every_node(tmp_path, monkeypatch):
     assert len(sampler["step_times"]) == row["dense_steps_run"]  # one time per sampling step
     extra = row["dense_step_s"] * (pipeline.STEPS - row["dense_steps_run"])
     assert row["dense_s_scaled_to_28_steps"] == pytest.approx(row["dense"]["s"] + extra)
+
+
+def test_the_warm_up_pass_is_the_workflow_at_one_step(monkeypatch):
+    """--warm's pass: the same workflow at its real sizes, every sampler (and warm-start skip) at one step."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("pipeline", None)
+    import pipeline
+
+    shipped = json.loads((pipeline.API / "flux_4k_from_1k.api.json").read_text())
+    warm = pipeline.shrink(shipped, 1, 1)
+    assert warm.keys() == shipped.keys()
+    for key, node in shipped.items():
+        for name, value in node["inputs"].items():
+            if name == "steps":
+                assert warm[key]["inputs"][name] == 1
+            elif name == "skip":
+                assert warm[key]["inputs"][name] == 0
+            else:
+                assert warm[key]["inputs"][name] == value, (key, name)  # sizes and everything else unchanged
+    assert any("steps" in node["inputs"] for node in shipped.values())
 
 
 def test_dense_step_time_is_the_mean_step_interval_or_the_whole_node(monkeypatch):
