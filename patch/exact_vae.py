@@ -255,6 +255,26 @@ def _band_budget(compute: torch.device, band_elements: int) -> int:
     return max(1, min(band_elements, free // BYTES_PER_BAND_ELEMENT))
 
 
+def _largest_decoder_activation(decoder: Decoder, shape: tuple) -> int:
+    """Elements of the decoder's largest full activation for an input of ``shape`` (B, C, h, w)."""
+    area, sizes = shape[0] * shape[-2] * shape[-1], []
+    for i in reversed(range(decoder.num_resolutions)):  # walking the decoder
+        sizes.append(decoder.up[i].block[0].in_channels * area)
+        if i != 0:
+            area *= 4
+            sizes.append(decoder.up[i].block[-1].out_channels * area)  # the upsampled activation
+    return max(sizes)
+
+
+def _largest_encoder_activation(encoder: Encoder, shape: tuple) -> int:
+    """Elements of the encoder's largest full activation for pixels of ``shape`` (B, 3, H, W)."""
+    area, sizes = shape[0] * shape[-2] * shape[-1], []
+    for i in range(encoder.num_resolutions):  # walking the encoder
+        sizes.append(max(encoder.down[i].block[0].in_channels, encoder.down[i].block[-1].out_channels) * area)
+        area //= 4
+    return max(sizes)
+
+
 def decode_latent(decoder: Decoder, z: torch.Tensor, band_elements: int = split_ops.DEFAULT_BAND_ELEMENTS,
                   direct_elements: int = DIRECT_ELEMENTS, offload: str = "auto",
                   progress: bool = True) -> torch.Tensor:  # fmt: skip
@@ -262,13 +282,7 @@ def decode_latent(decoder: Decoder, z: torch.Tensor, band_elements: int = split_
     _check(decoder, Decoder)
     levels = list(reversed(range(decoder.num_resolutions)))
     steps = 3 + sum(len(_blocks(decoder.up[i])) + (i != 0) for i in levels)
-    area, sizes = z.shape[0] * z.shape[-2] * z.shape[-1], []
-    for i in levels:  # activation sizes, walking the decoder
-        sizes.append(decoder.up[i].block[0].in_channels * area)
-        if i != 0:
-            area *= 4
-            sizes.append(decoder.up[i].block[-1].out_channels * area)  # the upsampled activation
-    placement = _placement(z.device, offload, max(sizes), z.dtype)
+    placement = _placement(z.device, offload, _largest_decoder_activation(decoder, z.shape), z.dtype)
     run = _Runner(decoder, _band_budget(z.device, band_elements), direct_elements, steps, z.device, placement,
                   progress)  # fmt: skip
     with torch.inference_mode():
@@ -288,11 +302,7 @@ def encode_pixels(encoder: Encoder, x: torch.Tensor, band_elements: int = split_
     """``encoder(x)`` for x (B, 3, H, W) in [-1, 1] on the compute device, split into bands where large."""
     _check(encoder, Encoder)
     steps = 3 + sum(len(_blocks(encoder.down[i])) + 1 for i in range(encoder.num_resolutions))
-    area, sizes = x.shape[0] * x.shape[-2] * x.shape[-1], []
-    for i in range(encoder.num_resolutions):  # activation sizes, walking the encoder
-        sizes.append(max(encoder.down[i].block[0].in_channels, encoder.down[i].block[-1].out_channels) * area)
-        area //= 4
-    placement = _placement(x.device, offload, max(sizes), x.dtype)
+    placement = _placement(x.device, offload, _largest_encoder_activation(encoder, x.shape), x.dtype)
     run = _Runner(encoder, _band_budget(x.device, band_elements), direct_elements, steps, x.device, placement)
     with torch.inference_mode():
         h, sums = run.conv_in(x)
@@ -336,6 +346,18 @@ def _to_normalised_latent(model, z: torch.Tensor) -> torch.Tensor:
                                           eps=model.bn_eps)  # fmt: skip
 
 
+def _load(vae, comfy_estimate: int, largest_elements: int, band_elements: int) -> None:
+    """The VAE onto its device, asking for the memory this pass can use: about three of its largest activations
+    and a band's temporaries (all on the GPU, the fastest way), at most what ComfyUI's own VAE Decode / Encode asks
+    for one image. Other models (the diffusion model that just sampled) leave the GPU as far as that needs, as
+    they would for ComfyUI's node; asking for the weights alone left an 8K decode on a 24 GB card beside a
+    resident FLUX, with little room to place activations and size bands."""
+    element = torch.tensor([], dtype=vae.vae_dtype).element_size()
+    wanted = 3 * largest_elements * element + band_elements * BYTES_PER_BAND_ELEMENT
+    comfy.model_management.load_models_gpu([vae.patcher], memory_required=min(comfy_estimate, wanted),
+                                           force_full_load=getattr(vae, "disable_offload", False))  # fmt: skip
+
+
 def exact_decode(vae, samples: torch.Tensor, band_elements: int = split_ops.DEFAULT_BAND_ELEMENTS,
                  direct_elements: int = DIRECT_ELEMENTS, offload: str = "auto",
                  progress: bool = True) -> torch.Tensor:  # fmt: skip
@@ -344,7 +366,11 @@ def exact_decode(vae, samples: torch.Tensor, band_elements: int = split_ops.DEFA
     ``progress``: show a progress bar of its own (off when a caller's bar covers the decode).
     """
     model = _autoencoder(vae)
-    comfy.model_management.load_models_gpu([vae.patcher])
+    h, w = samples.shape[-2:]
+    if getattr(model, "bn", None) is not None:  # FLUX.2: the decoder sees the 2x2-unshuffled latent
+        h, w = h * model.ps[0], w * model.ps[1]
+    _load(vae, vae.memory_used_decode(samples[:1].shape, vae.vae_dtype),
+          _largest_decoder_activation(model.decoder, (1, 0, h, w)), band_elements)
     images = []
     for i in range(samples.shape[0]):  # one image at a time: statistics are per image anyway
         # inference mode as in ComfyUI's executor: VAE.process_output works in place (ComfyUI 0.29)
@@ -362,7 +388,8 @@ def exact_encode(vae, pixels: torch.Tensor, band_elements: int = split_ops.DEFAU
     """What ``vae.encode(pixels)`` gives for (B, H, W, C) images, without its memory peak or tiles."""
     model = _autoencoder(vae)
     pixels = vae.vae_encode_crop_pixels(pixels[..., :3]).movedim(-1, 1)
-    comfy.model_management.load_models_gpu([vae.patcher])
+    _load(vae, vae.memory_used_encode(pixels[:1].shape, vae.vae_dtype),
+          _largest_encoder_activation(model.encoder, pixels[:1].shape), band_elements)
     latents = []
     for i in range(pixels.shape[0]):
         x = vae.process_input(pixels[i : i + 1]).to(vae.device, vae.vae_dtype)

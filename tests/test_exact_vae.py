@@ -176,6 +176,34 @@ def test_too_little_system_memory_is_a_clear_error(vae, monkeypatch):
     assert made == []
 
 
+def test_memory_is_asked_for_as_comfyuis_own_vae_nodes_ask(vae, monkeypatch):
+    """Before decoding / encoding, the VAE is loaded asking for the memory the pass can use — three of its largest
+    activations (worked by hand from FLUX's VAE: 256 channels at full size in the decoder, 128 at full size in the
+    encoder) and a band's temporaries — at most what ComfyUI's VAE Decode / Encode asks for one image; so the
+    sampler's model leaves the GPU as far as that needs."""
+    import comfy.model_management
+
+    from ultragen.patch.exact_vae import exact_decode, exact_encode
+
+    asked = []
+    original = comfy.model_management.load_models_gpu
+
+    def recording(models, memory_required=0, **kwargs):
+        asked.append(memory_required)
+        return original(models, memory_required=memory_required, **kwargs)
+
+    monkeypatch.setattr(comfy.model_management, "load_models_gpu", recording)
+    z = torch.randn(2, 16, 6, 8, generator=torch.Generator().manual_seed(10))
+    exact_decode(vae, z, band_elements=TINY_BANDS, direct_elements=0)
+    pixels = torch.rand(2, 48, 64, 3, generator=torch.Generator().manual_seed(11))
+    exact_encode(vae, pixels, band_elements=TINY_BANDS, direct_elements=0)
+    band = TINY_BANDS * 64  # the band's temporaries: 64 bytes an element
+    assert asked[0] == 3 * (256 * 48 * 64) * 4 + band  # float32
+    assert asked[0] < vae.memory_used_decode((1, 16, 6, 8), vae.vae_dtype)
+    assert asked[-1] == 3 * (128 * 48 * 64) * 4 + band
+    assert asked[-1] < vae.memory_used_encode((1, 3, 48, 64), vae.vae_dtype)
+
+
 def test_where_activations_live_by_hand(monkeypatch):
     """On the GPU while three of the largest activation fit in 90% of its free memory, else spilled (each on the GPU
     while it fits, the rest in host memory); "always" / "never" as asked; a CPU computes in place unless asked."""
