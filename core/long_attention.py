@@ -46,7 +46,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget_bytes: i
     b, length, channels = q.shape
     scale = channels**-0.5
     rows = query_rows(length, budget_bytes)
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # row-major: each chunk one contiguous write
     for i in range(b):
         keys = k[i].t()
         for r0 in range(0, length, rows):
