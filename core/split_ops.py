@@ -16,6 +16,10 @@ CPU memory and the bands on the GPU): then only bands and their halos visit the 
 kept row-major (``core.row_major.RowMajor``) each band is one contiguous transfer.
 A convolution can also sum its output per channel as it writes it (``sums``): the next
 group norm then needs no pass of its own over an activation that may sit in host memory.
+An upsample need not be stored at all (:class:`Upsampled`: rows made as they are read), and
+a resnet block's first convolution and its 1x1 shortcut read their input in one pass
+(:func:`conv3x3_with_shortcut`). Every layer runs the caller's check before each band
+(``between_bands``: cancel).
 """
 
 from __future__ import annotations
@@ -166,6 +170,7 @@ def _conv_of_upsampled(src: torch.Tensor, r0: int, r1: int, big: int, weight, bi
 
 
 def _source_rows(r0: int, r1: int, big: int) -> tuple[int, int]:
+    """Rows of x that output rows [r0, r1) of ``conv(nearest_upsample_x2(x))`` read (one halo row each side)."""
     return max(0, r0 - 1) // 2, (min(big, r1 + 1) + 1) // 2
 
 
