@@ -46,7 +46,7 @@ from ..kernels.rope import apply_rope
 from .call_state import CallState, HandOver
 from .inplace_gelu import InPlaceGELU
 from .layer_weights import TakenLinear
-from .zero_timestep import slice_modulation, zero_modulations
+from .zero_timestep import double_modulations, single_modulations, slice_modulation
 
 log = logging.getLogger("UltraGen")
 MAX_CHUNK_TOKENS = 16384  # big enough that the GEMMs run at full speed; ~1.5 GiB of temporaries at FLUX.1's width
@@ -235,12 +235,8 @@ def _attend(qkv: torch.Tensor, ctx: BlockContext) -> None:
 
 def double_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
     """ComfyUI's ``DoubleStreamBlock.forward`` (FLUX.1), chunked; ``prefix``: the block's module path."""
-    img, txt, vec = args["img"], args["txt"], args["vec"]
-    if getattr(block, "modulation", True):  # FLUX.1: each block modulates from the vector
-        img_mod1, img_mod2 = block.img_mod(vec)
-        txt_mod1, txt_mod2 = block.txt_mod(vec)
-    else:  # FLUX.2: the model computed every block's modulation once
-        (img_mod1, img_mod2), (txt_mod1, txt_mod2) = vec
+    img, txt = args["img"], args["txt"]
+    img_mods, txt_mods, zero_img = double_modulations(block, args["vec"], ctx.call)
     n_txt = txt.shape[1]
     heads, hidden = block.num_heads, block.hidden_size
     chunk = _chunk_for(ctx.call, img, n_txt + img.shape[1], hidden)
@@ -251,8 +247,8 @@ def double_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
         (txt, 0, "txt", None, txt.shape[1]),
         (img, n_txt, "img", f"{prefix}.img", img.shape[1] - n_guid),
     )
-    mods = {"txt": (txt_mod1, txt_mod2), "img": (img_mod1, img_mod2)}
-    zero = {"txt": (None, None), "img": zero_modulations(block, ctx.call, "double") or (None, None)}
+    mods = {"txt": txt_mods, "img": img_mods}
+    zero = {"txt": (None, None), "img": zero_img}
     for x, offset, side, path, guidance_from in streams:
         attn = getattr(block, f"{side}_attn")
         qkv_layer = BlockLinear(attn.qkv, x, ctx, path and f"{path}_attn.qkv")
@@ -280,8 +276,8 @@ def double_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
 def single_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
     """ComfyUI's ``SingleStreamBlock.forward`` (FLUX.1), chunked; linear1 runs as its q/k/v part before
     attention and its MLP part after (the same products, split by output rows)."""
-    x, vec = args["img"], args["vec"]
-    mod = block.modulation(vec)[0] if block.modulation is not None else vec
+    x = args["img"]
+    mod, mod_zero = single_modulations(block, args["vec"], ctx.call)
     length = x.shape[1]
     heads, hidden = block.num_heads, block.hidden_size
     chunk = _chunk_for(ctx.call, x, length, hidden)
@@ -289,7 +285,6 @@ def single_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
     guidance_from = length - ctx.call.n_guid
     split = 3 * hidden
     qkv = _qkv_buffer(ctx.call, x, length, heads, hidden // heads)
-    mod_zero = zero_modulations(block, ctx.call, "single")
     qkv_layer = BlockLinear(block.linear1, x, ctx, f"{prefix}.linear1", slice(0, split))
     _write_qkv(qkv, 0, x, block.pre_norm, mod, block, table, chunk, guidance_from, qkv_layer, mod_zero)
     _attend(qkv, ctx)

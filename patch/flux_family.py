@@ -11,13 +11,15 @@ layout) get a clear refusal until they are supported.
 
 from __future__ import annotations
 
+from ..core.flow_matching import FLUX_MU_1024
+
 # Pixels per latent cell along each side, by the latent's channel count, where ComfyUI does not say it
 # (0.3.64 has no latent_format.spacial_downscale_ratio; latent-only nodes): FLUX.1's VAE (16 channels at 1/8),
 # FLUX.2's (128 at 1/16).
 PIXELS_PER_LATENT_OF_CHANNELS = {16: 8, 128: 16}
-# ComfyUI's sampling shift (mu) of each family at 1024 px, by latent channels: FLUX.1's 1.15 (core.flow_matching's
-# FLUX_MU_1024) and FLUX.2's 2.02 (``supported_models.Flux2.sampling_settings``), which ComfyUI keeps at every size.
-DEFAULT_SHIFT_MU_OF_CHANNELS = {16: 1.15, 128: 2.02}
+# ComfyUI's sampling shift (mu) of each family at 1024 px, by latent channels: FLUX.1's and FLUX.2's 2.02
+# (``supported_models.Flux2.sampling_settings``), which ComfyUI keeps at every size.
+DEFAULT_SHIFT_MU_OF_CHANNELS = {16: FLUX_MU_1024, 128: 2.02}
 # The longest text FLUX takes (T5 tokens of FLUX.1-dev; FLUX.2 pads to 512): what the memory estimate assumes.
 MAX_TEXT_TOKENS = 512
 
@@ -32,7 +34,7 @@ def pixels_per_latent(channels: int, latent_format=None) -> int | None:
 def shift_mu_for(channels: int, mu: float) -> float:
     """The constant shift for a latent of ``channels`` channels when the node says ``mu``: the nodes' default
     (FLUX.1's 1.15) stands for "the model's own 1024-px shift", FLUX.2's 2.02 on its latents; other values as set."""
-    if mu == DEFAULT_SHIFT_MU_OF_CHANNELS[16]:
+    if mu == FLUX_MU_1024:
         return DEFAULT_SHIFT_MU_OF_CHANNELS.get(channels, mu)
     return mu
 
