@@ -142,21 +142,27 @@ def conv3x3(
     b, _, h, w = x.shape
     if out is None:
         out = _output(x, (b, weight.shape[0], h, w), alloc)
-    step = band_rows(x, max(x.shape[1], weight.shape[0]), band_elements)
-    starts = range(0, h, step)
-    reads = [[(x, max(0, r0 - 1), min(h, r0 + step + 1))] + ([(add, r0, min(h, r0 + step))] if add is not None else [])
-             for r0 in starts]  # fmt: skip
-    for r0, fetched in zip(starts, _bands(reads, compute, between_bands), strict=True):
-        r1 = min(h, r0 + step)
+    spans = _halo_spans(h, band_rows(x, max(x.shape[1], weight.shape[0]), band_elements))
+    reads = [[(x, lo, hi)] + ([(add, r0, r1)] if add is not None else []) for r0, r1, lo, hi in spans]
+    for (r0, r1, _, _), fetched in zip(spans, _bands(reads, compute, between_bands), strict=True):
         band = fetched[0]
         if pre is not None:
             band = pre(band)  # normalise after slicing: the padding rows below stay zero, as in the full conv
-        band = F.pad(band, (1, 1, 1 if r0 == 0 else 0, 1 if r1 == h else 0))
-        result = F.conv2d(band, weight, bias)
+        result = F.conv2d(_pad_border(band, r0, r1, h), weight, bias)
         if add is not None:
             result = result + fetched[1]
         _emit(out, r0, result, sums)
     return out
+
+
+def _halo_spans(h: int, step: int) -> list[tuple[int, int, int, int]]:
+    """Per band of ``step`` output rows of a 3x3 convolution over ``h`` rows: (r0, r1, first input row, end)."""
+    return [(r0, min(h, r0 + step), max(0, r0 - 1), min(h, r0 + step + 1)) for r0 in range(0, h, step)]
+
+
+def _pad_border(band: torch.Tensor, r0: int, r1: int, h: int) -> torch.Tensor:
+    """A band with its halo, padded as the full convolution pads: columns always, rows only at the image border."""
+    return F.pad(band, (1, 1, 1 if r0 == 0 else 0, 1 if r1 == h else 0))
 
 
 def _conv_of_upsampled(src: torch.Tensor, r0: int, r1: int, big: int, weight, bias) -> torch.Tensor:
@@ -165,8 +171,7 @@ def _conv_of_upsampled(src: torch.Tensor, r0: int, r1: int, big: int, weight, bi
     lo, hi = max(0, r0 - 1), min(big, r1 + 1)  # rows of the upsampled image the convolution reads
     up = torch.repeat_interleave(torch.repeat_interleave(src, 2, dim=2), 2, dim=3)
     up = up[:, :, lo - 2 * (lo // 2) : lo - 2 * (lo // 2) + (hi - lo)]
-    up = F.pad(up, (1, 1, 1 if r0 == 0 else 0, 1 if r1 == big else 0))
-    return F.conv2d(up, weight, bias)
+    return F.conv2d(_pad_border(up, r0, r1, big), weight, bias)
 
 
 def _source_rows(r0: int, r1: int, big: int) -> tuple[int, int]:
@@ -181,15 +186,10 @@ def upsample2_conv3x3(
 ) -> torch.Tensor | RowMajor:  # fmt: skip
     """``conv(nearest_upsample_x2(x))`` band by band, never holding the upsampled image whole (each band
     recomputes its rows of the upsample)."""
-    compute, weight, bias = _prepare(x, conv, compute)
-    b, _, h, w = x.shape
-    out = _output(x, (b, weight.shape[0], 2 * h, 2 * w), alloc)
-    big = 2 * h
-    step = band_rows(out, max(x.shape[1], weight.shape[0]), band_elements)
-    starts = range(0, big, step)
-    reads = [[(x, *_source_rows(r0, min(big, r0 + step), big))] for r0 in starts]
-    for r0, (src,) in zip(starts, _bands(reads, compute, between_bands), strict=True):
-        _emit(out, r0, _conv_of_upsampled(src, r0, min(big, r0 + step), big, weight, bias), sums)
+    up = Upsampled(x, conv, compute or x.device, band_elements, between_bands)
+    out = _output(x, tuple(up.shape), alloc)
+    for r0, band in up.bands():
+        _emit(out, r0, band, sums)
     return out
 
 
@@ -218,15 +218,20 @@ class Upsampled:
         src = read_rows(self.x, *_source_rows(lo, hi, self.shape[2]), self.device)
         return _conv_of_upsampled(src, lo, hi, self.shape[2], self.weight, self.bias)
 
-    def sums(self) -> ChannelSums:
-        """The per-channel sums of the whole activation (for the group norm that reads it), in one pass."""
-        sums = ChannelSums()
+    def bands(self):
+        """(first row, its band) over the whole activation, each band's rows of x read one band ahead."""
         big = self.shape[2]
-        step = band_rows(self, band_elements=self.band_elements)
+        step = band_rows(self, max(self.x.shape[1], self.shape[1]), self.band_elements)
         starts = range(0, big, step)
         reads = [[(self.x, *_source_rows(r0, min(big, r0 + step), big))] for r0 in starts]
         for r0, (src,) in zip(starts, _bands(reads, self.device, self.between_bands), strict=True):
-            sums.add(_conv_of_upsampled(src, r0, min(big, r0 + step), big, self.weight, self.bias))
+            yield r0, _conv_of_upsampled(src, r0, min(big, r0 + step), big, self.weight, self.bias)
+
+    def sums(self) -> ChannelSums:
+        """The per-channel sums of the whole activation (for the group norm that reads it), in one pass."""
+        sums = ChannelSums()
+        for _, band in self.bands():
+            sums.add(band)
         return sums
 
 
@@ -244,15 +249,11 @@ def conv3x3_with_shortcut(
     like = x.x if isinstance(x, Upsampled) else x
     out = _output(like, (b, weight.shape[0], h, w), alloc)
     skip = _output(like, (b, skip_weight.shape[0], h, w), alloc)
-    step = band_rows(x, max(x.shape[1], weight.shape[0]), band_elements)
-    starts = range(0, h, step)
-    reads = [[(x, max(0, r0 - 1), min(h, r0 + step + 1))] for r0 in starts]
-    for r0, (band,) in zip(starts, _bands(reads, compute, between_bands), strict=True):
-        r1 = min(h, r0 + step)
-        top = r0 - max(0, r0 - 1)
-        write_rows(skip, r0, F.conv2d(band[:, :, top : top + r1 - r0], skip_weight, skip_bias))
-        band = F.pad(pre(band), (1, 1, 1 if r0 == 0 else 0, 1 if r1 == h else 0))
-        _emit(out, r0, F.conv2d(band, weight, bias), sums)
+    spans = _halo_spans(h, band_rows(x, max(x.shape[1], weight.shape[0]), band_elements))
+    reads = [[(x, lo, hi)] for _, _, lo, hi in spans]
+    for (r0, r1, lo, _), (band,) in zip(spans, _bands(reads, compute, between_bands), strict=True):
+        write_rows(skip, r0, F.conv2d(band[:, :, r0 - lo : r1 - lo], skip_weight, skip_bias))
+        _emit(out, r0, F.conv2d(_pad_border(pre(band), r0, r1, h), weight, bias), sums)
     return out, skip
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..patch.exact_vae import OFFLOAD, exact_decode, exact_encode
+from ..patch.exact_vae import exact_decode, exact_encode
+from ..patch.vae_memory import OFFLOAD
 
 
 def _offload_input():

@@ -20,31 +20,29 @@ they are; everything else is split.
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import comfy.model_management
 import comfy.utils
-import psutil
 import torch
 from comfy.ldm.modules.diffusionmodules.model import AttnBlock, Decoder, Encoder, ResnetBlock
 from einops import rearrange
 
 from ..core import long_attention, split_ops
 from ..core.row_major import RowMajor, read_rows
-from ..errors import UltraGenError
+from . import vae_memory
 from .layer_weights import take_weight
+from .vae_memory import (
+    BYTES_PER_BAND_ELEMENT,
+    ExactVAEError,
+    largest_decoder_activation,
+    largest_encoder_activation,
+    load_vae,
+)
 
 # Activations at or below this many elements run through the module itself.
 DIRECT_ELEMENTS = 1 << 24
-HOST_RESERVE_BYTES = 2 << 30  # system memory left to everything else when activations move to host memory
 LONG_ATTENTION_TOKENS = 1 << 16  # from here (2048^2 images) the middle attention runs query rows at a time
-OFFLOAD = ("auto", "never", "always")  # keep full activations in host memory, streaming bands to the GPU
-
-
-class ExactVAEError(UltraGenError, ValueError):
-    """A VAE this path does not know, or an image too large for this machine's memory; the message says what to
-    use instead."""
 
 
 class _Runner:
@@ -70,13 +68,7 @@ class _Runner:
 
     def alloc(self, shape: tuple, dtype: torch.dtype):
         """A full activation: host rows, or (``spill``) on the compute device while it leaves room for a band."""
-        need = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
-        if self.placement == "spill":
-            headroom = self.band * BYTES_PER_BAND_ELEMENT + (1 << 30)
-            if need + headroom < comfy.model_management.get_free_memory(self.compute):
-                return torch.empty(shape, dtype=dtype, device=self.compute)
-        _check_host_room(need)
-        return RowMajor(shape, dtype)
+        return vae_memory.activation_storage(shape, dtype, self.placement, self.compute, self.band)
 
     @staticmethod
     def _check_cancel() -> None:
@@ -101,7 +93,7 @@ class _Runner:
         when spilling it stays where the caller made it, on the compute device."""
         if self.placement != "host" or self.small(x):
             return x
-        _check_host_room(x.numel() * x.element_size())
+        vae_memory.check_host_room(x.numel() * x.element_size())
         return RowMajor.of(x)
 
     def whole(self, module, x) -> torch.Tensor:
@@ -129,7 +121,7 @@ class _Runner:
             return self.whole(block, x), None
         h_sums = split_ops.ChannelSums()
         pre = self.norm_silu(block.norm1, x, sums)
-        if block.in_channels != block.out_channels and not block.use_conv_shortcut:  # x read once for both
+        if _one_pass_shortcut(block):  # x read once for both
             h, skip = split_ops.conv3x3_with_shortcut(x, self.taken(block.conv1, x), pre,
                                                       self.taken(block.nin_shortcut, x), sums=h_sums,
                                                       **self.split)  # fmt: skip
@@ -182,33 +174,31 @@ class _Runner:
         x = self.stored(x)
         return split_ops.conv3x3(x, self.taken(self.net.conv_in, x), sums=sums, **self.split), sums
 
-    def resample(self, module, split_fn, x, consumer=None):
-        """The up- or downsampling of a level; split when it has a convolution and x (or, upsampling, its
-        output) is large. An upsample whose output would leave the compute device and whose ``consumer`` reads it
-        in one pass (a resnet block with a 1x1 shortcut) is never stored: its rows are made as that block reads
-        them (``split_ops.Upsampled``)."""
-        grows = split_fn is split_ops.upsample2_conv3x3
-        fused = (grows and self.placement != "compute" and isinstance(consumer, ResnetBlock)
-                 and consumer.in_channels != consumer.out_channels and not consumer.use_conv_shortcut)  # fmt: skip
-        if module.with_conv and fused and 4 * x.numel() > self.direct:
-            up = split_ops.Upsampled(x, self.taken(module.conv, x), self.compute, self.band, self._check_cancel)
+    def upsample(self, module, x, consumer):
+        """A level's upsample, split where its output is large. While activations stream through host memory and
+        ``consumer`` (the next block) reads its input in one pass, the output is never stored: its rows are made as
+        that block reads them (``split_ops.Upsampled``)."""
+        if not module.with_conv or 4 * x.numel() <= self.direct:
+            return self.whole(module, x), None
+        conv = self.taken(module.conv, x)
+        if self.placement != "compute" and _one_pass_shortcut(consumer):
+            up = split_ops.Upsampled(x, conv, self.compute, self.band, self._check_cancel)
             return up, up.sums()
-        if module.with_conv and not (self.small(x) and (not grows or 4 * x.numel() <= self.direct)):
-            sums = split_ops.ChannelSums()
-            return split_fn(x, self.taken(module.conv, x), sums=sums, **self.split), sums
-        return self.whole(module, x), None
+        sums = split_ops.ChannelSums()
+        return split_ops.upsample2_conv3x3(x, conv, sums=sums, **self.split), sums
+
+    def downsample(self, module, x):
+        """A level's downsample, split where x is large."""
+        if not module.with_conv or self.small(x):
+            return self.whole(module, x), None
+        sums = split_ops.ChannelSums()
+        return split_ops.pad_conv3x3_stride2(x, self.taken(module.conv, x), sums=sums, **self.split), sums
 
 
-def _check_host_room(need: int) -> None:
-    """Refuse, naming the way out, an activation that system memory cannot hold (rather than have the operating
-    system end ComfyUI)."""
-    available = psutil.virtual_memory().available
-    if need + HOST_RESERVE_BYTES > available:
-        raise ExactVAEError(
-            f"the exact VAE needs {need / 2**30:.1f} GiB more system memory (RAM) for an activation that does not "
-            f"fit on the GPU, and {available / 2**30:.1f} GiB is available: close other programs, or use ComfyUI's "
-            "VAE Decode (Tiled) / VAE Encode (Tiled) for this size"
-        )
+def _one_pass_shortcut(block) -> bool:
+    """A resnet block whose shortcut is a 1x1 convolution changing the channels: its first convolution and the
+    shortcut read the input in one pass (``split_ops.conv3x3_with_shortcut``)."""
+    return isinstance(block, ResnetBlock) and block.in_channels != block.out_channels and not block.use_conv_shortcut
 
 
 def _blocks(level) -> list:
@@ -228,53 +218,6 @@ def _check(net: torch.nn.Module, kind: type) -> None:
         )
 
 
-def _placement(compute: torch.device, offload: str, largest_elements: int, dtype: torch.dtype) -> str:
-    """Where full activations go (see ``_Runner``): ``compute`` while about three of the largest fit in 90% of its
-    free memory, else ``spill`` (each on the compute device while it fits, the rest in host memory) for ``auto``;
-    ``host`` for ``always``, ``compute`` for ``never``. A CPU computes in place unless asked."""
-    if offload not in OFFLOAD:
-        raise ExactVAEError(f"offload must be one of {OFFLOAD}, got {offload!r}")
-    if offload == "never":
-        return "compute"
-    if offload == "always":
-        return "host"
-    if compute.type == "cpu":
-        return "compute"
-    need = 3 * largest_elements * torch.tensor([], dtype=dtype).element_size()
-    return "spill" if need >= 0.9 * comfy.model_management.get_free_memory(compute) else "compute"
-
-
-BYTES_PER_BAND_ELEMENT = 64  # all of a band's temporaries (float32 norm, padding, output, float64 sums), generously
-
-
-def _band_budget(compute: torch.device, band_elements: int) -> int:
-    """``band_elements``, lowered where the compute device's free memory could not hold a band's temporaries."""
-    if compute.type == "cpu":
-        return band_elements
-    free = comfy.model_management.get_free_memory(compute)
-    return max(1, min(band_elements, free // BYTES_PER_BAND_ELEMENT))
-
-
-def _largest_decoder_activation(decoder: Decoder, shape: tuple) -> int:
-    """Elements of the decoder's largest full activation for an input of ``shape`` (B, C, h, w)."""
-    area, sizes = shape[0] * shape[-2] * shape[-1], []
-    for i in reversed(range(decoder.num_resolutions)):  # walking the decoder
-        sizes.append(decoder.up[i].block[0].in_channels * area)
-        if i != 0:
-            area *= 4
-            sizes.append(decoder.up[i].block[-1].out_channels * area)  # the upsampled activation
-    return max(sizes)
-
-
-def _largest_encoder_activation(encoder: Encoder, shape: tuple) -> int:
-    """Elements of the encoder's largest full activation for pixels of ``shape`` (B, 3, H, W)."""
-    area, sizes = shape[0] * shape[-2] * shape[-1], []
-    for i in range(encoder.num_resolutions):  # walking the encoder
-        sizes.append(max(encoder.down[i].block[0].in_channels, encoder.down[i].block[-1].out_channels) * area)
-        area //= 4
-    return max(sizes)
-
-
 def decode_latent(decoder: Decoder, z: torch.Tensor, band_elements: int = split_ops.DEFAULT_BAND_ELEMENTS,
                   direct_elements: int = DIRECT_ELEMENTS, offload: str = "auto",
                   progress: bool = True) -> torch.Tensor:  # fmt: skip
@@ -282,8 +225,8 @@ def decode_latent(decoder: Decoder, z: torch.Tensor, band_elements: int = split_
     _check(decoder, Decoder)
     levels = list(reversed(range(decoder.num_resolutions)))
     steps = 3 + sum(len(_blocks(decoder.up[i])) + (i != 0) for i in levels)
-    placement = _placement(z.device, offload, _largest_decoder_activation(decoder, z.shape), z.dtype)
-    run = _Runner(decoder, _band_budget(z.device, band_elements), direct_elements, steps, z.device, placement,
+    placement = vae_memory.placement(z.device, offload, largest_decoder_activation(decoder, z.shape), z.dtype)
+    run = _Runner(decoder, vae_memory.band_budget(z.device, band_elements), direct_elements, steps, z.device, placement,
                   progress)  # fmt: skip
     with torch.inference_mode():
         h, sums = run.conv_in(z)
@@ -291,8 +234,7 @@ def decode_latent(decoder: Decoder, z: torch.Tensor, band_elements: int = split_
         for i in levels:
             h, sums = run.stage(_blocks(decoder.up[i]), h, sums)
             if i != 0:
-                h, sums = run.resample(decoder.up[i].upsample, split_ops.upsample2_conv3x3, h,
-                                       consumer=decoder.up[i - 1].block[0])  # fmt: skip
+                h, sums = run.upsample(decoder.up[i].upsample, h, consumer=decoder.up[i - 1].block[0])
                 run._tick()
         return run.out(h, sums)
 
@@ -302,14 +244,14 @@ def encode_pixels(encoder: Encoder, x: torch.Tensor, band_elements: int = split_
     """``encoder(x)`` for x (B, 3, H, W) in [-1, 1] on the compute device, split into bands where large."""
     _check(encoder, Encoder)
     steps = 3 + sum(len(_blocks(encoder.down[i])) + 1 for i in range(encoder.num_resolutions))
-    placement = _placement(x.device, offload, _largest_encoder_activation(encoder, x.shape), x.dtype)
-    run = _Runner(encoder, _band_budget(x.device, band_elements), direct_elements, steps, x.device, placement)
+    placement = vae_memory.placement(x.device, offload, largest_encoder_activation(encoder, x.shape), x.dtype)
+    run = _Runner(encoder, vae_memory.band_budget(x.device, band_elements), direct_elements, steps, x.device, placement)
     with torch.inference_mode():
         h, sums = run.conv_in(x)
         for i in range(encoder.num_resolutions):
             h, sums = run.stage(_blocks(encoder.down[i]), h, sums)
             if i != encoder.num_resolutions - 1:
-                h, sums = run.resample(encoder.down[i].downsample, split_ops.pad_conv3x3_stride2, h)
+                h, sums = run.downsample(encoder.down[i].downsample, h)
                 run._tick()
         h, sums = run.stage([encoder.mid.block_1, encoder.mid.attn_1, encoder.mid.block_2], h, sums)
         return run.out(h, sums).to(x.device)
@@ -346,18 +288,6 @@ def _to_normalised_latent(model, z: torch.Tensor) -> torch.Tensor:
                                           eps=model.bn_eps)  # fmt: skip
 
 
-def _load(vae, comfy_estimate: int, largest_elements: int, band_elements: int) -> None:
-    """The VAE onto its device, asking for the memory this pass can use: about three of its largest activations
-    and a band's temporaries (all on the GPU, the fastest way), at most what ComfyUI's own VAE Decode / Encode asks
-    for one image. Other models (the diffusion model that just sampled) leave the GPU as far as that needs, as
-    they would for ComfyUI's node; asking for the weights alone left an 8K decode on a 24 GB card beside a
-    resident FLUX, with little room to place activations and size bands."""
-    element = torch.tensor([], dtype=vae.vae_dtype).element_size()
-    wanted = 3 * largest_elements * element + band_elements * BYTES_PER_BAND_ELEMENT
-    comfy.model_management.load_models_gpu([vae.patcher], memory_required=min(comfy_estimate, wanted),
-                                           force_full_load=getattr(vae, "disable_offload", False))  # fmt: skip
-
-
 def exact_decode(vae, samples: torch.Tensor, band_elements: int = split_ops.DEFAULT_BAND_ELEMENTS,
                  direct_elements: int = DIRECT_ELEMENTS, offload: str = "auto",
                  progress: bool = True) -> torch.Tensor:  # fmt: skip
@@ -369,8 +299,8 @@ def exact_decode(vae, samples: torch.Tensor, band_elements: int = split_ops.DEFA
     h, w = samples.shape[-2:]
     if getattr(model, "bn", None) is not None:  # FLUX.2: the decoder sees the 2x2-unshuffled latent
         h, w = h * model.ps[0], w * model.ps[1]
-    _load(vae, vae.memory_used_decode(samples[:1].shape, vae.vae_dtype),
-          _largest_decoder_activation(model.decoder, (1, 0, h, w)), band_elements)
+    load_vae(vae, vae.memory_used_decode(samples[:1].shape, vae.vae_dtype),
+             largest_decoder_activation(model.decoder, (1, 0, h, w)), band_elements)
     images = []
     for i in range(samples.shape[0]):  # one image at a time: statistics are per image anyway
         # inference mode as in ComfyUI's executor: VAE.process_output works in place (ComfyUI 0.29)
@@ -388,8 +318,8 @@ def exact_encode(vae, pixels: torch.Tensor, band_elements: int = split_ops.DEFAU
     """What ``vae.encode(pixels)`` gives for (B, H, W, C) images, without its memory peak or tiles."""
     model = _autoencoder(vae)
     pixels = vae.vae_encode_crop_pixels(pixels[..., :3]).movedim(-1, 1)
-    _load(vae, vae.memory_used_encode(pixels[:1].shape, vae.vae_dtype),
-          _largest_encoder_activation(model.encoder, pixels[:1].shape), band_elements)
+    load_vae(vae, vae.memory_used_encode(pixels[:1].shape, vae.vae_dtype),
+             largest_encoder_activation(model.encoder, pixels[:1].shape), band_elements)
     latents = []
     for i in range(pixels.shape[0]):
         x = vae.process_input(pixels[i : i + 1]).to(vae.device, vae.vae_dtype)

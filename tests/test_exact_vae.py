@@ -164,13 +164,14 @@ def test_too_little_system_memory_is_a_clear_error(vae, monkeypatch):
     from types import SimpleNamespace
 
     import ultragen.patch.exact_vae as exact_vae
+    import ultragen.patch.vae_memory as vae_memory
     from ultragen.core.row_major import RowMajor
 
     made = []
     monkeypatch.setattr(RowMajor, "__init__", lambda self, *a, **k: made.append(a))
-    monkeypatch.setattr(exact_vae.psutil, "virtual_memory", lambda: SimpleNamespace(available=3 << 30))
+    monkeypatch.setattr(vae_memory.psutil, "virtual_memory", lambda: SimpleNamespace(available=3 << 30))
     z = torch.randn(1, 16, 6, 8, generator=torch.Generator().manual_seed(9))
-    monkeypatch.setattr(exact_vae, "HOST_RESERVE_BYTES", (3 << 30) - 1000)  # room for 1,000 bytes: too little
+    monkeypatch.setattr(vae_memory, "HOST_RESERVE_BYTES", (3 << 30) - 1000)  # room for 1,000 bytes: too little
     with pytest.raises(exact_vae.ExactVAEError, match=r"system memory .* VAE Decode \(Tiled\)"):
         exact_vae.exact_decode(vae, z, band_elements=TINY_BANDS, direct_elements=0, offload="always", progress=False)
     assert made == []
@@ -209,7 +210,7 @@ def test_where_activations_live_by_hand(monkeypatch):
     while it fits, the rest in host memory); "always" / "never" as asked; a CPU computes in place unless asked."""
     import comfy.model_management
 
-    from ultragen.patch.exact_vae import _placement
+    from ultragen.patch.vae_memory import placement as _placement
 
     gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
     monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda device=None: 10_000)
@@ -227,6 +228,7 @@ def test_spilled_activations_equal_the_full_decode(vae, monkeypatch):
     import comfy.model_management
 
     import ultragen.patch.exact_vae as exact_vae
+    import ultragen.patch.vae_memory as vae_memory
     from ultragen.core.row_major import RowMajor
 
     kinds = []
@@ -237,7 +239,7 @@ def test_spilled_activations_equal_the_full_decode(vae, monkeypatch):
         kinds.append(isinstance(out, RowMajor))
         return out
 
-    monkeypatch.setattr(exact_vae, "_placement", lambda *args: "spill")
+    monkeypatch.setattr(vae_memory, "placement", lambda *args: "spill")
     monkeypatch.setattr(exact_vae._Runner, "alloc", recording)
     room = TINY_BANDS * exact_vae.BYTES_PER_BAND_ELEMENT + (1 << 30) + 1_000_000  # fits activations under ~1 MB
     def free(dev=None, torch_free_too=False):  # ComfyUI's signature: its loader asks for both numbers on a GPU
