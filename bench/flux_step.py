@@ -159,7 +159,7 @@ def measure(model, inputs, reps: int) -> tuple[float, float]:
     return sorted(times)[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
 
 
-def memory_trace(model, pixels: int) -> None:
+def memory_trace(model, pixels: int, arch: Architecture) -> None:
     """Peak memory per stage of one step (dense vs UltraGen local), to see where they part.
 
     Diagnostic only: plain forward hooks on the blocks, removed afterwards.
@@ -167,8 +167,8 @@ def memory_trace(model, pixels: int) -> None:
     dm = model.model.diffusion_model
     stages = [("img_in", dm.img_in)] + [(f"double{i}", b) for i, b in enumerate(dm.double_blocks)]
     stages += [(f"single{i}", b) for i, b in enumerate(dm.single_blocks)] + [("final", dm.final_layer)]
-    x, ctx, y = step_inputs(MODELS["flux1-dev"], pixels, pixels)
-    for name, m in (("dense", model), ("ultragen-local", ultragen_model(model, pixels, "local"))):
+    x, ctx, y = step_inputs(arch, pixels, pixels)
+    for name, m in (("dense", model), ("ultragen-local", ultragen_model(model, pixels, "local", arch))):
         peaks: dict[str, tuple[float, float]] = {}
         handles = []
         for stage, module in stages:
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     model = build(arch)
     print(f"{args.model} built: {gib()}", flush=True)
     if args.memory_trace:
-        return memory_trace(model, args.memory_trace)
+        return memory_trace(model, args.memory_trace, arch)
     check, noise = check_dense_equivalent(model, arch)
     print(
         f"check at 1024^2: dense-equivalent UltraGen vs ComfyUI dense: relative difference {check:.2e} "

@@ -228,7 +228,7 @@ def _hopper_class(device: torch.device) -> bool:
     """Hopper's instructions (TMA) and room for its tiles: compute capability 9+ *and* a large shared memory
     (not the capability alone: consumer Blackwell, sm_120, has TMA but 99 KB a block)."""
     props = torch.cuda.get_device_properties(device)
-    optin = getattr(props, "shared_memory_per_block_optin", None)  # PyTorch 2.5+ reports it
+    optin = getattr(props, "shared_memory_per_block_optin", None)  # PyTorch 2.6+ reports it
     if optin is None:
         return props.major in (9, 10)  # H100 / H200, B200 / GB200
     return props.major >= 9 and optin >= HOPPER_CLASS_SHARED
