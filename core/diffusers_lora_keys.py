@@ -81,33 +81,28 @@ def from_diffusers_flux2(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def _fused_qkv(layer: str, by_part: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """q, k, v LoRAs as one LoRA on the fused layer: down stacked, up block-diagonal with each part's scale."""
-    downs, ups, rows = [], [], None
-    for part in "qkv":
-        p = by_part.get(part)
-        if p is None or ".lora_A.weight" not in p or ".lora_B.weight" not in p:
-            downs.append(None)
-            ups.append(None)
-            continue
+    """q, k, v LoRAs (any of them; each complete) as one LoRA on the fused layer: down stacked, up block-diagonal
+    with each part's scale. A part that is incomplete or has an alpha that is not one number raises ValueError."""
+    downs, ups = {}, {}
+    for part, p in by_part.items():
+        if ".lora_A.weight" not in p or ".lora_B.weight" not in p:
+            raise ValueError(f"{layer}: the to_{part} LoRA needs both lora_A.weight and lora_B.weight")
+        if ".alpha" in p and p[".alpha"].numel() != 1:
+            raise ValueError(f"{layer}: the to_{part} LoRA's alpha must be a single number")
         down, up = p[".lora_A.weight"].float(), p[".lora_B.weight"].float()
         rank = down.shape[0]
-        alpha = float(p[".alpha"].float().reshape(-1)[0]) if ".alpha" in p else float(rank)
-        downs.append(down)
-        ups.append(up * (alpha / rank if rank else 1.0))
-        rows = up.shape[0]
-    if rows is None:
-        return {f"{layer}.lora_A.weight": torch.zeros(0, 0)}  # no complete part: the usual check says so
-    last = max(i for i, d in enumerate(downs) if d is not None)
-    in_features = next(d for d in downs if d is not None).shape[1]
-    ranks = [0 if d is None else d.shape[0] for d in downs[: last + 1]]
-    down = torch.cat([d if d is not None else torch.zeros(0, in_features) for d in downs[: last + 1]])
-    up = torch.zeros(rows * (last + 1), sum(ranks))
+        alpha = float(p[".alpha"]) if ".alpha" in p else float(rank)
+        downs[part], ups[part] = down, up * (alpha / rank if rank else 1.0)
+    rows = {u.shape[0] for u in ups.values()}
+    if len(rows) != 1:
+        raise ValueError(f"{layer}: the q, k and v LoRAs give different numbers of outputs")
+    (rows,) = rows
+    present = [part for part in "qkv" if part in downs]  # a part not trained: its third of the rows gets no update
+    down = torch.cat([downs[part] for part in present])
+    up = torch.zeros(rows * ("qkv".index(present[-1]) + 1), down.shape[0])
     col = 0
-    for i, (u, r) in enumerate(zip(ups[: last + 1], ranks, strict=True)):
-        if u is not None:
-            if u.shape[0] != rows:
-                raise ValueError(f"{layer}: the q, k and v LoRAs give different numbers of outputs")
-            up[i * rows : (i + 1) * rows, col : col + r] = u
-        col += r
-    total = down.shape[0]
-    return {f"{layer}.lora_A.weight": down, f"{layer}.lora_B.weight": up, f"{layer}.alpha": torch.tensor(float(total))}
+    for part in present:
+        row, rank = "qkv".index(part) * rows, downs[part].shape[0]
+        up[row : row + rows, col : col + rank] = ups[part]
+        col += rank
+    return {f"{layer}.lora_A.weight": down, f"{layer}.lora_B.weight": up, f"{layer}.alpha": torch.tensor(float(col))}

@@ -144,3 +144,20 @@ def test_an_unknown_diffusers_module_is_named(tmp_path):
                "transformer.norm_out.linear.lora_B.weight": torch.randn(4, 2)}, str(path))  # fmt: skip
     with pytest.raises(GuidanceLoRAError, match="norm_out.linear.* is not a guidance-stream layer"):
         load_guidance_lora(path)
+
+
+@pytest.mark.parametrize("broken", ["no lora_B", "alpha of two numbers"])
+def test_an_incomplete_q_k_v_part_of_the_authors_format_is_named(tmp_path, broken):
+    """A to_k LoRA without its lora_B (or with an alpha that is not one number) is refused naming the file, the layer
+    and the part, not dropped: the fused qkv would otherwise load without k's update."""
+    g = torch.Generator().manual_seed(5)
+    tensors = {f"transformer.transformer_blocks.0.attn.to_{p}.lora_{h}.weight": torch.randn(*shape, generator=g)
+               for p in "qk" for h, shape in (("A", (2, 6)), ("B", (6, 2)))}  # fmt: skip
+    if broken == "no lora_B":
+        del tensors["transformer.transformer_blocks.0.attn.to_k.lora_B.weight"]
+    else:
+        tensors["transformer.transformer_blocks.0.attn.to_k.alpha"] = torch.tensor([1.0, 2.0])
+    path = tmp_path / "broken.safetensors"
+    save_file(tensors, str(path))
+    with pytest.raises(GuidanceLoRAError, match=r"broken.safetensors: double_blocks.0.img_attn.qkv: the to_k LoRA"):
+        load_guidance_lora(path)
