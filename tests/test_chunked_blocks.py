@@ -280,12 +280,11 @@ def test_each_block_equals_comfyuis_own_block(comfyui, slices, family, tokens):
 
     from ultragen.patch.chunked_blocks import BlockContext, chunkable_blocks, double_block, single_block
 
-    from random_models import FLUX2_CHANGES, TINY_FLUX, flux_model
+    from random_models import tiny_flux, tiny_flux2
 
     if family == "FLUX.2" and not hasattr(comfy.supported_models, "Flux2"):
         return  # this ComfyUI (0.3.64) has no FLUX.2 blocks to compare with
-    config = dict(TINY_FLUX, depth=1, depth_single_blocks=1, **(FLUX2_CHANGES if family == "FLUX.2" else {}))
-    dm = flux_model(config, config_class="Flux2" if family == "FLUX.2" else "Flux").model.diffusion_model
+    dm = (tiny_flux2 if family == "FLUX.2" else tiny_flux)(depth=1, single=1).model.diffusion_model
     assert chunkable_blocks(dm)
     slices(tokens)
     g = torch.Generator().manual_seed(11)

@@ -37,14 +37,13 @@ def test_clean_guidance_rows_are_modulated_at_timestep_zero_as_comfyui_does(comf
 
     from ultragen.patch.chunked_blocks import BlockContext, double_block, single_block
 
-    from random_models import FLUX2_CHANGES, TINY_FLUX, flux_model
+    from random_models import tiny_flux, tiny_flux2
 
     if "modulation_dims_img" not in inspect.signature(comfy.ldm.flux.layers.DoubleStreamBlock.forward).parameters:
         return  # this ComfyUI (0.3.64) has no per-token modulation to compare with
     if family == "FLUX.2" and not hasattr(comfy.supported_models, "Flux2"):
         return
-    config = dict(TINY_FLUX, depth=1, depth_single_blocks=1, **(FLUX2_CHANGES if family == "FLUX.2" else {}))
-    dm = flux_model(config, config_class="Flux2" if family == "FLUX.2" else "Flux").model.diffusion_model
+    dm = (tiny_flux2 if family == "FLUX.2" else tiny_flux)(depth=1, single=1).model.diffusion_model
     slices(tokens)
     g = torch.Generator().manual_seed(12)
     # 0.3.64's apply_mod indexes the modulation as (B, D) and so broadcasts a batch of 2 over the tokens: batch 1 there
