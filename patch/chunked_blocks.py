@@ -93,9 +93,10 @@ def fallback_reason(args: dict, call: CallState | None) -> str | None:
             "another node patches attention inside FLUX's blocks (attn1_patch / attn1_output_patch); "
             "UltraGen runs those blocks whole, which needs more memory at high resolution"
         )
-    vec = args["vec"]
-    shift = _first_shift(vec)
-    if vec_batch(vec) != args["img"].shape[0] or (shift is not None and shift.dim() == 3 and shift.shape[1] > 1):
+    first = _first(args["vec"])
+    shift = getattr(first, "shift", None)
+    batch = (first if shift is None else shift).shape[0]  # FLUX.1's vector, or FLUX.2's first modulation
+    if batch != args["img"].shape[0] or (shift is not None and shift.dim() == 3 and shift.shape[1] > 1):
         return (
             "reference tokens are modulated at timestep 0 (Edit Model Reference Method: index_timestep_zero); "
             "UltraGen runs FLUX's blocks whole for them, which needs more memory at high resolution"
@@ -109,16 +110,6 @@ def _first(vec):
     while isinstance(vec, (tuple, list)):
         vec = vec[0]
     return vec
-
-
-def _first_shift(vec):
-    return getattr(_first(vec), "shift", None)
-
-
-def vec_batch(vec) -> int:
-    """The batch a block's modulation input is for."""
-    first = _first(vec)
-    return getattr(first, "shift", first).shape[0]
 
 
 def _modulated(norm: torch.nn.Module, x: torch.Tensor, mod) -> torch.Tensor:
