@@ -151,8 +151,9 @@ def main(argv: list[str] | None = None) -> None:
     print("| size | ours | ComfyUI's apply_rope | ComfyUI float32 formula |")
     print("|---|---|---|---|")
     for r in kernels:
-        cells = " | ".join(f"{r[k]['ms']:.2f} (+{r[k]['extra_gib']:.2f})" for k in ("ultragen", "comfyui",
-                                                                                      "comfyui-float32"))
+        cells = " | ".join(
+            f"{r[k]['ms']:.2f} (+{r[k]['extra_gib']:.2f})" for k in ("ultragen", "comfyui", "comfyui-float32")
+        )
         print(f"| {r['pixels']}² | {cells} |")
     if not steps:
         return print(f"\nwrote {out}")

@@ -285,6 +285,7 @@ def on_cards(args) -> None:
           "| exact / tiled |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
+
         def c(k, r=r):
             if k + "_s" in r:
                 return f"{r[k + '_s']:.1f} s, {r[k + '_gib']:.1f} GiB"

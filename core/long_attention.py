@@ -5,7 +5,8 @@ at 8192^2). PyTorch's fused attention kernels take heads up to 256 wide, so SDPA
 memory-efficient kernel there: ~27 s of a 70 s exact 8192^2 decode on an H200. Per chunk of query
 rows this is two cuBLAS products, the scores in float32 (``mm(..., out_dtype=float32)`` for bf16 /
 fp16 inputs), a float32 softmax and the product with V: SDPA's math, with temporaries bounded by
-``budget_bytes``.
+``budget_bytes``. Where the budget cannot hold 128 whole rows of scores (16384^2: 4M keys a row), a chunk of
+queries meets the keys a chunk at a time with FlashAttention's running softmax.
 
 Shapes: q, k, v (B, L, C); returns (B, L, C) in q's dtype.
 """
@@ -17,6 +18,8 @@ from collections.abc import Callable
 import torch
 
 BYTES_PER_SCORE = 10  # float32 scores, their float32 softmax and its bf16 / fp16 copy for the product with V
+TILE = 128  # rows and keys per chunk in whole tiles of the products where the budget allows
+SPLIT_QUERY_ROWS = 1024  # query rows per chunk once a whole row of scores no longer fits 128 times
 
 
 def can_run(q: torch.Tensor) -> bool:
@@ -32,32 +35,67 @@ def can_run(q: torch.Tensor) -> bool:
     return True
 
 
-def query_rows(length: int, budget_bytes: int) -> int:
-    """Query rows per chunk: as many as the budget holds (a multiple of 128 when that is at least 128, for the
-    products' tiles), at least one."""
-    rows = max(1, min(length, budget_bytes // (BYTES_PER_SCORE * length)))
-    return rows - rows % 128 if rows >= 128 else rows
+def _tiles(n: int) -> int:
+    return n - n % TILE if n >= TILE else max(1, n)
+
+
+def chunk_shape(length: int, budget_bytes: int) -> tuple[int, int]:
+    """(query rows, keys) per chunk of scores within the budget. Whole rows of scores while at least 128 of them fit
+    (or all rows); else 1024 query rows against the keys in chunks (an online softmax): a chunk of a few query rows
+    would read all of K and V for each few rows (at 16384^2, 4M tokens: 51 rows a chunk, K and V read 82,000 times)."""
+    whole_rows = budget_bytes // (BYTES_PER_SCORE * length)
+    if whole_rows >= min(length, TILE):
+        return _tiles(min(length, whole_rows)), length
+    rows = min(length, SPLIT_QUERY_ROWS)
+    return rows, _tiles(min(length, budget_bytes // (BYTES_PER_SCORE * rows)))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget_bytes: int,
-              between_chunks: Callable[[], None] | None = None) -> torch.Tensor:  # fmt: skip
-    """softmax(q k^T / sqrt(C)) v for (B, L, C) inputs, query rows at a time. ``between_chunks`` runs before each
-    chunk (the caller's cancel check: at 8192^2 this attention takes seconds)."""
+              between_chunks: Callable[[float], None] | None = None) -> torch.Tensor:  # fmt: skip
+    """softmax(q k^T / sqrt(C)) v for (B, L, C) inputs, query rows at a time. ``between_chunks(fraction done)`` runs
+    before each chunk of query rows (the caller's cancel check and progress: at 8192^2 this attention takes
+    seconds)."""
     b, length, channels = q.shape
     scale = channels**-0.5
-    rows = query_rows(length, budget_bytes)
+    rows, keys = chunk_shape(length, budget_bytes)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # row-major: each chunk one contiguous write
-    for i in range(b):
-        keys = k[i].t()
-        for r0 in range(0, length, rows):
-            if between_chunks is not None:
-                between_chunks()
-            chunk = q[i, r0 : r0 + rows]
-            if q.dtype == torch.float32:
-                scores = chunk @ keys
-            else:
-                scores = torch.mm(chunk, keys, out_dtype=torch.float32)
-            probs = torch.softmax(scores.mul_(scale), dim=-1)
-            del scores
+    starts = [(i, r0) for i in range(b) for r0 in range(0, length, rows)]
+    for n, (i, r0) in enumerate(starts):
+        if between_chunks is not None:
+            between_chunks(n / len(starts))
+        query = q[i, r0 : r0 + rows]
+        if keys == length:
+            probs = torch.softmax(_scores(query, k[i]).mul_(scale), dim=-1)
             out[i, r0 : r0 + rows] = probs.to(v.dtype) @ v[i]
+        else:
+            out[i, r0 : r0 + rows] = _over_key_chunks(query, k[i], v[i], keys, scale)
     return out
+
+
+def _scores(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """query keys^T in float32: (rows, C) x (n, C) -> (rows, n)."""
+    if query.dtype == torch.float32:
+        return query @ keys.t()
+    return torch.mm(query, keys.t(), out_dtype=torch.float32)
+
+
+def _over_key_chunks(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: int, scale: float) -> torch.Tensor:
+    """One chunk of query rows against the keys ``keys`` at a time: FlashAttention's running maximum and sum,
+    the weighted values summed in float32."""
+    top = torch.full((query.shape[0], 1), -torch.inf, dtype=torch.float32, device=query.device)
+    total = torch.zeros_like(top)
+    weighted = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
+    for c0 in range(0, k.shape[0], keys):
+        scores = _scores(query, k[c0 : c0 + keys]).mul_(scale)
+        new_top = torch.maximum(top, scores.amax(dim=-1, keepdim=True))
+        probs = scores.sub_(new_top).exp_()
+        rescale = (top - new_top).exp_()  # 0 on the first chunk (top is -inf)
+        total.mul_(rescale).add_(probs.sum(dim=-1, keepdim=True))
+        values = v[c0 : c0 + keys]
+        if v.dtype == torch.float32:
+            weighted.mul_(rescale).addmm_(probs, values)
+        else:
+            weighted.mul_(rescale).add_(torch.mm(probs.to(v.dtype), values, out_dtype=torch.float32))
+        top = new_top
+        del scores, probs
+    return weighted.div_(total).to(query.dtype)

@@ -19,7 +19,7 @@ group norm then needs no pass of its own over an activation that may sit in host
 An upsample need not be stored at all (:class:`Upsampled`: rows made as they are read), and
 a resnet block's first convolution and its 1x1 shortcut read their input in one pass
 (:func:`conv3x3_with_shortcut`). Every layer runs the caller's check before each band
-(``between_bands``: cancel).
+(``between_bands``: cancel and progress).
 """
 
 from __future__ import annotations
@@ -34,17 +34,18 @@ from .row_major import RowMajor, empty_like_rows, prefetched, read_rows, write_r
 DEFAULT_BAND_ELEMENTS = 1 << 26  # ~128 MB of bf16 per temporary
 
 Pre = Callable[[torch.Tensor], torch.Tensor]
-# Run before every band (the caller's cancel check: one layer of an 8192^2 decode takes seconds).
-Check = Callable[[], None]
+# Run before every band with the fraction of the pass done (the caller's cancel check and progress bar: one layer of
+# an 8192^2 decode takes seconds).
+Check = Callable[[float], None]
 # Where a layer's full output is kept: (shape, dtype) -> a tensor or host rows (default: as its input is kept).
 Alloc = Callable[[tuple, torch.dtype], "torch.Tensor | RowMajor"]
 
 
 def _bands(reads: list[list[tuple]], compute: torch.device, between_bands: Check | None):
     """``prefetched(reads, compute)``, with the caller's check before each band."""
-    for band in prefetched(reads, compute):
+    for n, band in enumerate(prefetched(reads, compute)):
         if between_bands is not None:
-            between_bands()
+            between_bands(n / len(reads))
         yield band
 
 

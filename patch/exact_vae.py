@@ -43,10 +43,11 @@ from .vae_memory import (
 # Activations at or below this many elements run through the module itself.
 DIRECT_ELEMENTS = 1 << 24
 LONG_ATTENTION_TOKENS = 1 << 16  # from here (2048^2 images) the middle attention runs query rows at a time
+PROGRESS_PER_LAYER = 100  # the bar moves band by band within a layer
 
 
 class _Runner:
-    """Runs one encoder or decoder, layer by layer, with a progress bar and cancel checks.
+    """Runs one encoder or decoder, layer by layer, with a progress bar over the bands and cancel checks.
 
     Bands are computed on ``compute``. Where full activations live (``placement``): ``"compute"``; ``"host"``:
     in host memory, row-major, streamed through ``compute`` a band at a time; ``"spill"``: each on ``compute``
@@ -61,8 +62,9 @@ class _Runner:
         self.band = band_elements
         self.direct = direct_elements
         self.compute, self.placement = compute, placement
-        self.progress = comfy.utils.ProgressBar(steps) if progress else None
-        self.split = dict(band_elements=band_elements, compute=compute, between_bands=self._check_cancel)
+        self.progress = comfy.utils.ProgressBar(steps * PROGRESS_PER_LAYER) if progress else None
+        self.layers_done = 0
+        self.split = dict(band_elements=band_elements, compute=compute, between_bands=self._between_bands)
         if placement != "compute":
             self.split["alloc"] = self.alloc
 
@@ -74,10 +76,21 @@ class _Runner:
     def _check_cancel() -> None:
         comfy.model_management.throw_exception_if_processing_interrupted()
 
-    def _tick(self) -> None:
+    def _between_bands(self, fraction: float) -> None:
+        """Before each band of a layer's pass: cancel, and the bar to this band (a layer's later passes, e.g. the
+        second convolution of a resnet block, start again from 0 and leave it where the first one took it)."""
         self._check_cancel()
         if self.progress is not None:
-            self.progress.update(1)
+            at = int((self.layers_done + fraction) * PROGRESS_PER_LAYER)
+            if at > self.progress.current:
+                self.progress.update_absolute(at)
+
+    def _tick(self) -> None:
+        """A layer done."""
+        self._check_cancel()
+        self.layers_done += 1
+        if self.progress is not None:
+            self.progress.update_absolute(self.layers_done * PROGRESS_PER_LAYER)
 
     def small(self, x) -> bool:
         return x.numel() <= self.direct
@@ -113,7 +126,7 @@ class _Runner:
         if sums is not None:
             stats = sums.group_stats(norm.num_groups, norm.eps)
         else:
-            stats = split_ops.group_stats(x, norm.num_groups, norm.eps, self.band, self.compute, self._check_cancel)
+            stats = split_ops.group_stats(x, norm.num_groups, norm.eps, self.band, self.compute, self._between_bands)
         return split_ops.group_norm_silu(self.taken(norm, x), stats)
 
     def resnet(self, block: ResnetBlock, x, sums):
@@ -148,7 +161,7 @@ class _Runner:
         h = block.norm(x)
         q, k, v = (rearrange(conv(h), "b c h w -> b (h w) c") for conv in (block.q, block.k, block.v))
         del h
-        out = long_attention.attention(q, k, v, self.band * BYTES_PER_BAND_ELEMENT // 2, self._check_cancel)
+        out = long_attention.attention(q, k, v, self.band * BYTES_PER_BAND_ELEMENT // 2, self._between_bands)
         del q, k, v
         out = rearrange(out, "b (h w) c -> b c h w", h=x.shape[-2])
         return x + block.proj_out(out), None
@@ -163,16 +176,21 @@ class _Runner:
         net = self.net
         if self.small(x):
             x = self.on_compute(x)
-            return net.conv_out(torch.nn.functional.silu(net.norm_out(x)))
-        y = split_ops.conv3x3(x, self.taken(net.conv_out, x), self.norm_silu(net.norm_out, x, sums), **self.split)
+            y = net.conv_out(torch.nn.functional.silu(net.norm_out(x)))
+        else:
+            y = split_ops.conv3x3(x, self.taken(net.conv_out, x), self.norm_silu(net.norm_out, x, sums), **self.split)
+        self._tick()
         return self.on_compute(y)
 
     def conv_in(self, x: torch.Tensor):
         if self.small(x):
-            return self.whole(self.net.conv_in, x), None
-        sums = split_ops.ChannelSums()
-        x = self.stored(x)
-        return split_ops.conv3x3(x, self.taken(self.net.conv_in, x), sums=sums, **self.split), sums
+            h, sums = self.whole(self.net.conv_in, x), None
+        else:
+            sums = split_ops.ChannelSums()
+            x = self.stored(x)
+            h = split_ops.conv3x3(x, self.taken(self.net.conv_in, x), sums=sums, **self.split)
+        self._tick()
+        return h, sums
 
     def upsample(self, module, x, consumer):
         """A level's upsample, split where its output is large. While activations stream through host memory and
@@ -182,7 +200,7 @@ class _Runner:
             return self.whole(module, x), None
         conv = self.taken(module.conv, x)
         if self.placement != "compute" and _one_pass_shortcut(consumer):
-            up = split_ops.Upsampled(x, conv, self.compute, self.band, self._check_cancel)
+            up = split_ops.Upsampled(x, conv, self.compute, self.band, self._between_bands)
             return up, up.sums()
         sums = split_ops.ChannelSums()
         return split_ops.upsample2_conv3x3(x, conv, sums=sums, **self.split), sums
@@ -224,7 +242,7 @@ def decode_latent(decoder: Decoder, z: torch.Tensor, band_elements: int = split_
     """``decoder(z)`` for z (B, C, h, w) on the compute device, split into bands where large."""
     _check(decoder, Decoder)
     levels = list(reversed(range(decoder.num_resolutions)))
-    steps = 3 + sum(len(_blocks(decoder.up[i])) + (i != 0) for i in levels)
+    steps = 5 + sum(len(_blocks(decoder.up[i])) + (i != 0) for i in levels)  # conv_in, middle (3), levels, out
     placement = vae_memory.placement(z.device, offload, largest_decoder_activation(decoder, z.shape), z.dtype)
     run = _Runner(decoder, vae_memory.band_budget(z.device, band_elements), direct_elements, steps, z.device, placement,
                   progress)  # fmt: skip
@@ -243,14 +261,15 @@ def encode_pixels(encoder: Encoder, x: torch.Tensor, band_elements: int = split_
                   direct_elements: int = DIRECT_ELEMENTS, offload: str = "auto") -> torch.Tensor:  # fmt: skip
     """``encoder(x)`` for x (B, 3, H, W) in [-1, 1] on the compute device, split into bands where large."""
     _check(encoder, Encoder)
-    steps = 3 + sum(len(_blocks(encoder.down[i])) + 1 for i in range(encoder.num_resolutions))
+    last = encoder.num_resolutions - 1
+    steps = 5 + sum(len(_blocks(encoder.down[i])) + (i != last) for i in range(last + 1))  # conv_in, mid (3), out
     placement = vae_memory.placement(x.device, offload, largest_encoder_activation(encoder, x.shape), x.dtype)
     run = _Runner(encoder, vae_memory.band_budget(x.device, band_elements), direct_elements, steps, x.device, placement)
     with torch.inference_mode():
         h, sums = run.conv_in(x)
         for i in range(encoder.num_resolutions):
             h, sums = run.stage(_blocks(encoder.down[i]), h, sums)
-            if i != encoder.num_resolutions - 1:
+            if i != last:
                 h, sums = run.downsample(encoder.down[i].downsample, h)
                 run._tick()
         h, sums = run.stage([encoder.mid.block_1, encoder.mid.attn_1, encoder.mid.block_2], h, sums)
@@ -299,8 +318,12 @@ def exact_decode(vae, samples: torch.Tensor, band_elements: int = split_ops.DEFA
     h, w = samples.shape[-2:]
     if getattr(model, "bn", None) is not None:  # FLUX.2: the decoder sees the 2x2-unshuffled latent
         h, w = h * model.ps[0], w * model.ps[1]
-    load_vae(vae, vae.memory_used_decode(samples[:1].shape, vae.vae_dtype),
-             largest_decoder_activation(model.decoder, (1, 0, h, w)), band_elements)
+    load_vae(
+        vae,
+        vae.memory_used_decode(samples[:1].shape, vae.vae_dtype),
+        largest_decoder_activation(model.decoder, (1, 0, h, w)),
+        band_elements,
+    )
     images = []
     for i in range(samples.shape[0]):  # one image at a time: statistics are per image anyway
         # inference mode as in ComfyUI's executor: VAE.process_output works in place (ComfyUI 0.29)
@@ -318,8 +341,12 @@ def exact_encode(vae, pixels: torch.Tensor, band_elements: int = split_ops.DEFAU
     """What ``vae.encode(pixels)`` gives for (B, H, W, C) images, without its memory peak or tiles."""
     model = _autoencoder(vae)
     pixels = vae.vae_encode_crop_pixels(pixels[..., :3]).movedim(-1, 1)
-    load_vae(vae, vae.memory_used_encode(pixels[:1].shape, vae.vae_dtype),
-             largest_encoder_activation(model.encoder, pixels[:1].shape), band_elements)
+    load_vae(
+        vae,
+        vae.memory_used_encode(pixels[:1].shape, vae.vae_dtype),
+        largest_encoder_activation(model.encoder, pixels[:1].shape),
+        band_elements,
+    )
     latents = []
     for i in range(pixels.shape[0]):
         x = vae.process_input(pixels[i : i + 1]).to(vae.device, vae.vae_dtype)

@@ -296,8 +296,9 @@ def test_each_block_equals_comfyuis_own_block(comfyui, slices, family, tokens):
     def attend(q, k, v_, call):
         q.copy_(torch.nn.functional.scaled_dot_product_attention(q, k, v_))
 
-    call = SimpleNamespace(rotary_table=None, n_guid=0, qkv_buffer=None, slice_tokens=None, guidance_rows_override=None,
-                           vec_zero=None)
+    call = SimpleNamespace(
+        rotary_table=None, n_guid=0, qkv_buffer=None, slice_tokens=None, guidance_rows_override=None, vec_zero=None
+    )
     ctx = BlockContext(call, attend, lambda name: None, 1.0)
     with torch.inference_mode():
         pe = dm.pe_embedder(ids)

@@ -26,7 +26,7 @@ def flux(comfyui):
 @pytest.mark.parametrize("family", ["FLUX.1", "FLUX.2"])
 @pytest.mark.parametrize("tokens", [1, 5, 4096])
 def test_clean_guidance_rows_are_modulated_at_timestep_zero_as_comfyui_does(comfyui, slices, family, tokens):
-    """"clean" guidance tokens take the modulation of timestep 0 (as the authors train them): block by block against
+    """ "clean" guidance tokens take the modulation of timestep 0 (as the authors train them): block by block against
     ComfyUI's own blocks given both modulations and ``modulation_dims`` (its mechanism for Kontext references at
     timestep 0) with the guidance rows on the second; slices of 1 and 5 straddle the guidance boundary."""
     import inspect

@@ -42,6 +42,34 @@ def test_decode_equals_full_decode(vae, shape):
     assert (node - full).abs().max().item() <= 2e-5
 
 
+def test_progress_bar_moves_band_by_band(vae, monkeypatch):
+    """The bar moves within layers (more values than layers, never backwards, never past the end) and ends full,
+    decoding and encoding. (Recorded where the node sets it: ComfyUI 0.29 throttles what reaches the UI.)"""
+    import comfy.utils
+
+    from ultragen.patch.exact_vae import PROGRESS_PER_LAYER, exact_decode, exact_encode
+
+    bars = []
+    original = comfy.utils.ProgressBar.update_absolute
+
+    def update_absolute(bar, value, total=None, preview=None):
+        if bar not in bars:
+            bars.append(bar)
+        bar.values = [*getattr(bar, "values", []), value]
+        return original(bar, value, total, preview)
+
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", update_absolute)
+    z = torch.randn(1, 16, 8, 6, generator=torch.Generator().manual_seed(3))
+    image = exact_decode(vae, z, band_elements=TINY_BANDS, direct_elements=0)
+    exact_encode(vae, image, band_elements=TINY_BANDS, direct_elements=0)
+    assert len(bars) == 2
+    for bar in bars:
+        layers = bar.total // PROGRESS_PER_LAYER
+        assert bar.values == sorted(bar.values) and bar.values[-1] == bar.total
+        assert len(set(bar.values)) > 2 * layers  # the full-resolution layers run in 8+ bands each here
+        assert sum(v % PROGRESS_PER_LAYER == 0 for v in bar.values) == layers  # one tick per layer, each reached
+
+
 def test_long_middle_attention_equals_the_full_decode(vae, monkeypatch):
     """The middle attention query rows at a time (as from 2048^2 images; here forced, in chunks of one row): still
     ComfyUI's full decode."""
@@ -242,6 +270,7 @@ def test_spilled_activations_equal_the_full_decode(vae, monkeypatch):
     monkeypatch.setattr(vae_memory, "placement", lambda *args: "spill")
     monkeypatch.setattr(exact_vae._Runner, "alloc", recording)
     room = TINY_BANDS * exact_vae.BYTES_PER_BAND_ELEMENT + (1 << 30) + 1_000_000  # fits activations under ~1 MB
+
     def free(dev=None, torch_free_too=False):  # ComfyUI's signature: its loader asks for both numbers on a GPU
         return (room, room) if torch_free_too else room
 

@@ -16,6 +16,7 @@ from patching import IDENTITY, device, patched, whole_blocks
 
 pytestmark = pytest.mark.usefixtures("comfyui")
 
+
 @pytest.fixture(scope="module")
 def flux2(comfyui):
     """A tiny FLUX.2 (hidden 96, 2 heads, axes 4 x 12), or None where this ComfyUI has no FLUX.2."""

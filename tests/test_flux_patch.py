@@ -15,6 +15,7 @@ from patching import IDENTITY, device, guidance_of, inputs, one_run, patched, re
 
 pytestmark = pytest.mark.usefixtures("comfyui")
 
+
 @pytest.fixture(scope="module")
 def flux(comfyui):
     from comfy_flux import tiny_flux
@@ -187,7 +188,6 @@ def test_npa_mode_and_kontext_references_sample(flux):
 
 def test_memory_estimate_is_windowed_during_prepare_sampling(flux):
     import comfy.patcher_extension as pe
-
 
     model = patched(flux, guidance=guidance_of(64, 64, (512, 512)))
     shape = [2, 16, 512, 512]  # a 4096 px batch of 2

@@ -126,8 +126,9 @@ def test_memory_the_system_will_not_pin_is_used_unpinned(monkeypatch, caplog):
 
 
 def test_the_callers_check_runs_before_every_band():
-    """Cancel reaches into a layer: the check runs once per band (13 rows in bands of 2: 7 bands; the upsample's
-    26 output rows, twice as wide, in bands of 1), for each kind of split layer."""
+    """Cancel and progress reach into a layer: the check runs once per band (13 rows in bands of 2: 7 bands; the
+    upsample's 26 output rows, twice as wide, in bands of 1), for each kind of split layer, with the fraction of the
+    bands done."""
     g = torch.Generator().manual_seed(4)
     x = torch.randn(1, 8, 13, 11, generator=g, dtype=torch.float64)
     conv = torch.nn.Conv2d(8, 8, 3, padding=1).double()
@@ -137,5 +138,5 @@ def test_the_callers_check_runs_before_every_band():
             (lambda check: split_ops.upsample2_conv3x3(x, conv, two_rows, between_bands=check), 26))  # fmt: skip
     for run, bands in runs:
         seen = []
-        run(lambda seen=seen: seen.append(1))
-        assert len(seen) == bands
+        run(seen.append)
+        assert seen == [n / bands for n in range(bands)]

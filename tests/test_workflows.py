@@ -33,6 +33,8 @@ def host_lacks_flux2(name: str) -> bool:
     import nodes
 
     return name in FLUX2_NAMES and not FLUX2_NODES <= set(nodes.NODE_CLASS_MAPPINGS)
+
+
 SIZE_INPUTS = ("width", "height", "target_width", "target_height")
 
 

@@ -99,8 +99,9 @@ class GuidanceLoRATrainer:
                 def run(img, txt, vec, pe):
                     block = dm.double_blocks[i]
                     mask, options = args.get("attn_mask"), args["transformer_options"]
-                    return block(img=img.clone(), txt=txt.clone(), vec=vec, pe=pe, attn_mask=mask,
-                                 transformer_options=options)
+                    return block(
+                        img=img.clone(), txt=txt.clone(), vec=vec, pe=pe, attn_mask=mask, transformer_options=options
+                    )
 
                 img, txt = checkpoint(run, args["img"], args["txt"], args["vec"], args["pe"], use_reentrant=False)
                 return {"img": img, "txt": txt}
