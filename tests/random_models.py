@@ -68,6 +68,18 @@ def tiny_flux(seed: int = 0, depth: int = 2, single: int = 2, dtype=torch.float3
     return flux_model(config, dtype=dtype, seed=seed, load_device=device)
 
 
+def host_has_flux2() -> bool:
+    """Whether this ComfyUI runs FLUX.2 (0.29+). Where it does not (0.3.64) it must have none of it: no model
+    class and no FLUX.2 field in FLUX's parameters (so a FLUX.2 test that stops there still checks that)."""
+    import comfy.ldm.flux.model
+    import comfy.supported_models
+
+    if hasattr(comfy.supported_models, "Flux2"):
+        return True
+    assert "txt_ids_dims" not in comfy.ldm.flux.model.FluxParams.__dataclass_fields__, "FLUX.2 half present"
+    return False
+
+
 def tiny_flux2(seed: int = 0, depth: int = 2, single: int = 2, dtype=torch.float32, device=None):
     """FLUX.2 (``supported_models.Flux2``, ComfyUI 0.29+) with hidden 96, 2 heads of 48: samples on a CPU in seconds."""
     config = dict(TINY_FLUX, depth=depth, depth_single_blocks=single, **FLUX2_CHANGES)

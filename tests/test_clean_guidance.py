@@ -33,15 +33,15 @@ def test_clean_guidance_rows_are_modulated_at_timestep_zero_as_comfyui_does(comf
     from types import SimpleNamespace
 
     import comfy.ldm.flux.layers
-    import comfy.supported_models
 
     from ultragen.patch.chunked_blocks import BlockContext, double_block, single_block
 
-    from random_models import tiny_flux, tiny_flux2
+    from random_models import host_has_flux2, tiny_flux, tiny_flux2
 
     if "modulation_dims_img" not in inspect.signature(comfy.ldm.flux.layers.DoubleStreamBlock.forward).parameters:
-        return  # this ComfyUI (0.3.64) has no per-token modulation to compare with
-    if family == "FLUX.2" and not hasattr(comfy.supported_models, "Flux2"):
+        assert not host_has_flux2()  # only 0.3.64 lacks per-token modulation, and FLUX.2 with it
+        return  # no per-token modulation in ComfyUI's blocks to compare with
+    if family == "FLUX.2" and not host_has_flux2():
         return
     dm = (tiny_flux2 if family == "FLUX.2" else tiny_flux)(depth=1, single=1).model.diffusion_model
     slices(tokens)
