@@ -64,3 +64,28 @@ def whole_blocks(model):
     m = model.clone()
     m.set_model_attn1_patch(lambda q, k, v, **kwargs: {})
     return m
+
+
+def block_inputs(dm, batch: int, n_txt: int, n_img: int, seed: int):
+    """Random (img, txt, ids) for one of ``dm``'s blocks: (B, n_img, hidden), (B, n_txt, hidden), positions on the
+    model's axes."""
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randn(batch, n_img, dm.hidden_size, generator=g)
+    txt = torch.randn(batch, n_txt, dm.hidden_size, generator=g)
+    ids = torch.randint(0, 9, (batch, n_txt + n_img, len(dm.params.axes_dim)), generator=g).float()
+    return img, txt, ids
+
+
+def dense_block_context(**call):
+    """A chunked block's context for a call prepared by hand (``call``: the CallState fields the blocks read),
+    attention dense (PyTorch's SDPA), no guidance LoRA: what ComfyUI's blocks compute, to compare with them."""
+    from types import SimpleNamespace
+
+    from ultragen.patch.chunked_blocks import BlockContext
+
+    def attend(q, k, v, state):
+        q.copy_(torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+    fields = dict(rotary_table=None, n_guid=0, qkv_buffer=None, slice_tokens=None, guidance_rows_override=None,
+                  vec_zero=None, zero_modulations=None, diffusion_model=None)  # fmt: skip
+    return BlockContext(SimpleNamespace(**{**fields, **call}), attend, lambda name: None, 1.0)

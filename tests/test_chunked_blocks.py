@@ -13,7 +13,18 @@ import logging
 import pytest
 import torch
 
-from patching import IDENTITY, device, guidance_of, inputs, one_run, patched, references_and_control, whole_blocks
+from patching import (
+    IDENTITY,
+    block_inputs,
+    dense_block_context,
+    device,
+    guidance_of,
+    inputs,
+    one_run,
+    patched,
+    references_and_control,
+    whole_blocks,
+)
 
 pytestmark = pytest.mark.usefixtures("comfyui")
 
@@ -274,9 +285,7 @@ def test_another_nodes_block_replacement_is_kept_with_one_warning(flux, caplog):
 def test_each_block_equals_comfyuis_own_block(comfyui, slices, family, tokens):
     """Block by block, against ComfyUI's DoubleStreamBlock / SingleStreamBlock on the same inputs (dense attention):
     FLUX.1's blocks and FLUX.2's (modulations computed once per call, SiLU-gated MLPs, no biases)."""
-    from types import SimpleNamespace
-
-    from ultragen.patch.chunked_blocks import BlockContext, chunkable_blocks, double_block, single_block
+    from ultragen.patch.chunked_blocks import chunkable_blocks, double_block, single_block
 
     from random_models import host_has_flux2, tiny_flux, tiny_flux2
 
@@ -285,19 +294,9 @@ def test_each_block_equals_comfyuis_own_block(comfyui, slices, family, tokens):
     dm = (tiny_flux2 if family == "FLUX.2" else tiny_flux)(depth=1, single=1).model.diffusion_model
     assert chunkable_blocks(dm)
     slices(tokens)
-    g = torch.Generator().manual_seed(11)
-    batch, n_txt, n_img, hidden = 2, 5, 13, dm.hidden_size
-    img, txt = torch.randn(batch, n_img, hidden, generator=g), torch.randn(batch, n_txt, hidden, generator=g)
-    ids = torch.randint(0, 9, (batch, n_txt + n_img, len(dm.params.axes_dim)), generator=g).float()
-    v = torch.randn(batch, hidden, generator=g)
-
-    def attend(q, k, v_, call):
-        q.copy_(torch.nn.functional.scaled_dot_product_attention(q, k, v_))
-
-    call = SimpleNamespace(
-        rotary_table=None, n_guid=0, qkv_buffer=None, slice_tokens=None, guidance_rows_override=None, vec_zero=None
-    )
-    ctx = BlockContext(call, attend, lambda name: None, 1.0)
+    img, txt, ids = block_inputs(dm, batch=2, n_txt=5, n_img=13, seed=11)
+    v = torch.randn(2, dm.hidden_size, generator=torch.Generator().manual_seed(12))
+    ctx = dense_block_context()
     with torch.inference_mode():
         pe = dm.pe_embedder(ids)
         if family == "FLUX.2":

@@ -11,7 +11,7 @@ import logging
 import pytest
 import torch
 
-from patching import guidance_of, inputs, patched, whole_blocks
+from patching import block_inputs, dense_block_context, guidance_of, inputs, patched, whole_blocks
 
 pytestmark = pytest.mark.usefixtures("comfyui")
 
@@ -30,11 +30,10 @@ def test_clean_guidance_rows_are_modulated_at_timestep_zero_as_comfyui_does(comf
     ComfyUI's own blocks given both modulations and ``modulation_dims`` (its mechanism for Kontext references at
     timestep 0) with the guidance rows on the second; slices of 1 and 5 straddle the guidance boundary."""
     import inspect
-    from types import SimpleNamespace
 
     import comfy.ldm.flux.layers
 
-    from ultragen.patch.chunked_blocks import BlockContext, double_block, single_block
+    from ultragen.patch.chunked_blocks import double_block, single_block
 
     from random_models import host_has_flux2, tiny_flux, tiny_flux2
 
@@ -45,22 +44,14 @@ def test_clean_guidance_rows_are_modulated_at_timestep_zero_as_comfyui_does(comf
         return
     dm = (tiny_flux2 if family == "FLUX.2" else tiny_flux)(depth=1, single=1).model.diffusion_model
     slices(tokens)
-    g = torch.Generator().manual_seed(12)
     # 0.3.64's apply_mod indexes the modulation as (B, D) and so broadcasts a batch of 2 over the tokens: batch 1 there
     batch = 2 if "d[2] + 1" in inspect.getsource(comfy.ldm.flux.layers.apply_mod) else 1
-    n_txt, n_img, n_guid, hidden = 5, 13, 4, dm.hidden_size
-    img, txt = torch.randn(batch, n_img, hidden, generator=g), torch.randn(batch, n_txt, hidden, generator=g)
-    ids = torch.randint(0, 9, (batch, n_txt + n_img, len(dm.params.axes_dim)), generator=g).float()
-    v, v0 = torch.randn(batch, hidden, generator=g), torch.randn(batch, hidden, generator=g)
+    n_txt, n_img, n_guid = 5, 13, 4
+    img, txt, ids = block_inputs(dm, batch, n_txt, n_img, seed=12)
+    g = torch.Generator().manual_seed(13)
+    v, v0 = torch.randn(batch, dm.hidden_size, generator=g), torch.randn(batch, dm.hidden_size, generator=g)
     both = torch.stack((v, v0), 1)  # (B, 2, D): ComfyUI's layout for two modulations
-
-    def attend(q, k, v_, call):
-        q.copy_(torch.nn.functional.scaled_dot_product_attention(q, k, v_))
-
-    call = SimpleNamespace(rotary_table=None, n_guid=n_guid, qkv_buffer=None, slice_tokens=None,
-                           guidance_rows_override=None, vec_zero=v0, zero_modulations=None,
-                           diffusion_model=dm)  # fmt: skip
-    ctx = BlockContext(call, attend, lambda name: None, 1.0)
+    ctx = dense_block_context(n_guid=n_guid, vec_zero=v0, diffusion_model=dm)
     split = n_img - n_guid
     dims_img = [(0, split, 0), (split, n_img, 1)]
     dims_x = [(0, n_txt + split, 0), (n_txt + split, n_txt + n_img, 1)]
@@ -83,8 +74,7 @@ def test_clean_guidance_rows_are_modulated_at_timestep_zero_as_comfyui_does(comf
         ref_x = single(x.clone(), vec=ref_single, pe=pe, modulation_dims=dims_x)
         out_x = single_block(single, {"img": x.clone(), "vec": ours_single, "pe": pe}, ctx, "s")["img"]
         plain = single_block(single, {"img": x.clone(), "vec": ours_single, "pe": pe},
-                             BlockContext(SimpleNamespace(**{**vars(call), "vec_zero": None, "qkv_buffer": None}),
-                                          attend, lambda name: None, 1.0), "s")["img"]  # fmt: skip
+                             dense_block_context(n_guid=n_guid, diffusion_model=dm), "s")["img"]  # fmt: skip
     for ours, ref in ((out_img, ref_img), (out_txt, ref_txt), (out_x, ref_x)):
         assert (ours - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
     assert (plain[:, -n_guid:] - out_x[:, -n_guid:]).abs().max() > 1e-3  # timestep 0 really changes those rows
