@@ -12,8 +12,8 @@ def _offload_input():
     return io.Combo.Input(
         "offload", options=list(OFFLOAD), default="auto",
         tooltip="Keep the full-size activations in CPU memory and stream them through the GPU in bands: auto does "
-        "so only for those the GPU has no room for (8K on cards under ~100 GB; an 8K decode on a 24 GB card then "
-        "needs roughly 20-50 GB of free system RAM); always bounds GPU memory to a few GB.",
+        "so only for those the GPU has no room for (8K on cards under ~100 GB; an 8K decode on a 12-24 GB card then "
+        "needs about 40 GB of free system RAM); always bounds GPU memory to a few GB.",
     )  # fmt: skip
 
 
