@@ -12,9 +12,9 @@ from ultragen.core import long_attention
 @pytest.mark.parametrize("length,budget", [(37, 1), (300, 10 * 300 * 7), (300, 10 * 300 * 128), (300, 10 * 300 * 300),
                                            (1500, 10 * 1024 * 200), (1500, 10 * 1024 * 128)])  # fmt: skip
 def test_chunked_attention_equals_sdpa(length, budget):
-    """37 query rows against one key at a time; 300 rows against 7 keys a chunk; whole rows of scores, 128 and 300
-    rows a chunk; 1024 rows against 128 keys a chunk (the last chunks short): batch 2, a 48-wide head: SDPA's
-    result."""
+    """37 query rows against one key at a time; 300 rows against 7 keys a chunk; whole rows of scores, 128 and 256
+    rows a chunk (length 300 and 1500); 1024 rows against 128 keys a chunk (the last chunks short): batch 2, a
+    48-wide head: SDPA's result."""
     g = torch.Generator().manual_seed(length)
     q, k, v = (torch.randn(2, length, 48, generator=g) * 2 for _ in range(3))
     expected = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
