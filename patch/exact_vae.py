@@ -197,20 +197,25 @@ class _Runner:
         ``consumer`` (the next block) reads its input in one pass, the output is never stored: its rows are made as
         that block reads them (``split_ops.Upsampled``)."""
         if not module.with_conv or 4 * x.numel() <= self.direct:
-            return self.whole(module, x), None
-        conv = self.taken(module.conv, x)
-        if self.placement != "compute" and _one_pass_shortcut(consumer):
-            up = split_ops.Upsampled(x, conv, self.compute, self.band, self._between_bands)
-            return up, up.sums()
-        sums = split_ops.ChannelSums()
-        return split_ops.upsample2_conv3x3(x, conv, sums=sums, **self.split), sums
+            out = self.whole(module, x), None
+        elif self.placement != "compute" and _one_pass_shortcut(consumer):
+            up = split_ops.Upsampled(x, self.taken(module.conv, x), self.compute, self.band, self._between_bands)
+            out = up, up.sums()
+        else:
+            sums = split_ops.ChannelSums()
+            out = split_ops.upsample2_conv3x3(x, self.taken(module.conv, x), sums=sums, **self.split), sums
+        self._tick()
+        return out
 
     def downsample(self, module, x):
         """A level's downsample, split where x is large."""
         if not module.with_conv or self.small(x):
-            return self.whole(module, x), None
-        sums = split_ops.ChannelSums()
-        return split_ops.pad_conv3x3_stride2(x, self.taken(module.conv, x), sums=sums, **self.split), sums
+            out = self.whole(module, x), None
+        else:
+            sums = split_ops.ChannelSums()
+            out = split_ops.pad_conv3x3_stride2(x, self.taken(module.conv, x), sums=sums, **self.split), sums
+        self._tick()
+        return out
 
 
 def _one_pass_shortcut(block) -> bool:
@@ -253,7 +258,6 @@ def decode_latent(decoder: Decoder, z: torch.Tensor, band_elements: int = split_
             h, sums = run.stage(_blocks(decoder.up[i]), h, sums)
             if i != 0:
                 h, sums = run.upsample(decoder.up[i].upsample, h, consumer=decoder.up[i - 1].block[0])
-                run._tick()
         return run.out(h, sums)
 
 
@@ -271,7 +275,6 @@ def encode_pixels(encoder: Encoder, x: torch.Tensor, band_elements: int = split_
             h, sums = run.stage(_blocks(encoder.down[i]), h, sums)
             if i != last:
                 h, sums = run.downsample(encoder.down[i].downsample, h)
-                run._tick()
         h, sums = run.stage([encoder.mid.block_1, encoder.mid.attn_1, encoder.mid.block_2], h, sums)
         return run.out(h, sums).to(x.device)
 
