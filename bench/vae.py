@@ -141,7 +141,7 @@ STAGES: dict[str, list] = {}
 CURRENT = [""]
 
 
-def profile(result: dict, attention: bool) -> dict:
+def profile(attention: bool) -> dict:
     """Time each stage of the exact passes (a tick of their progress bar) and every pinning of host memory; measure
     the bus once (1 GiB each way, pinned); ``attention``: also the middle attention at 8192^2, ComfyUI's vs ours."""
     import ultragen.core.row_major as row_major
@@ -251,7 +251,7 @@ def on_cards(args) -> None:
     rows = []
     result = {**run_info(), "vae_dtype": str(vae.vae_dtype), "rows": rows}
     if args.profile:
-        result["bus"] = profile(result, attention=8192 in args.sizes)  # 40 s, not spent on a 16384^2 run
+        result["bus"] = profile(attention=8192 in args.sizes)  # 40 s, not spent on a 16384^2 run
     for gib in (None if g == 0 else g for g in args.cards):
         for pixels in args.sizes:
             z = torch.randn(1, 16, pixels // 8, pixels // 8, generator=torch.Generator().manual_seed(pixels))
@@ -293,8 +293,8 @@ def on_cards(args) -> None:
             return f"OOM ({r[k + '_oom']})" if k + "_oom" in r else "–"
 
         ratio = [f"{r[k]:.2f}x" if k in r else "-" for k in ("decode_exact_over_tiled", "encode_exact_over_tiled")]
-        card = "whole GPU" if r["card_gib"] is None else f"{r['card_gib']} GB"
-        print(f"| {card} | {r['pixels']}² | {c('exact_decode')} | {c('tiled_decode')} | {ratio[0]} "
+        label = "whole GPU" if r["card_gib"] is None else f"{r['card_gib']} GB"
+        print(f"| {label} | {r['pixels']}² | {c('exact_decode')} | {c('tiled_decode')} | {ratio[0]} "
               f"| {c('exact_encode')} | {c('tiled_encode')} | {ratio[1]} |")  # fmt: skip
 
 
