@@ -35,21 +35,47 @@ FLUX2_TARGETS = {4096: 1.15, 8192: 1.15}  # issue 14
 
 @dataclass(frozen=True)
 class Architecture:
-    """A full architecture to benchmark: its ComfyUI config class, latent and text shapes."""
+    """A full architecture to benchmark: the name of its config in ``tests/random_models.py``, and the latent and
+    text shapes read from that config (imported when first used: ``random_models`` imports ComfyUI)."""
 
-    config: str  # the name of the config in random_models
-    config_class: str  # ComfyUI's supported_models class
-    channels: int  # latent channels
-    pixels_per_latent: int
-    text_width: int
-    pooled: bool  # FLUX.1's pooled CLIP vector
+    config: str
+
+    @property
+    def params(self) -> dict:
+        import random_models
+
+        return getattr(random_models, self.config)
+
+    @property
+    def flux2(self) -> bool:
+        return self.params["image_model"] == "flux2"
+
+    @property
+    def config_class(self) -> str:  # ComfyUI's supported_models class
+        return "Flux2" if self.flux2 else "Flux"
+
+    @property
+    def channels(self) -> int:  # latent channels
+        return self.params["in_channels"]
+
+    @property
+    def pixels_per_latent(self) -> int:
+        return 16 if self.flux2 else 8
+
+    @property
+    def text_width(self) -> int:
+        return self.params["context_in_dim"]
+
+    @property
+    def pooled(self) -> bool:  # FLUX.1's pooled CLIP vector
+        return self.params["vec_in_dim"] is not None
 
 
 MODELS = {
-    "flux1-dev": Architecture("FLUX_DEV", "Flux", 16, 8, 4096, True),
-    "flux2-klein-4b": Architecture("FLUX2_KLEIN_4B", "Flux2", 128, 16, 7680, False),
-    "flux2-klein-9b": Architecture("FLUX2_KLEIN_9B", "Flux2", 128, 16, 12288, False),
-    "flux2-dev": Architecture("FLUX2_DEV", "Flux2", 128, 16, 15360, False),
+    "flux1-dev": Architecture("FLUX_DEV"),
+    "flux2-klein-4b": Architecture("FLUX2_KLEIN_4B"),
+    "flux2-klein-9b": Architecture("FLUX2_KLEIN_9B"),
+    "flux2-dev": Architecture("FLUX2_DEV"),
 }
 
 
@@ -57,8 +83,7 @@ def build(arch: Architecture):
     """The architecture built by ComfyUI on the GPU, bf16, weights N(0, 0.02)."""
     import random_models
 
-    config = getattr(random_models, arch.config)
-    return random_models.flux_model(config, dtype=torch.bfloat16, std=0.02, device=torch.device("cuda"),
+    return random_models.flux_model(arch.params, dtype=torch.bfloat16, std=0.02, device=torch.device("cuda"),
                                     load_device="cuda", config_class=arch.config_class)  # fmt: skip
 
 

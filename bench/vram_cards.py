@@ -36,11 +36,11 @@ import traceback
 
 import torch
 
+from flux_step import MODELS, TEXT
 from results_io import run_info, write_json
 
 CARDS = (12, 16, 24, 32, 48, 80)
 CONTEXT_GIB = 0.5  # a real card's CUDA context, outside PyTorch's allocator
-TEXT = 512
 DENSE_UP_TO = 4096
 
 
@@ -113,15 +113,6 @@ class Card:
         return (emulated, torch_free) if torch_free_too else emulated
 
 
-def architecture(name: str = "flux1-dev"):
-    """``bench/flux_step.py``'s architecture of that name, with its config's hidden width."""
-    import random_models
-    from flux_step import MODELS
-
-    arch = MODELS[name]
-    return arch, getattr(random_models, arch.config)
-
-
 def build(dtype_name: str, name: str = "flux1-dev"):
     """The architecture (FLUX.1-dev unless --model) as ComfyUI loads it: weights on the CPU, ~N(0, 0.02) (norm
     scales 1), bf16 or fp8."""
@@ -130,8 +121,8 @@ def build(dtype_name: str, name: str = "flux1-dev"):
     import comfy.model_patcher
     import comfy.supported_models
 
-    arch, config = architecture(name)
-    config = dict(config)
+    arch = MODELS[name]
+    config = dict(arch.params)
     if "txt_ids_dims" in comfy.ldm.flux.model.FluxParams.__dataclass_fields__:
         config.setdefault("txt_ids_dims", [])
     model_config = getattr(comfy.supported_models, arch.config_class)(config)
@@ -234,9 +225,9 @@ def step(model, pixels: int, arch) -> dict:
 
 def cell(card: Card, base, gib, dtype: str, pixels: int, mode: str, name: str = "flux1-dev") -> dict:
     card.set(gib)
-    arch, config = architecture(name)
+    arch = MODELS[name]
     row = {"card_gib": gib, "weights": dtype, "pixels": pixels, "mode": mode}
-    u = tokens(pixels, mode) * config["hidden_size"] * 2 / 2**30
+    u = tokens(pixels, mode) * arch.params["hidden_size"] * 2 / 2**30
     try:
         if mode == "dense":
             model = base
