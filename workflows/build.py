@@ -22,7 +22,7 @@ import json
 import sys
 from pathlib import Path
 
-from shipped import FLUX2_WORKFLOWS, WORKFLOWS
+from shipped import FLUX2_WORKFLOWS, WORKFLOWS, distinct_titles
 
 from graph import Graph, Node, Out
 from layout import NODE_WIDTH, NOTE_POS, NOTE_SIZE, VIEW, layout
@@ -157,7 +157,7 @@ def main() -> None:
     API_DIR.mkdir(exist_ok=True)
     workflows = FLUX2_WORKFLOWS if "--flux2" in sys.argv[1:] else WORKFLOWS
     for name, build in workflows.items():
-        graph = build()
+        graph = distinct_titles(build())
         (UI_DIR / f"{name}.json").write_text(json.dumps(to_ui(graph), indent=2) + "\n")
         (API_DIR / f"{name}.api.json").write_text(json.dumps(to_api(graph), indent=2) + "\n")
         (API_DIR / f"{name}.inputs.json").write_text(json.dumps(graph.inputs, indent=2) + "\n")

@@ -19,7 +19,7 @@ MODEL_FILES = (
 )
 
 
-def _base(g: Graph, width: int = 1024, height: int = 1024, size_scale: float = 0.25):
+def _base(g: Graph, size_scale: float):
     """Loaders, prompt, and the 1K FLUX image everything starts from (``size_scale``: its size over the
     final image's, for ultragen-run's --width and --height)."""
     g.stage("1K base")
@@ -29,7 +29,7 @@ def _base(g: Graph, width: int = 1024, height: int = 1024, size_scale: float = 0
     text = g.node("CLIPTextEncode", title="Prompt", text=PROMPT, clip=clip[0])
     positive = g.node("FluxGuidance", conditioning=text[0], guidance=3.5)
     negative = g.node("ConditioningZeroOut", conditioning=text[0])
-    empty = g.node("EmptyLatentImage", width=width, height=height, batch_size=1)
+    empty = g.node("EmptyLatentImage", width=1024, height=1024, batch_size=1)
     low = g.node("KSampler", title="Low-res 1K", model=model[0], seed=42, steps=28, cfg=1.0, sampler_name="euler",
                  scheduler="simple", positive=positive[0], negative=negative[0], latent_image=empty[0],
                  denoise=1.0)  # fmt: skip
@@ -235,13 +235,13 @@ def klein_8k_recursive() -> Graph:
 
 
 FLUX2_WORKFLOWS = {  # written against ComfyUI 0.29 (its FLUX.2 nodes): ``build.py --flux2``
-    "flux2_klein_4k_from_1k": lambda: distinct_titles(klein_4k_from_1k()),
-    "flux2_klein_8k_recursive": lambda: distinct_titles(klein_8k_recursive()),
+    "flux2_klein_4k_from_1k": klein_4k_from_1k,
+    "flux2_klein_8k_recursive": klein_8k_recursive,
 }
 
 WORKFLOWS = {
-    "flux_2k_from_1k": lambda: distinct_titles(flux_from_1k(2048)),
-    "flux_4k_from_1k": lambda: distinct_titles(flux_from_1k(4096)),
-    "flux_8k_recursive": lambda: distinct_titles(flux_8k_recursive()),
-    "scalediff_4k": lambda: distinct_titles(scalediff_4k()),
+    "flux_2k_from_1k": lambda: flux_from_1k(2048),
+    "flux_4k_from_1k": lambda: flux_from_1k(4096),
+    "flux_8k_recursive": flux_8k_recursive,
+    "scalediff_4k": scalediff_4k,
 }
