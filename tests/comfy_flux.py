@@ -97,5 +97,5 @@ class TinyFlux2Text(TinyCLIP):
     """Stands in for FLUX.2's text encoder: seeded embeddings of the tiny model's width, no pooled vector."""
 
     def encode_from_tokens_scheduled(self, tokens, **kwargs):
-        seed = sum(ord(c) for c in tokens) % (2**31)
-        return [[torch.randn(1, 8, CONTEXT_DIM, generator=torch.Generator().manual_seed(seed)), {}]]
+        ((cond, _),) = super().encode_from_tokens_scheduled(tokens)
+        return [[cond, {}]]

@@ -245,8 +245,7 @@ def test_dense_windows_equal_unpatched_flux2_with_flux_kv_cache(flux2):
     positive, negative = [[ctx, {"reference_latents": refs}]], [[ctx * 0, {"reference_latents": refs}]]
 
     def kv(model):
-        out = FluxKVCache.execute(model)
-        return (out.result if hasattr(out, "result") else out)[0]
+        return FluxKVCache.execute(model).result[0]
 
     def sample(model):
         return comfy.sample.sample(model, noise, 3, 1.0, "euler", "simple", positive, negative, latent, seed=0,
@@ -284,8 +283,7 @@ def test_guidance_encode_reads_pixels_per_latent_from_the_vae_and_the_patch_chec
     if flux2 is None:
         return
     image = torch.rand(1, 64, 96, 3, generator=torch.Generator().manual_seed(2))
-    out = UltraGenLowResGuidanceEncode.execute(384, 256, image=image, vae=flux_vae(seed=4, flux2=True))
-    guidance = (out.result if hasattr(out, "result") else out)[0]
+    guidance = UltraGenLowResGuidanceEncode.execute(384, 256, image=image, vae=flux_vae(seed=4, flux2=True)).result[0]
     assert guidance.latent.shape == (1, 128, 4, 6) and guidance.pixels_per_latent == 16 and guidance.ratio() == 4.0
     patched(flux2, guidance=guidance)  # fits
     odd = Guidance(guidance.latent, 384, 256, latent_pixels=8)
