@@ -200,12 +200,10 @@ def main(argv: list[str] | None = None) -> None:
 
     load_comfyui(args.comfyui, cpu=args.tiny or not torch.cuda.is_available())
     swap_loaders(args.tiny)
-    card = None
-    if args.card:
+    if args.card:  # ComfyUI reads the emulated card from then on (the card's free-memory function is installed)
         from vram_cards import Card
 
-        card = Card(dynamic=False)
-        card.set(args.card)
+        Card(dynamic=False).set(args.card)
     work = Path(tempfile.mkdtemp(prefix="ultragen-pipeline-"))
     model_files(work / "models")
     rows = []
@@ -227,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"workflow": name, "size": size, "ultragen": measured_ours, "card_gib": args.card,
                      "warm_up": warm_up})  # fmt: skip
         out = write_json("pipeline", result, args.out)  # a run cut short in the dense pass keeps this
-        if card is not None:  # on a card: UltraGen's stages and peaks only (dense 8K cannot fit)
+        if args.card:  # on a card: UltraGen's stages and peaks only (dense 8K cannot fit)
             print(f"{name} on an emulated {args.card:g} GB card: {measured_ours['s']:.1f} s", flush=True)
             continue
         if args.warm:
