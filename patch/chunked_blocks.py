@@ -140,13 +140,12 @@ class BlockLinear:
     """One of the block's linear layers for this block call: its weight taken once, applied to a slice of rows
     with the guidance LoRA's update on the slice's guidance rows (those from ``guidance_row`` on, slice-relative)."""
 
-    def __init__(self, module: torch.nn.Module, like: torch.Tensor, ctx: BlockContext, path: str | None,
-                 outputs: slice | None = None):  # fmt: skip
-        self.layer = TakenLinear(module, like, outputs)
+    def __init__(self, layer: TakenLinear, ctx: BlockContext, path: str | None):
+        self.layer = layer
         self.call = ctx.call
         self.lora = ctx.lora(path) if path and ctx.call.n_guid else None
         self.strength = ctx.lora_strength
-        self.first_output = 0 if outputs is None else outputs.start
+        self.first_output = 0 if layer.outputs is None else layer.outputs.start
 
     def __call__(self, x: torch.Tensor, guidance_row: int) -> torch.Tensor:
         if self.lora is not None and self.layer.guidance_forward:
@@ -242,7 +241,7 @@ def double_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
     zero = {"txt": (None, None), "img": zero_img}
     for x, offset, side, path, guidance_from in streams:
         attn = getattr(block, f"{side}_attn")
-        qkv_layer = BlockLinear(attn.qkv, x, ctx, path and f"{path}_attn.qkv")
+        qkv_layer = BlockLinear(TakenLinear(attn.qkv, x), ctx, path and f"{path}_attn.qkv")
         _write_qkv(qkv, offset, x, getattr(block, f"{side}_norm1"), mods[side][0], attn, table, chunk,
                    guidance_from, qkv_layer, zero[side][0])  # fmt: skip
     _attend(qkv, ctx)
@@ -250,7 +249,7 @@ def double_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
         (mod1, mod2), attn, mlp = mods[side], getattr(block, f"{side}_attn"), getattr(block, f"{side}_mlp")
         norm2 = getattr(block, f"{side}_norm2")
         layers = ((attn.proj, "_attn.proj"), (mlp[0], "_mlp.0"), (mlp[2], "_mlp.2"))
-        proj, up, down = (BlockLinear(module, x, ctx, path and f"{path}{name}") for module, name in layers)
+        proj, up, down = (BlockLinear(TakenLinear(module, x), ctx, path and f"{path}{name}") for module, name in layers)
         for s in range(0, x.shape[1], chunk):
             e = min(s + chunk, x.shape[1])
             rows, here = x[:, s:e], guidance_from - s
@@ -276,11 +275,12 @@ def single_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
     guidance_from = length - ctx.call.n_guid
     split = 3 * hidden
     qkv = _qkv_buffer(ctx.call, x, length, heads, hidden // heads)
-    qkv_layer = BlockLinear(block.linear1, x, ctx, f"{prefix}.linear1", slice(0, split))
+    linear1 = TakenLinear(block.linear1, x)  # taken once for its q/k/v part and its MLP part
+    qkv_layer = BlockLinear(linear1.part(slice(0, split)), ctx, f"{prefix}.linear1")
     _write_qkv(qkv, 0, x, block.pre_norm, mod, block, table, chunk, guidance_from, qkv_layer, mod_zero)
     _attend(qkv, ctx)
-    mlp_in = BlockLinear(block.linear1, x, ctx, f"{prefix}.linear1", slice(split, None))
-    out_layer = BlockLinear(block.linear2, x, ctx, f"{prefix}.linear2")
+    mlp_in = BlockLinear(linear1.part(slice(split, None)), ctx, f"{prefix}.linear1")
+    out_layer = BlockLinear(TakenLinear(block.linear2, x), ctx, f"{prefix}.linear2")
     act = block.mlp_act.original if isinstance(block.mlp_act, InPlaceGELU) else block.mlp_act
     for s in range(0, length, chunk):
         e = min(s + chunk, length)

@@ -17,6 +17,8 @@ convolutions' and group norms' weights the same way (ComfyUI may stream or cast 
 
 from __future__ import annotations
 
+import copy
+
 import comfy.ops
 import torch
 import torch.nn.functional as F
@@ -93,20 +95,27 @@ def _borrowed(stream) -> bool:
 class TakenLinear:
     """``module``'s weight taken once; calls apply it to any slice of rows (..., in) -> (..., out).
 
-    ``outputs``: only these outputs (a single block's linear1 split into q, k, v and the MLP input).
+    ``outputs``: only these outputs (a single block's linear1 split into q, k, v and the MLP input: :meth:`part`).
     ``per_slice``: the layer's own forward runs on each slice instead (see :func:`take_weight`);
     ``guidance_forward``: that forward is the patch's guidance-LoRA forward, which adds the update itself.
     """
 
-    def __init__(self, module: torch.nn.Module, like: torch.Tensor, outputs: slice | None = None):
+    def __init__(self, module: torch.nn.Module, like: torch.Tensor):
         self.module = module
-        self.outputs = outputs
-        taken = take_weight(module, like)
-        if taken is not None and outputs is not None:
-            taken = (taken[0][outputs], None if taken[1] is None else taken[1][outputs])
-        self.taken = taken
-        self.per_slice = taken is None
+        self.outputs: slice | None = None
+        self.taken = take_weight(module, like)
+        self.per_slice = self.taken is None
         self.guidance_forward = self.per_slice and _is_guidance_forward(module)
+
+    def part(self, outputs: slice) -> TakenLinear:
+        """These outputs of the layer, from the same taken weight (cast, LoRA-patched and moved once for both
+        parts of a split layer, and held once)."""
+        part = copy.copy(self)
+        part.outputs = outputs
+        if self.taken is not None:
+            weight, bias = self.taken
+            part.taken = (weight[outputs], None if bias is None else bias[outputs])
+        return part
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.taken is not None:

@@ -136,9 +136,9 @@ def test_weights_are_cast_once_per_block_call_with_comfyui_weight_functions(flux
     block_linears = {id(m) for m in linears if any(m is b for b in dm.double_blocks.modules())
                      or any(m is b for b in dm.single_blocks.modules())}  # fmt: skip
     in_blocks = [m for m in casts if id(m) in block_linears]
-    # Per call: double blocks 2 streams x (qkv, proj, mlp.0, mlp.2); single blocks linear1 twice (q/k/v rows,
-    # then MLP rows) and linear2; the modulation layers once each (2 per double block, 1 per single).
-    assert len(in_blocks) == 2 * (8 + 2) + 2 * (3 + 1)
+    # Per call: double blocks 2 streams x (qkv, proj, mlp.0, mlp.2); single blocks linear1 once (for its q/k/v rows
+    # and its MLP rows) and linear2; the modulation layers once each (2 per double block, 1 per single).
+    assert len(in_blocks) == 2 * (8 + 2) + 2 * (2 + 1)
 
 
 def test_other_attention_patches_run_whole_blocks_with_one_warning(flux, caplog, monkeypatch):
