@@ -54,11 +54,15 @@ def _split(key: str) -> tuple[str, str] | None:
     return None
 
 
-def from_diffusers_flux2(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The same LoRA in this pack's format (ComfyUI layer names); unknown modules are kept under their diffusers
-    name, so that the usual check names them."""
+QKVParts = dict[str, dict[str, dict[str, torch.Tensor]]]  # fused layer -> "q" / "k" / "v" -> suffix -> tensor
+
+
+def from_diffusers_flux2(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], QKVParts]:
+    """The same LoRA in this pack's format (ComfyUI layer names), with the to_q / to_k / to_v parts apart, by the
+    fused layer they belong to (each part is checked as a layer of its own, then :func:`fused_qkv` joins them);
+    unknown modules are kept under their diffusers name, so that the usual check names them."""
     out: dict[str, torch.Tensor] = {}
-    qkv: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    qkv: QKVParts = {}
     for key, value in tensors.items():
         parts = _split(key)
         if parts is None:
@@ -67,7 +71,8 @@ def from_diffusers_flux2(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
         module, suffix = parts
         fused = _QKV.match(module)
         if fused:
-            qkv.setdefault(fused.group(1), {}).setdefault(fused.group(2), {})[suffix] = value
+            layer = f"double_blocks.{fused.group(1)}.img_attn.qkv"
+            qkv.setdefault(layer, {}).setdefault(fused.group(2), {})[suffix] = value
             continue
         for pattern, target in _PLAIN:
             m = pattern.match(module)
@@ -75,34 +80,22 @@ def from_diffusers_flux2(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
                 module = target.format(*m.groups())
                 break
         out[module + suffix] = value
-    for block, by_part in qkv.items():
-        out.update(_fused_qkv(f"double_blocks.{block}.img_attn.qkv", by_part))
-    return out
+    return out, qkv
 
 
-def _fused_qkv(layer: str, by_part: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """q, k, v LoRAs (any of them; each complete) as one LoRA on the fused layer: down stacked, up block-diagonal
-    with each part's scale. A part that is incomplete or has an alpha that is not one number raises ValueError."""
-    downs, ups = {}, {}
-    for part, p in by_part.items():
-        if ".lora_A.weight" not in p or ".lora_B.weight" not in p:
-            raise ValueError(f"{layer}: the to_{part} LoRA needs both lora_A.weight and lora_B.weight")
-        if ".alpha" in p and p[".alpha"].numel() != 1:
-            raise ValueError(f"{layer}: the to_{part} LoRA's alpha must be a single number")
-        down, up = p[".lora_A.weight"].float(), p[".lora_B.weight"].float()
-        rank = down.shape[0]
-        alpha = float(p[".alpha"]) if ".alpha" in p else float(rank)
-        downs[part], ups[part] = down, up * (alpha / rank if rank else 1.0)
-    rows = {u.shape[0] for u in ups.values()}
+def fused_qkv(parts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k, v LoRAs (any of them; ``parts[p]`` = (down, up with its scale folded in)) as one LoRA (down, up) of scale
+    1 on the fused layer: down stacked, up block-diagonal. Parts of different output counts raise ValueError."""
+    rows = {up.shape[0] for _, up in parts.values()}
     if len(rows) != 1:
-        raise ValueError(f"{layer}: the q, k and v LoRAs give different numbers of outputs")
+        raise ValueError("the q, k and v LoRAs give different numbers of outputs")
     (rows,) = rows
-    present = [part for part in "qkv" if part in downs]  # a part not trained: its third of the rows gets no update
-    down = torch.cat([downs[part] for part in present])
+    present = [part for part in "qkv" if part in parts]  # a part not trained: its third of the rows gets no update
+    down = torch.cat([parts[part][0] for part in present])
     up = torch.zeros(rows * ("qkv".index(present[-1]) + 1), down.shape[0])
     col = 0
     for part in present:
-        row, rank = "qkv".index(part) * rows, downs[part].shape[0]
-        up[row : row + rows, col : col + rank] = ups[part]
+        row, rank = "qkv".index(part) * rows, parts[part][0].shape[0]
+        up[row : row + rows, col : col + rank] = parts[part][1]
         col += rank
-    return {f"{layer}.lora_A.weight": down, f"{layer}.lora_B.weight": up, f"{layer}.alpha": torch.tensor(float(col))}
+    return down, up

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UltraGenError
-from .diffusers_lora_keys import from_diffusers_flux2, is_diffusers_flux2
+from .diffusers_lora_keys import from_diffusers_flux2, fused_qkv, is_diffusers_flux2
 
 GUIDANCE_LAYERS = (
     r"img_in",
@@ -98,11 +98,9 @@ def parse_guidance_lora(tensors: dict[str, torch.Tensor], name: str = "guidance 
     patch could not apply or would turn into a broken image: unknown layers, missing halves,
     mismatched shapes, rank 0, an alpha that is not one number, NaN or Inf values.
     """
+    qkv = {}
     if is_diffusers_flux2(tensors):  # the UltraGen authors' FLUX.2 LoRAs (diffusers names)
-        try:
-            tensors = from_diffusers_flux2(tensors)
-        except ValueError as exc:
-            raise GuidanceLoRAError(f"{name}: {exc}; {_REDO}") from None
+        tensors, qkv = from_diffusers_flux2(tensors)
     parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         layer, suffix = _layer_name(key)
@@ -112,36 +110,44 @@ def parse_guidance_lora(tensors: dict[str, torch.Tensor], name: str = "guidance 
                 "img_attn.proj, img_mlp of double blocks or linear1/linear2 of single blocks)"
             )
         parts.setdefault(layer, {})[suffix] = value
-    if not parts:
+    if not parts and not qkv:
         raise GuidanceLoRAError(f"{name} holds no LoRA layers")
-    layers = {}
-    for layer, p in parts.items():
-        if ".lora_A.weight" not in p or ".lora_B.weight" not in p:
-            raise GuidanceLoRAError(f"{name}: layer {layer!r} needs both lora_A.weight and lora_B.weight")
-        down, up = p[".lora_A.weight"].float(), p[".lora_B.weight"].float()
-        if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
-            raise GuidanceLoRAError(
-                f"{name}: layer {layer!r} has lora_A {tuple(down.shape)} and lora_B {tuple(up.shape)}; "
-                "expected (rank, in) and (out, rank)"
-            )
-        rank = down.shape[0]
-        if rank == 0:
-            raise GuidanceLoRAError(f"{name}: layer {layer!r} has rank 0 (lora_A has no rows); {_REDO}")
-        alpha = p[".alpha"].float() if ".alpha" in p else torch.tensor(float(rank))
-        if alpha.numel() != 1:
-            raise GuidanceLoRAError(
-                f"{name}: layer {layer!r} has an alpha of shape {tuple(alpha.shape)}, but alpha must be a single "
-                f"number; {_REDO}"
-            )
-        for what, tensor in (("lora_A", down), ("lora_B", up), ("alpha", alpha)):
-            bad = int((~torch.isfinite(tensor)).sum())
-            if bad:
-                raise GuidanceLoRAError(
-                    f"{name}: layer {layer!r} has {bad} non-finite value(s) (NaN or Inf) in {what}, which would make "
-                    f"the image non-finite; {_REDO}"
-                )
-        layers[layer] = LoRALayer(down=down, up=up, scale=float(alpha.item()) / rank)
+    layers = {layer: _lora_layer(p, f"{name}: layer {layer!r}") for layer, p in parts.items()}
+    for layer, by_part in qkv.items():  # checked part by part, then joined on ComfyUI's fused layer
+        loras = {part: _lora_layer(p, f"{name}: {layer}: the to_{part} LoRA") for part, p in by_part.items()}
+        try:
+            down, up = fused_qkv({part: (lora.down, lora.up * lora.scale) for part, lora in loras.items()})
+        except ValueError as exc:
+            raise GuidanceLoRAError(f"{name}: {layer}: {exc}; {_REDO}") from None
+        layers[layer] = LoRALayer(down=down, up=up, scale=1.0)
     return layers
+
+
+def _lora_layer(p: dict[str, torch.Tensor], what: str) -> LoRALayer:
+    """One layer's tensors (by suffix) checked and read; ``what`` ("<file>: layer '<path>'") begins each error."""
+    if ".lora_A.weight" not in p or ".lora_B.weight" not in p:
+        raise GuidanceLoRAError(f"{what} needs both lora_A.weight and lora_B.weight")
+    down, up = p[".lora_A.weight"].float(), p[".lora_B.weight"].float()
+    if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0]:
+        raise GuidanceLoRAError(
+            f"{what} has lora_A {tuple(down.shape)} and lora_B {tuple(up.shape)}; expected (rank, in) and (out, rank)"
+        )
+    rank = down.shape[0]
+    if rank == 0:
+        raise GuidanceLoRAError(f"{what} has rank 0 (lora_A has no rows); {_REDO}")
+    alpha = p[".alpha"].float() if ".alpha" in p else torch.tensor(float(rank))
+    if alpha.numel() != 1:
+        raise GuidanceLoRAError(
+            f"{what} has an alpha of shape {tuple(alpha.shape)}, but alpha must be a single number; {_REDO}"
+        )
+    for name, tensor in (("lora_A", down), ("lora_B", up), ("alpha", alpha)):
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise GuidanceLoRAError(
+                f"{what} has {bad} non-finite value(s) (NaN or Inf) in {name}, which would make the image "
+                f"non-finite; {_REDO}"
+            )
+    return LoRALayer(down=down, up=up, scale=float(alpha.item()) / rank)
 
 
 def check_fits(layers: dict[str, LoRALayer], diffusion_model: torch.nn.Module, name: str = "guidance LoRA") -> None:
