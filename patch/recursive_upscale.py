@@ -47,10 +47,9 @@ class StageSettings:
     shift_mu: float = FLUX_MU_1024
     guidance_scope: str = "local"
 
-    def target(self, samples: torch.Tensor, px: int | None = None) -> tuple[int, int]:
+    def target(self, samples: torch.Tensor, px: int) -> tuple[int, int]:
         """(width, height) in pixels of the next stage, on the 16-pixel grid FLUX works on (``px``: pixels per
-        latent cell, the model's; default FLUX's by the latent's channels)."""
-        px = px or pixels_per_latent(samples.shape[1])
+        latent cell, the model's)."""
         w, h = samples.shape[-1] * px, samples.shape[-2] * px
         return max(16, round(w * self.scale / 16) * 16), max(16, round(h * self.scale / 16) * 16)
 

@@ -26,7 +26,8 @@ from ..image_files import IMAGE_SUFFIXES, images_in, rgb_tensor
 CACHE_DIR = ".ultragen_cache"
 
 EncodeImage = Callable[[torch.Tensor], torch.Tensor]  # (1, H, W, 3) in [0, 1] -> (1, C, H/8, W/8)
-EncodeText = Callable[[str], tuple[torch.Tensor, torch.Tensor]]  # caption -> context (L, D), pooled (P,)
+# caption -> context (L, D), pooled (P,) or None (FLUX.2 has none; cached as an empty tensor)
+EncodeText = Callable[[str], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 class DatasetError(UltraGenError, ValueError):
