@@ -331,3 +331,10 @@ def install_chunked_blocks(m, dm, replacement: Callable[[str, int, dict, dict], 
             "windowed attention, without UltraGen's memory-saving slices (more memory at high resolution)",
             ", ".join(kept),
         )
+
+
+def is_last_block(dm, kind: str, index: int) -> bool:
+    """Whether FLUX's forward runs no block after this one (only its final layer)."""
+    if len(dm.single_blocks):
+        return kind == "single_block" and index == len(dm.single_blocks) - 1
+    return kind == "double_block" and index == len(dm.double_blocks) - 1

@@ -57,12 +57,28 @@ from ..core.guidance_lora import LoRALayer, check_fits, guidance_rows_forward
 from ..core.token_order import to_raster, to_window_first
 from ..kernels import sparse_attention
 from .call_state import CallState, HandOver, active_call, calling
-from .chunked_blocks import BlockContext, double_block, fallback_reason, install_chunked_blocks, single_block
-from .flux_family import MAX_TEXT_TOKENS, other_family, pixels_per_latent
+from .chunked_blocks import (
+    BlockContext,
+    double_block,
+    fallback_reason,
+    install_chunked_blocks,
+    is_last_block,
+    single_block,
+)
+from .flux_family import MAX_TEXT_TOKENS
 from .host import check_host
 from .inplace_gelu import inplace_gelu_patches
 from .options import Guidance, PatchOptions, UltraGenPatchError
-from .planning import NODE, SizePlan, call_layout, check_guidance_fits, check_sampling, npa_offset, plan_size
+from .planning import (
+    NODE,
+    SizePlan,
+    call_layout,
+    check_guidance_fits,
+    check_model,
+    check_sampling,
+    npa_offset,
+    plan_size,
+)
 from .rotary_table import RotaryTable, rotate
 from .run_state import PatchRun
 from .sampling import constant_shift_sampling, memory_estimate_wrapper, model_shift_mu
@@ -89,36 +105,7 @@ class UltraGenFluxPatch:
     def apply(self, model):
         """A clone of ``model`` (a FLUX.1 ModelPatcher) with every hook installed."""
         check_host(NODE)
-        dm = model.get_model_object("diffusion_model")
-        if not isinstance(dm, comfy.ldm.flux.model.Flux):
-            raise UltraGenPatchError(
-                f"{NODE} needs a FLUX model, but this MODEL is {type(dm).__name__}; "
-                "load FLUX.1 (dev, schnell, Krea, Kontext) with Load Diffusion Model or Load Checkpoint"
-            )
-        family = other_family(dm)
-        if family is not None:
-            raise UltraGenPatchError(
-                f"{NODE} works with FLUX.1 (dev, schnell, Krea, Kontext) and FLUX.2 (klein, dev) models; this MODEL "
-                f"is {family}, which UltraGen does not support yet. Load a FLUX.1 or FLUX.2 model."
-            )
-        if isinstance(model.get_model_object("diffusion_model.pe_embedder"), RotaryTable):
-            raise UltraGenPatchError(
-                f"this MODEL is already patched by {NODE}; connect the model from before that "
-                "node (Recursive Upscale applies the patch itself)"
-            )
-        if self.guidance is not None:
-            channels = dm.img_in.weight.shape[1] // (dm.patch_size * dm.patch_size)
-            if self.guidance.latent.shape[1] != channels:
-                raise UltraGenPatchError(
-                    f"{NODE}: the guidance latent has {self.guidance.latent.shape[1]} channels but this model takes "
-                    f"{channels}; encode the guidance with this model's VAE in Low-Res Guidance Encode"
-                )
-            model_px = pixels_per_latent(channels, model.get_model_object("latent_format"))
-            if model_px is not None and self.guidance.pixels_per_latent != model_px:
-                raise UltraGenPatchError(
-                    f"{NODE}: the guidance was encoded at {self.guidance.pixels_per_latent} px a latent cell, this "
-                    f"model works at {model_px}; encode the guidance with this model's VAE in Low-Res Guidance Encode"
-                )
+        dm = check_model(model, self.guidance)
         if self.lora:
             check_fits(self.lora, dm)
 
@@ -214,7 +201,7 @@ class InstalledPatch:
         if call.guidance_tokens is not None and self.options.guidance_tokens == "clean":
             call.vec_zero = timestep_zero_vector(dm, x, timestep, y, guidance)
         if control is not None:
-            control = self._permute_control(run, control, call)
+            control = _window_first_control(run, control, call)
             if control is None:
                 return unpatched()
         with calling(call):
@@ -267,26 +254,6 @@ class InstalledPatch:
         rope = tuple(sorted(rope_options.items())) if rope_options else None
         return run.reuse(("plan", size, x.device, rope), build)
 
-    def _permute_control(self, run: PatchRun, control: dict, call: CallState) -> dict | None:
-        """ControlNet residuals in window-first order; None (dense call) if one does not fit."""
-        out = {}
-        for key, value in control.items():
-            if not isinstance(value, (list, tuple)):
-                out[key] = value
-                continue
-            items = []
-            for t in value:
-                if t is not None and (t.dim() != 3 or t.shape[1] != call.n_img):
-                    run.warn_once(
-                        "control",
-                        f"UltraGen: a ControlNet residual covers {t.shape[1]} tokens, not the image's "
-                        f"{call.n_img}; those calls use dense attention.",
-                    )
-                    return None
-                items.append(None if t is None else to_window_first(t, call.order))
-            out[key] = items
-        return out
-
     # -- 2. the post_input patch ------------------------------------------------------------
     def post_input(self, args: dict) -> dict:
         call = active_call()
@@ -329,7 +296,7 @@ class InstalledPatch:
             out = double_block(dm.double_blocks[index], args, ctx, f"double_blocks.{index}")
         else:
             out = single_block(dm.single_blocks[index], args, ctx, f"single_blocks.{index}")
-        if _is_last_block(dm, kind, index):
+        if is_last_block(dm, kind, index):
             call.release_block_buffers()
         return out
 
@@ -404,8 +371,22 @@ class InstalledPatch:
         return MAX_TEXT_TOKENS + guid[0] * guid[1]
 
 
-def _is_last_block(dm, kind: str, index: int) -> bool:
-    """Whether FLUX's forward runs no block after this one (only its final layer)."""
-    if len(dm.single_blocks):
-        return kind == "single_block" and index == len(dm.single_blocks) - 1
-    return kind == "double_block" and index == len(dm.double_blocks) - 1
+def _window_first_control(run: PatchRun, control: dict, call: CallState) -> dict | None:
+    """ControlNet residuals in window-first order; None (dense call) if one does not fit."""
+    out = {}
+    for key, value in control.items():
+        if not isinstance(value, (list, tuple)):
+            out[key] = value
+            continue
+        items = []
+        for t in value:
+            if t is not None and (t.dim() != 3 or t.shape[1] != call.n_img):
+                run.warn_once(
+                    "control",
+                    f"UltraGen: a ControlNet residual covers {t.shape[1]} tokens, not the image's "
+                    f"{call.n_img}; those calls use dense attention.",
+                )
+                return None
+            items.append(None if t is None else to_window_first(t, call.order))
+        out[key] = items
+    return out

@@ -3,8 +3,8 @@
 Why apart from the hooks: all of it follows from the options, the guidance, the image size
 and the sampling seed, nothing else. Kept as plain functions of those, it is tested alone,
 and a sampling run (``run_state.PatchRun``) builds it once per size and reuses it for every
-step. The checks a run makes before it plans (does the guidance fit the size, is the sampler wired
-so that the plan holds) live here too.
+step. The checks made before any of it (is this a FLUX model the patch knows, guidance encoded for it;
+does the guidance fit the size, is the sampler wired so that the plan holds) live here too.
 """
 
 from __future__ import annotations
@@ -12,12 +12,15 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import comfy.ldm.flux.model
 import torch
 
 from ..core import GuidanceSegment, ImageSegment, Layout, ReferenceSegment, TextSegment
 from ..core.guidance import aspect_mismatch, guidance_ids
 from ..core.token_order import WindowOrder, window_first_order
+from .flux_family import other_family, pixels_per_latent
 from .options import Guidance, PatchOptions, UltraGenPatchError
+from .rotary_table import RotaryTable
 
 NODE = "UltraGen Attention Patch"
 
@@ -79,6 +82,42 @@ def check_guidance_fits(guidance: Guidance, latent_hw: tuple[int, int], patch: i
             f"sampler runs at {width}x{height} px; guidance positions are scaled to the sampled size."
         )
     return None
+
+
+def check_model(model, guidance: Guidance | None):
+    """The FLUX diffusion model of ``model`` (a ModelPatcher), after the checks the node makes before it patches:
+    a FLUX.1 or FLUX.2 model, not patched already, and guidance encoded for it."""
+    dm = model.get_model_object("diffusion_model")
+    if not isinstance(dm, comfy.ldm.flux.model.Flux):
+        raise UltraGenPatchError(
+            f"{NODE} needs a FLUX model, but this MODEL is {type(dm).__name__}; "
+            "load FLUX.1 (dev, schnell, Krea, Kontext) with Load Diffusion Model or Load Checkpoint"
+        )
+    family = other_family(dm)
+    if family is not None:
+        raise UltraGenPatchError(
+            f"{NODE} works with FLUX.1 (dev, schnell, Krea, Kontext) and FLUX.2 (klein, dev) models; this MODEL "
+            f"is {family}, which UltraGen does not support yet. Load a FLUX.1 or FLUX.2 model."
+        )
+    if isinstance(model.get_model_object("diffusion_model.pe_embedder"), RotaryTable):
+        raise UltraGenPatchError(
+            f"this MODEL is already patched by {NODE}; connect the model from before that "
+            "node (Recursive Upscale applies the patch itself)"
+        )
+    if guidance is not None:
+        channels = dm.img_in.weight.shape[1] // (dm.patch_size * dm.patch_size)
+        if guidance.latent.shape[1] != channels:
+            raise UltraGenPatchError(
+                f"{NODE}: the guidance latent has {guidance.latent.shape[1]} channels but this model takes "
+                f"{channels}; encode the guidance with this model's VAE in Low-Res Guidance Encode"
+            )
+        model_px = pixels_per_latent(channels, model.get_model_object("latent_format"))
+        if model_px is not None and guidance.pixels_per_latent != model_px:
+            raise UltraGenPatchError(
+                f"{NODE}: the guidance was encoded at {guidance.pixels_per_latent} px a latent cell, this "
+                f"model works at {model_px}; encode the guidance with this model's VAE in Low-Res Guidance Encode"
+            )
+    return dm
 
 
 def check_sampling(model, latent_shape, shift_mu: float | None, guidance: Guidance | None) -> None:
