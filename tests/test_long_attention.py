@@ -45,6 +45,8 @@ def test_chunk_shape_by_hand():
     assert long_attention.chunk_shape(5000, 10 * 5000 * 100) == (1024, 384)  # 488 keys fit: whole tiles of 128
     assert long_attention.chunk_shape(1000, 1) == (1000, 1)
     assert long_attention.chunk_shape(50, 10**12) == (50, 50)
+    # the 8192^2 decode: 1M tokens, a 2 GiB budget: 128 whole rows (204 fit), as measured before key chunks existed
+    assert long_attention.chunk_shape(1024 * 1024, 2 << 30) == (128, 1024 * 1024)
     # the 16384^2 decode: 4M tokens, a 2 GiB budget: 1024 queries against 209,664 keys (was 51 whole rows)
     assert long_attention.chunk_shape(2048 * 2048, 2 << 30) == (1024, 209664)
 
