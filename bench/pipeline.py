@@ -16,7 +16,10 @@ its weights onto the GPU and the Triton compilation, which the dense run after i
 ``--warm`` times an artist's next image instead: each workflow (and its dense counterpart) first runs once with
 every sampler at one step, untimed, so the weights are on the GPU, kernels compiled and attention schedules
 cached for those sizes (Triton keeps compiled kernels on disk, so only the very first image on a machine
-compiles); that pass's time is kept in the JSON.
+compiles); that pass's time is kept in the JSON. Above 4096^2 the dense warm-up runs at 1/8 of the size (it
+only loads the weights and the VAE: ComfyUI's dense path compiles nothing, and one dense 8K step is ~90 s).
+``--parts ultragen`` or ``--parts dense`` runs one side only (a dense 8K pass and the recursive chain together
+take longer than one 10-minute device call); the ratio is then formed from the two JSON files.
 On a machine whose Python lacks ComfyUI's video / server requirements (PyAV, pydantic, ...), put
 ``bench/stubs`` on ``PYTHONPATH`` with ``STUB_MODULES=av,pydantic,...`` (see its docstring).
 
@@ -193,6 +196,8 @@ def main(argv: list[str] | None = None) -> None:
                     "emulation); UltraGen's workflows only")  # fmt: skip
     ap.add_argument("--warm", action="store_true", help="time the next image: a one-step pass of each workflow "
                     "first (weights loaded, kernels compiled, schedules cached), untimed")  # fmt: skip
+    ap.add_argument("--parts", nargs="+", choices=("ultragen", "dense"), default=["ultragen", "dense"],
+                    help="which side of each workflow runs (one side: form the ratio from two runs' JSON)")
     ap.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH)")
     ap.add_argument("--out", help="JSON path (default: bench/results/pipeline.json)")
     args = ap.parse_args(argv)
@@ -206,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         Card(dynamic=False).set(args.card)
     work = Path(tempfile.mkdtemp(prefix="ultragen-pipeline-"))
     model_files(work / "models")
-    rows = []
+    rows, out = [], None
     text = "conditioning of the real shapes (T5 512 x 4096, CLIP pooled 768)"
     result = {**run_info(), "tiny": args.tiny, "random_weights": True, "text_encoders": text, "warm": args.warm,
               "rows": rows}  # fmt: skip
@@ -219,28 +224,35 @@ def main(argv: list[str] | None = None) -> None:
         if args.tiny:
             ours, dense, dense_steps = shrink(ours, 16, 2), shrink(dense, 16, 2), 2
         warm_up = {}
-        if args.warm:
-            warm_up["ultragen_s"] = run_measured(shrink(ours, 1, 1), work / f"{name}-warm")["s"]
-        measured_ours = run_measured(ours, work / name)
-        rows.append({"workflow": name, "size": size, "ultragen": measured_ours, "card_gib": args.card,
-                     "warm_up": warm_up})  # fmt: skip
-        out = write_json("pipeline", result, args.out)  # a run cut short in the dense pass keeps this
-        if args.card:  # on a card: UltraGen's stages and peaks only (dense 8K cannot fit)
-            print(f"{name} on an emulated {args.card:g} GB card: {measured_ours['s']:.1f} s", flush=True)
+        row = {"workflow": name, "size": size, "card_gib": args.card, "warm_up": warm_up}
+        rows.append(row)
+        if "ultragen" in args.parts:
+            if args.warm:
+                warm_up["ultragen_s"] = run_measured(shrink(ours, 1, 1), work / f"{name}-warm")["s"]
+            row["ultragen"] = run_measured(ours, work / name)
+            out = write_json("pipeline", result, args.out)  # a run cut short in the dense pass keeps this
+            if args.card:  # on a card: UltraGen's stages and peaks only (dense 8K cannot fit)
+                print(f"{name} on an emulated {args.card:g} GB card: {row['ultragen']['s']:.1f} s", flush=True)
+        if args.card or "dense" not in args.parts:
             continue
         if args.warm:
-            warm_up["dense_s"] = run_measured(shrink(dense, 1, 1), work / f"{name}-dense-warm")["s"]
+            factor = 1 if size <= 4096 else 8  # above 4K: load weights and VAE only (nothing to compile)
+            warm_up["dense_s"] = run_measured(shrink(dense, factor, 1), work / f"{name}-dense-warm")["s"]
+            warm_up["dense_factor"] = factor
         measured_dense = run_measured(dense, work / f"{name}-dense")
         sampler = next(r for r in measured_dense["nodes"] if r["type"] == "KSampler")
         per_step, how = dense_step_seconds(sampler)
         dense_total = measured_dense["s"] + per_step * (STEPS - dense_steps)
-        speedup = dense_total / measured_ours["s"]
-        rows[-1].update({"dense": measured_dense, "dense_steps_run": dense_steps, "dense_step_s": per_step,
-                         "dense_step_from": how, "dense_s_scaled_to_28_steps": dense_total,
-                         "speedup": speedup})  # fmt: skip
-        print(f"{name}: UltraGen {measured_ours['s']:.1f} s, dense {dense_total:.1f} s "
-              f"({dense_steps} of {STEPS} steps run, {per_step:.2f} s a step from {how}), {speedup:.1f}x",
-              flush=True)  # fmt: skip
+        row.update({"dense": measured_dense, "dense_steps_run": dense_steps, "dense_step_s": per_step,
+                    "dense_step_from": how, "dense_s_scaled_to_28_steps": dense_total})  # fmt: skip
+        if "ultragen" in row:
+            row["speedup"] = speedup = dense_total / row["ultragen"]["s"]
+            print(f"{name}: UltraGen {row['ultragen']['s']:.1f} s, dense {dense_total:.1f} s "
+                  f"({dense_steps} of {STEPS} steps run, {per_step:.2f} s a step from {how}), {speedup:.1f}x",
+                  flush=True)  # fmt: skip
+        else:
+            print(f"{name}: dense {dense_total:.1f} s ({dense_steps} of {STEPS} steps run, {per_step:.2f} s a step "
+                  f"from {how})", flush=True)  # fmt: skip
         out = write_json("pipeline", result, args.out)  # after every workflow: a run cut short keeps it
     print("\n| workflow | size | UltraGen, whole image | dense (28 steps, tiled decode) | speedup | target |")
     print("|---|---|---|---|---|---|")
@@ -252,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
               f"| {r['speedup']:.1f}x | {verdict} |")  # fmt: skip
     for r in rows:
         print(f"\n{r['workflow']}, per node (s, peak GiB):")
-        for n in r["ultragen"]["nodes"]:
+        for n in r.get("ultragen", r.get("dense", {"nodes": []}))["nodes"]:
             print(f"  {n['title']:40s} {n['s']:8.2f} s  {n['peak_gib']:6.1f} GiB")
     print(f"\nwrote {out}")
 
