@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warm", action="store_true", help="time the next image: a one-step pass of each workflow "
                     "first (weights loaded, kernels compiled, schedules cached), untimed")  # fmt: skip
     ap.add_argument("--parts", nargs="+", choices=("ultragen", "dense"), default=["ultragen", "dense"],
-                    help="which side of each workflow runs (one side: form the ratio from two runs' JSON)")
+                    help="which side of each workflow runs (one side: form the ratio from two runs' JSON)")  # fmt: skip
     ap.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH)")
     ap.add_argument("--out", help="JSON path (default: bench/results/pipeline.json)")
     args = ap.parse_args(argv)
