@@ -148,6 +148,7 @@ def run_measured(prompt: dict, out: Path) -> dict:
             rows.append({"node": str(clock["node"]), "type": entry.get("class_type"), "title": title,
                          "s": time.perf_counter() - clock["t"], "peak_gib": peak,
                          "step_times": [t - clock["t"] for t in clock["steps"]]})  # fmt: skip
+            print(f"[node] {title}: {rows[-1]['s']:.2f} s, peak {peak:.1f} GiB", flush=True)  # a cut run shows where
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         clock.update(t=time.perf_counter(), node=node, steps=[])
