@@ -262,13 +262,15 @@ def decode_latent(decoder: Decoder, z: torch.Tensor, band_elements: int = split_
 
 
 def encode_pixels(encoder: Encoder, x: torch.Tensor, band_elements: int = split_ops.DEFAULT_BAND_ELEMENTS,
-                  direct_elements: int = DIRECT_ELEMENTS, offload: str = "auto") -> torch.Tensor:  # fmt: skip
+                  direct_elements: int = DIRECT_ELEMENTS, offload: str = "auto",
+                  progress: bool = True) -> torch.Tensor:  # fmt: skip
     """``encoder(x)`` for x (B, 3, H, W) in [-1, 1] on the compute device, split into bands where large."""
     _check(encoder, Encoder)
     last = encoder.num_resolutions - 1
     steps = 5 + sum(len(_blocks(encoder.down[i])) + (i != last) for i in range(last + 1))  # conv_in, mid (3), out
     placement = vae_memory.placement(x.device, offload, largest_encoder_activation(encoder, x.shape), x.dtype)
-    run = _Runner(encoder, vae_memory.band_budget(x.device, band_elements), direct_elements, steps, x.device, placement)
+    run = _Runner(encoder, vae_memory.band_budget(x.device, band_elements), direct_elements, steps, x.device, placement,
+                  progress)  # fmt: skip
     with torch.inference_mode():
         h, sums = run.conv_in(x)
         for i in range(encoder.num_resolutions):
@@ -340,8 +342,12 @@ def exact_decode(vae, samples: torch.Tensor, band_elements: int = split_ops.DEFA
 
 
 def exact_encode(vae, pixels: torch.Tensor, band_elements: int = split_ops.DEFAULT_BAND_ELEMENTS,
-                 direct_elements: int = DIRECT_ELEMENTS, offload: str = "auto") -> torch.Tensor:  # fmt: skip
-    """What ``vae.encode(pixels)`` gives for (B, H, W, C) images, without its memory peak or tiles."""
+                 direct_elements: int = DIRECT_ELEMENTS, offload: str = "auto",
+                 progress: bool = True) -> torch.Tensor:  # fmt: skip
+    """What ``vae.encode(pixels)`` gives for (B, H, W, C) images, without its memory peak or tiles.
+
+    ``progress``: show a progress bar of its own (off when a caller's bar covers the encode).
+    """
     model = _autoencoder(vae)
     pixels = vae.vae_encode_crop_pixels(pixels[..., :3]).movedim(-1, 1)
     load_vae(
@@ -354,7 +360,7 @@ def exact_encode(vae, pixels: torch.Tensor, band_elements: int = split_ops.DEFAU
     for i in range(pixels.shape[0]):
         x = vae.process_input(pixels[i : i + 1]).to(vae.device, vae.vae_dtype)
         with torch.inference_mode():
-            h = encode_pixels(model.encoder, x, band_elements, direct_elements, offload)
+            h = encode_pixels(model.encoder, x, band_elements, direct_elements, offload, progress)
             if getattr(model, "quant_conv", None) is not None:
                 h = model.quant_conv(h)
             z, _ = model.regularization(h)

@@ -2,8 +2,16 @@
 
 Why: UltraGen generates ultra-high resolutions recursively: the previous result is both
 the warm start (upsampled, the early steps skipped) and the low-res guidance of the next
-stage. One stage here = guidance from the previous latent, the UltraGen patch, a warm
+stage. One stage here = guidance from the previous result, the UltraGen patch, a warm
 start, sampling, and an exact VAE decode (for the preview and the image output).
+
+The guidance is the previous result reduced to 1 / ``guidance_ratio`` of the new size (the
+paper's ratio 4, at which the guidance LoRAs are trained), not the previous result as it is:
+with scale 2 that would be ratio 2, four times the guidance tokens, whose global attention among
+themselves costs a dense attention at the previous size. Measured on an H200 (FLUX.1-dev, ComfyUI
+0.29): 8192^2 steps took 17.0 s with the 4096^2 result as guidance
+(``bench/results/pipeline-8k-cold-*.json``) against 8.9-9.2 s at ratio 4
+(``vram_cards-*-8192-*.json``).
 """
 
 from __future__ import annotations
@@ -19,7 +27,7 @@ import torch
 
 from ..core.flow_matching import FLUX_MU_1024
 from ..errors import UltraGenError
-from .exact_vae import exact_decode
+from .exact_vae import exact_decode, exact_encode
 from .flux_family import pixels_per_latent, shift_mu_for
 from .flux_patch import UltraGenFluxPatch
 from .options import Guidance, PatchOptions, UltraGenPatchError
@@ -46,6 +54,13 @@ class StageSettings:
     sharpen: float = 0.0
     shift_mu: float = FLUX_MU_1024
     guidance_scope: str = "local"
+    guidance_ratio: float = 4.0
+
+    def guidance_size(self, width: int, height: int, px: int) -> tuple[int, int]:
+        """(width, height) in pixels of the guidance for a (width, height) stage: 1 / guidance_ratio of it, on the
+        latent grid (``px`` pixels a cell)."""
+        return (max(px, round(width / self.guidance_ratio / px) * px),
+                max(px, round(height / self.guidance_ratio / px) * px))  # fmt: skip
 
     def target(self, samples: torch.Tensor, px: int) -> tuple[int, int]:
         """(width, height) in pixels of the next stage, on the 16-pixel grid FLUX works on (``px``: pixels per
@@ -59,18 +74,39 @@ def check_settings(settings: StageSettings, stages: int) -> None:
         raise UltraGenPatchError(f"Recursive Upscale needs at least 1 stage, got {stages}")
     if settings.scale <= 1:
         raise UltraGenPatchError(f"scale per stage must be above 1 (it upscales), got {settings.scale}")
+    if settings.guidance_ratio < 1:
+        raise UltraGenPatchError(
+            f"guidance_ratio must be 1 or more (the guidance is the previous stage at 1 / ratio of the new size), "
+            f"got {settings.guidance_ratio}"
+        )
     if settings.sampler_name not in comfy.samplers.SAMPLER_NAMES:
         raise UltraGenPatchError(f"sampler must be one of ComfyUI's samplers, got {settings.sampler_name!r}")
 
 
+def stage_guidance(vae, samples: torch.Tensor, image: torch.Tensor | None, settings: StageSettings, width: int,
+                   height: int, px: int) -> Guidance:  # fmt: skip
+    """The guidance of a (width, height) stage: the previous result (``samples``; ``image``: its pixels, if known)
+    as it is when it is at most 1 / guidance_ratio of the stage, else its pixels resized to that and encoded
+    exactly (antialiased bicubic, as the authors make their low-res images)."""
+    small_w, small_h = settings.guidance_size(width, height, px)
+    if samples.shape[-1] * px <= small_w and samples.shape[-2] * px <= small_h:
+        return Guidance(samples.detach().cpu().float(), width, height, px)
+    if image is None:
+        image = exact_decode(vae, samples, progress=False)
+    pixels = image[..., :3].movedim(-1, 1).float()
+    small = torch.nn.functional.interpolate(pixels, size=(small_h, small_w), mode="bicubic", antialias=True)
+    latent = exact_encode(vae, small.clamp(0, 1).movedim(1, -1), progress=False)
+    return Guidance(latent.detach().cpu().float(), width, height, px)
+
+
 def run_stage(
-    model, positive, negative, vae, samples: torch.Tensor, settings: StageSettings, seed: int,
-    progress: comfy.utils.ProgressBar, done: int, total: int, px: int,
+    model, positive, negative, vae, samples: torch.Tensor, image: torch.Tensor | None, settings: StageSettings,
+    seed: int, progress: comfy.utils.ProgressBar, done: int, total: int, px: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """One stage: ``samples`` (VAE latent space, ``px`` pixels a cell) -> (latent, image) at ``settings.scale``
-    times the size."""
+    """One stage: ``samples`` (VAE latent space, ``px`` pixels a cell; ``image``: its pixels if known) ->
+    (latent, image) at ``settings.scale`` times the size."""
     width, height = settings.target(samples, px)
-    guidance = Guidance(samples.detach().cpu().float(), width, height, px)
+    guidance = stage_guidance(vae, samples, image, settings, width, height, px)
     shift_mu = shift_mu_for(samples.shape[1], settings.shift_mu)
     options = PatchOptions(guidance_scope=settings.guidance_scope, shift_mu=shift_mu)
     patched = UltraGenFluxPatch(options, guidance=guidance).apply(model)
@@ -100,8 +136,9 @@ def _preview(image: torch.Tensor):
 
 
 def recursive_upscale(model, positive, negative, vae, samples: torch.Tensor, stages: int, settings: StageSettings,
-                      seed: int) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Run ``stages`` stages from ``samples``; stage i uses seed + i. Returns the last (latent, image)."""
+                      seed: int, image: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Run ``stages`` stages from ``samples`` (``image``: its pixels, if known); stage i uses seed + i. Returns the
+    last (latent, image)."""
     check_settings(settings, stages)
     if samples.dim() != 4 or pixels_per_latent(samples.shape[1]) is None:
         raise RecursiveUpscaleError(
@@ -110,12 +147,11 @@ def recursive_upscale(model, positive, negative, vae, samples: torch.Tensor, sta
         )
     per_stage = len(warm_start_sigmas(settings.steps, settings.skip, 0.0, settings.shift_mu, settings.scheduler)) - 1
     progress = comfy.utils.ProgressBar(stages * per_stage)
-    image = None
     px = pixels_per_latent(samples.shape[1], model.get_model_object("latent_format"))
     for i in range(stages):
         width, height = settings.target(samples, px)
         try:
-            samples, image = run_stage(model, positive, negative, vae, samples, settings, seed + i, progress,
+            samples, image = run_stage(model, positive, negative, vae, samples, image, settings, seed + i, progress,
                                        i * per_stage, stages * per_stage, px)  # fmt: skip
         except comfy.model_management.InterruptProcessingException:
             raise

@@ -29,7 +29,8 @@ def test_pipeline_smoke_run_times_every_node(tmp_path, monkeypatch):
     out = tmp_path / "pipeline.json"
     pipeline.main(["--tiny", "--warm", "--workflows", "flux_2k_from_1k", "--out", str(out)])
     result = json.loads(out.read_text())
-    assert result["warm"] is True and set(result["rows"][0]["warm_up"]) == {"ultragen_s", "dense_s"}
+    assert result["warm"] is True and set(result["rows"][0]["warm_up"]) == {"ultragen_s", "dense_s", "dense_factor"}
+    assert result["rows"][0]["warm_up"]["dense_factor"] == 1  # up to 4096^2 the dense warm-up is full size
     (row,) = result["rows"]
     shipped = json.loads((pipeline.API / "flux_2k_from_1k.api.json").read_text())
     timed = [n["node"] for n in row["ultragen"]["nodes"]]
@@ -41,6 +42,26 @@ def test_pipeline_smoke_run_times_every_node(tmp_path, monkeypatch):
     assert len(sampler["step_times"]) == row["dense_steps_run"]  # one time per sampling step
     extra = row["dense_step_s"] * (pipeline.STEPS - row["dense_steps_run"])
     assert row["dense_s_scaled_to_28_steps"] == pytest.approx(row["dense"]["s"] + extra)
+
+
+def test_one_side_only(tmp_path, monkeypatch):
+    """--parts dense: the dense counterpart alone (no UltraGen row, no ratio); --parts ultragen: no dense."""
+    import folder_paths
+
+    import nodes
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setattr(nodes, "NODE_CLASS_MAPPINGS", dict(nodes.NODE_CLASS_MAPPINGS))
+    monkeypatch.setattr(folder_paths, "folder_names_and_paths", copy.deepcopy(folder_paths.folder_names_and_paths))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    sys.modules.pop("pipeline", None)
+    import pipeline
+
+    for part, present, absent in (("dense", "dense", "ultragen"), ("ultragen", "ultragen", "dense")):
+        out = tmp_path / f"{part}.json"
+        pipeline.main(["--tiny", "--parts", part, "--workflows", "flux_2k_from_1k", "--out", str(out)])
+        (row,) = json.loads(out.read_text())["rows"]
+        assert present in row and absent not in row and "speedup" not in row
 
 
 def test_the_warm_up_pass_is_the_workflow_at_one_step(monkeypatch):

@@ -91,3 +91,63 @@ def test_cancelling_stops_between_steps(parts, monkeypatch):
     with pytest.raises(mm.InterruptProcessingException):
         upscale(parts, 0, 2, latent=low)
     assert calls["n"] == 2
+
+
+def guidance_seen(parts, monkeypatch, **inputs) -> list:
+    """The guidance each stage patched the model with."""
+    import ultragen.patch.recursive_upscale as ru
+
+    seen, patch = [], ru.UltraGenFluxPatch
+
+    def recording(options, guidance):
+        seen.append(guidance)
+        return patch(options, guidance=guidance)
+
+    monkeypatch.setattr(ru, "UltraGenFluxPatch", recording)
+    upscale(parts, 3, **inputs)
+    return seen
+
+
+def test_guidance_is_the_previous_stage_at_a_quarter_of_the_new_size(parts, monkeypatch):
+    """The default ratio 4, by hand with ComfyUI's own VAE: decode, antialiased bicubic resize, encode."""
+    vae = parts[3]
+    low = torch.randn(1, 16, 8, 12, generator=torch.Generator().manual_seed(4))  # 96 x 64 px -> a 192 x 128 stage
+    (guidance,) = guidance_seen(parts, monkeypatch, stages=1, latent={"samples": low})
+    pixels = vae.decode(low).movedim(-1, 1).float()  # (1, 3, 64, 96)
+    small = torch.nn.functional.interpolate(pixels, size=(32, 48), mode="bicubic", antialias=True).clamp(0, 1)
+    expected = vae.encode(small.movedim(1, -1))
+    assert guidance.latent.shape == (1, 16, 4, 6) and (guidance.target_width, guidance.target_height) == (192, 128)
+    torch.testing.assert_close(guidance.latent, expected.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_guidance_from_an_image_input_resizes_that_image(parts, monkeypatch):
+    vae = parts[3]
+    image = torch.rand(1, 64, 96, 3, generator=torch.Generator().manual_seed(5))
+    (guidance,) = guidance_seen(parts, monkeypatch, stages=1, image=image)
+    small = torch.nn.functional.interpolate(image.movedim(-1, 1), size=(32, 48), mode="bicubic", antialias=True)
+    torch.testing.assert_close(guidance.latent, vae.encode(small.clamp(0, 1).movedim(1, -1)).float(), rtol=1e-4,
+                               atol=1e-4)  # fmt: skip
+
+
+def test_previous_stage_already_small_enough_guides_as_it_is(parts, monkeypatch):
+    low = torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(6))
+    first, second = guidance_seen(parts, monkeypatch, stages=2, latent={"samples": low}, guidance_ratio=2.0)
+    assert torch.equal(first.latent, low)  # ratio 2 with scale 2: the previous stage itself, no VAE round trip
+    assert second.latent.shape == (1, 16, 8, 12)
+    (quarter,) = guidance_seen(parts, monkeypatch, stages=1, latent={"samples": low}, scale=4.0)
+    assert torch.equal(quarter.latent, low)  # scale 4 at ratio 4: the same
+
+
+def test_guidance_size_by_hand():
+    from ultragen.patch.recursive_upscale import StageSettings
+
+    assert StageSettings().guidance_size(8192, 8192, 8) == (2048, 2048)
+    assert StageSettings().guidance_size(8192, 4608, 16) == (2048, 1152)
+    assert StageSettings(guidance_ratio=3.0).guidance_size(3000, 2000, 8) == (1000, 664)  # 666.7 -> 83 cells
+    assert StageSettings().guidance_size(16, 16, 8) == (8, 8)  # never below one cell
+
+
+def test_guidance_ratio_below_one_is_refused(parts):
+    low = {"samples": torch.randn(1, 16, 4, 6)}
+    with pytest.raises(ValueError, match="guidance_ratio must be 1 or more"):
+        upscale(parts, 0, 1, latent=low, guidance_ratio=0.5)

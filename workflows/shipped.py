@@ -106,7 +106,8 @@ def _recursive_chain(g: Graph, model, positive, negative, vae, latent, steps: in
         stage = g.node("UltraGenRecursiveUpscale", title=f"Upscale to {size // 1024}K", model=model[0],
                        positive=positive[0], negative=negative[0], vae=vae[0], latent=latent, seed=seed, stages=1,
                        scale=2.0, steps=steps, skip=skip, cfg=1.0, sampler_name="euler", scheduler="simple",
-                       method="latent bicubic", sharpen=0.0, shift_mu=1.15, guidance_scope="local")  # fmt: skip
+                       method="latent bicubic", sharpen=0.0, shift_mu=1.15, guidance_scope="local",
+                       guidance_ratio=4.0)  # fmt: skip
         g.node("SaveImage", images=stage[0], filename_prefix=f"{prefix}{size // 1024}k")
         g.expose("seed", stage, "seed", offset=seed - 42)
         latent = stage[1]
@@ -117,8 +118,9 @@ def flux_8k_recursive() -> Graph:
     model, positive, negative, vae, low = _base(g, size_scale=1 / 8)
     _recursive_chain(g, model, positive, negative, vae, low[0], 28, 10, "ultragen/")
     g.note(
-        "UltraGen recursive: 1K -> 2K -> 4K -> 8K. Each Recursive Upscale node doubles the size, using the "
-        "previous image as guidance and as its starting point (10 of 28 steps skipped), and saves its stage.\n"
+        "UltraGen recursive: 1K -> 2K -> 4K -> 8K. Each Recursive Upscale node doubles the size, starting from "
+        "the previous image (10 of 28 steps skipped) and guided by it at a quarter of the new size (guidance_ratio "
+        "4, the paper's), and saves its stage.\n"
         "Each window sees the previous stage around its own area (local guidance, as in the authors' code); "
         "global guidance is possible but much slower at 8K.\n"
         "Set stages > 1 on one node to do several doublings in one node instead.\n"
@@ -226,8 +228,8 @@ def klein_8k_recursive() -> Graph:
     _recursive_chain(g, model, positive, negative, vae, low[0], 4, 0, "ultragen/klein-")
     g.note(
         "UltraGen recursive on FLUX.2 klein: 1K -> 2K -> 4K -> 8K, 4 steps a stage (needs ComfyUI 0.29 or newer). "
-        "Each Recursive Upscale node doubles the size with the previous stage as guidance (local: each window sees "
-        "the previous stage around its own area) and saves its stage.\n"
+        "Each Recursive Upscale node doubles the size with the previous stage as guidance, at a quarter of the new "
+        "size (local: each window sees it around its own area), and saves its stage.\n"
         "Speed and memory of FLUX.2 at 8K are not yet measured (the FLUX.1 chain fits a 24 GB card).\n"
         f"{KLEIN_FILES}"
     )
