@@ -1,13 +1,15 @@
 """A whole image, end to end: the shipped workflows through ComfyUI's executor, per node, against the dense way.
 
 Each shipped API workflow runs headless in ComfyUI's own executor (``ultragen-run``'s in-process path)
-with its loaders swapped: FLUX.1-dev with random bf16 weights (full architecture), FLUX's VAE with
-random weights, and text encoders replaced by conditioning of the real shapes (T5: 512 x 4096,
-pooled CLIP: 768) — so every number is a real step, decode and transfer, none an image-quality claim.
-Beside each workflow, in the same run, the way an artist would do it without the pack: FLUX sampled
-at the target size (28 Euler steps, ComfyUI's default sampling), decoded with ComfyUI's tiled VAE
-decode. Dense steps at 8192^2 take about 90 s each: ``--dense-steps N`` runs N of them and adds
-28 - N steps of the measured per-step time (the interval between the sampler's step callbacks; with one
+with its loaders swapped: FLUX.1-dev (or, for the ``flux2_*`` workflows, FLUX.2 klein 4B; ``--model``
+picks another of bench/flux_step.py's architectures) with random bf16 weights (full architecture), its VAE
+with random weights, and text encoders replaced by conditioning of the real shapes (FLUX.1: T5 512 x 4096,
+pooled CLIP 768; FLUX.2: 512 tokens of the text encoder's width) — so every number is a real step, decode
+and transfer, none an image-quality claim.
+Beside each workflow, in the same run, the way an artist would do it without the pack: the workflow's own
+base pass (FLUX.1: 28 Euler steps; klein: its 4 steps and scheduler) at the target size, decoded with
+ComfyUI's tiled VAE decode. Dense steps at 8192^2 take about 90 s each: ``--dense-steps N`` runs N of them and adds
+the rest of the steps at the measured per-step time (the interval between the sampler's step callbacks; with one
 step run, the sampler node's whole time, which also holds its setup: an upper bound, said in the JSON).
 
 Per node: seconds and peak GPU memory; per workflow: the whole image and its ratio to dense. The model
@@ -42,68 +44,107 @@ from results_io import run_info, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 API = ROOT / "workflows" / "api"
-STEPS = 28
 TARGETS = {"flux_4k_from_1k": 4.0, "flux_8k_recursive": 12.0}  # whole image, dense / UltraGen (issue 15)
-FINAL_SIZE = {"flux_2k_from_1k": 2048, "flux_4k_from_1k": 4096, "flux_8k_recursive": 8192, "scalediff_4k": 4096}
+SECONDS_TARGETS = {("flux2_klein_4k_from_1k", "flux2-klein-9b"): 30.0}  # whole image on the H200 (issue 14)
+FINAL_SIZE = {"flux_2k_from_1k": 2048, "flux_4k_from_1k": 4096, "flux_8k_recursive": 8192, "scalediff_4k": 4096,
+              "flux2_klein_4k_from_1k": 4096, "flux2_klein_8k_recursive": 8192}  # fmt: skip
+EMPTY_LATENTS = ("EmptyLatentImage", "EmptyFlux2LatentImage")
+SAMPLERS = ("KSampler", "SamplerCustomAdvanced")
 
 
-def swap_loaders(tiny: bool) -> None:
-    """ComfyUI's FLUX loaders replaced by random-weight models of the real (or, ``tiny``, CPU-sized) shapes."""
+def is_flux2(workflow: str) -> bool:
+    return workflow.startswith("flux2_")
+
+
+def swap_loaders(tiny: bool, model_name: str) -> None:
+    """ComfyUI's FLUX loaders replaced by random-weight models of the real (or, ``tiny``, CPU-sized) shapes:
+    ``model_name`` one of bench/flux_step.py's MODELS (FLUX.1-dev, FLUX.2 klein 4B / 9B, dev)."""
     import nodes
 
     from comfy_flux import flux_loaders
-    from random_models import flux_vae, tiny_flux
+    from flux_step import MODELS
+    from random_models import flux_vae, tiny_flux, tiny_flux2
 
+    arch = MODELS[model_name]
     # Built before anything is timed: a random-weight build is not the file load an artist's UNETLoader
     # does, and the dense run that follows would find it cached.
     if tiny:
-        model = tiny_flux(seed=1)
+        model = tiny_flux2(seed=1) if arch.flux2 else tiny_flux(seed=1)
     else:
-        from vram_cards import build  # FLUX.1-dev on the CPU, filled on the GPU: fast
+        from vram_cards import build  # on the CPU, filled on the GPU: fast
 
-        model = build("bf16")
+        model = build("bf16", model_name)
 
     def unet(name):
         return model
 
     class RealShapedText:
-        """Conditioning of FLUX's real shapes (T5 tokens and pooled CLIP), seeded by the prompt."""
+        """Conditioning of the model's real shapes (FLUX.1: T5 tokens and pooled CLIP; FLUX.2: the text
+        encoder's stacked layers, nothing pooled), seeded by the prompt."""
 
         def tokenize(self, text: str):
             return text
 
         def encode_from_tokens_scheduled(self, tokens, **kwargs):
             g = torch.Generator().manual_seed(sum(map(ord, tokens)) % 2**31)
-            text, pooled = ((8, 64), 32) if tiny else ((512, 4096), 768)
+            text, pooled = ((8, 64), 32) if tiny else ((512, arch.text_width), 768)
             cond = torch.randn(1, *text, generator=g)
+            if arch.flux2:
+                return [[cond, {}]]
             return [[cond, {"pooled_output": torch.randn(1, pooled, generator=g), "guidance": 3.5}]]
 
-    nodes.NODE_CLASS_MAPPINGS.update(flux_loaders(unet, lambda name: RealShapedText(), lambda name: flux_vae(seed=2)))
+    vae = flux_vae(seed=2, flux2=arch.flux2)
+    nodes.NODE_CLASS_MAPPINGS.update(flux_loaders(unet, lambda name: RealShapedText(), lambda name: vae))
 
 
 def model_files(folder: Path) -> None:
     """Empty files of the workflows' model names, so that ComfyUI's validation finds them."""
     import folder_paths
 
-    for kind, names in {"diffusion_models": ["flux1-dev.safetensors"], "vae": ["ae.safetensors"],
-                        "text_encoders": ["clip_l.safetensors", "t5xxl_fp16.safetensors"]}.items():  # fmt: skip
+    for kind, names in {"diffusion_models": ["flux1-dev.safetensors", "flux-2-klein-4b.safetensors"],
+                        "vae": ["ae.safetensors", "flux2-vae.safetensors"],
+                        "text_encoders": ["clip_l.safetensors", "t5xxl_fp16.safetensors",
+                                          "qwen_3_4b.safetensors"]}.items():  # fmt: skip
         (folder / kind).mkdir(parents=True, exist_ok=True)
         for name in names:
             (folder / kind / name).touch()
         folder_paths.add_model_folder_path(kind, str(folder / kind))
 
 
-def dense_prompt(size: int, steps: int) -> dict:
-    """FLUX at the target size the plain way: loaders, KSampler (Euler, simple), tiled VAE decode, save."""
-    shipped = json.loads((API / "flux_4k_from_1k.api.json").read_text())
-    keep = {k: v for k, v in shipped.items() if v["class_type"] in (
-        "UNETLoader", "DualCLIPLoader", "VAELoader", "CLIPTextEncode", "FluxGuidance", "ConditioningZeroOut",
-        "EmptyLatentImage", "KSampler")}  # fmt: skip
-    of_type = {v["class_type"]: k for k, v in keep.items()}
-    keep[of_type["EmptyLatentImage"]]["inputs"].update(width=size, height=size)
-    keep[of_type["KSampler"]]["inputs"]["steps"] = steps
-    keep[of_type["KSampler"]]["_meta"] = {"title": "KSampler (dense)"}
-    sampler, vae = of_type["KSampler"], of_type["VAELoader"]
+def base_pass(workflow: dict) -> tuple[str, set[str]]:
+    """The workflow's text-to-image pass: the sampler that starts from an empty latent, and every node it needs."""
+    empty = next(k for k, v in workflow.items() if v["class_type"] in EMPTY_LATENTS)
+    sampler = next(k for k, v in workflow.items() if v["class_type"] in SAMPLERS and [empty, 0] in v["inputs"].values())
+    needed, todo = set(), [sampler]
+    while todo:
+        key = todo.pop()
+        if key not in needed:
+            needed.add(key)
+            todo += [v[0] for v in workflow[key]["inputs"].values() if isinstance(v, list)]
+    return sampler, needed
+
+
+def base_steps(workflow: dict) -> int:
+    """The steps of the workflow's base pass (FLUX.1-dev: 28; klein: 4): what the dense way runs at full size."""
+    sampler, needed = base_pass(workflow)
+    return next(workflow[k]["inputs"]["steps"] for k in needed if "steps" in workflow[k]["inputs"])
+
+
+def dense_prompt(workflow: dict, size: int, steps: int) -> dict:
+    """The plain way: the workflow's own base pass (loaders, text, sampler, scheduler) at the target size,
+    then ComfyUI's tiled VAE decode and a save."""
+    sampler, needed = base_pass(workflow)
+    keep = json.loads(json.dumps({k: workflow[k] for k in needed}))
+    for node in keep.values():
+        inputs = node["inputs"]
+        for key in ("width", "height"):
+            if isinstance(inputs.get(key), int):  # the empty latent, and FLUX.2's resolution-dependent scheduler
+                inputs[key] = size
+        if "steps" in inputs:
+            inputs["steps"] = steps
+    keep[sampler]["_meta"] = {"title": f"{keep[sampler]['class_type']} (dense)"}
+    vae = next(k for k, v in workflow.items() if v["class_type"] == "VAELoader")  # the decode's, not the sampler's
+    keep[vae] = json.loads(json.dumps(workflow[vae]))
     keep["900"] = {"class_type": "VAEDecodeTiled", "inputs": {
         "samples": [sampler, 0], "vae": [vae, 0], "tile_size": 512, "overlap": 64, "temporal_size": 64,
         "temporal_overlap": 8}}  # fmt: skip
@@ -190,8 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workflows", nargs="+", default=["flux_4k_from_1k", "flux_8k_recursive"])
     ap.add_argument("--dense-steps", type=int, nargs="+", default=None,
-                    help="dense sampling steps run (the rest of 28 added at the measured step time), one per "
-                    "workflow; default: 28 up to 4096^2, 2 above")  # fmt: skip
+                    help="dense sampling steps run (the rest of the base pass's steps, e.g. 28, added at the measured "
+                    "step time), one per workflow; default: all of them up to 4096^2, 2 above")  # fmt: skip
+    ap.add_argument("--model", help="architecture with random weights (bench/flux_step.py's MODELS); default: "
+                    "flux1-dev for FLUX.1 workflows, flux2-klein-4b for FLUX.2 (flux2_*) ones")  # fmt: skip
     ap.add_argument("--tiny", action="store_true", help="tiny models, sizes / 16, 2 steps: a CPU smoke run")
     ap.add_argument("--card", type=float, help="run on an emulated card of this many GiB (bench/vram_cards.py's "
                     "emulation); UltraGen's workflows only")  # fmt: skip
@@ -204,8 +247,18 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     from ultragen.runner.local import load_comfyui
 
+    from flux_step import MODELS
+
+    families = {is_flux2(name) for name in args.workflows}
+    if len(families) != 1:
+        ap.error("FLUX.1 and FLUX.2 workflows need separate runs (one model per process)")
+    flux2 = families.pop()
+    model_name = args.model or ("flux2-klein-4b" if flux2 else "flux1-dev")
+    if model_name not in MODELS or MODELS[model_name].flux2 != flux2:
+        family = "FLUX.2" if flux2 else "FLUX.1"
+        ap.error(f"--model {model_name}: the workflows are {family}'s; choose one of {sorted(MODELS)} of that family")
     load_comfyui(args.comfyui, cpu=args.tiny or not torch.cuda.is_available())
-    swap_loaders(args.tiny)
+    swap_loaders(args.tiny, model_name)
     if args.card:  # ComfyUI reads the emulated card from then on (the card's free-memory function is installed)
         from vram_cards import Card
 
@@ -213,17 +266,19 @@ def main(argv: list[str] | None = None) -> None:
     work = Path(tempfile.mkdtemp(prefix="ultragen-pipeline-"))
     model_files(work / "models")
     rows, out = [], None
-    text = "conditioning of the real shapes (T5 512 x 4096, CLIP pooled 768)"
-    result = {**run_info(), "tiny": args.tiny, "random_weights": True, "text_encoders": text, "warm": args.warm,
-              "rows": rows}  # fmt: skip
+    shapes = f"512 x {MODELS[model_name].text_width}, nothing pooled" if flux2 else "T5 512 x 4096, CLIP pooled 768"
+    text = f"conditioning of the real shapes ({shapes})"
+    result = {**run_info(), "model": model_name, "tiny": args.tiny, "random_weights": True, "text_encoders": text,
+              "warm": args.warm, "rows": rows}  # fmt: skip
     for i, name in enumerate(args.workflows):
         size = FINAL_SIZE[name]
-        dense_steps = args.dense_steps[min(i, len(args.dense_steps) - 1)] if args.dense_steps else (
-            STEPS if size <= 4096 else 2)  # fmt: skip
         ours = json.loads((API / f"{name}.api.json").read_text())
-        dense = dense_prompt(size, dense_steps)
+        steps = base_steps(ours)
+        dense_steps = args.dense_steps[min(i, len(args.dense_steps) - 1)] if args.dense_steps else (
+            steps if size <= 4096 else min(steps, 2))  # fmt: skip
+        dense = dense_prompt(ours, size, dense_steps)
         if args.tiny:
-            ours, dense, dense_steps = shrink(ours, 16, 2), shrink(dense, 16, 2), 2
+            ours, dense, dense_steps, steps = shrink(ours, 16, 2), shrink(dense, 16, 2), 2, 2
         warm_up = {}
         row = {"workflow": name, "size": size, "card_gib": args.card, "warm_up": warm_up}
         rows.append(row)
@@ -241,28 +296,32 @@ def main(argv: list[str] | None = None) -> None:
             warm_up["dense_s"] = run_measured(shrink(dense, factor, 1), work / f"{name}-dense-warm")["s"]
             warm_up["dense_factor"] = factor
         measured_dense = run_measured(dense, work / f"{name}-dense")
-        sampler = next(r for r in measured_dense["nodes"] if r["type"] == "KSampler")
+        sampler = next(r for r in measured_dense["nodes"] if r["type"] in SAMPLERS)
         per_step, how = dense_step_seconds(sampler)
-        dense_total = measured_dense["s"] + per_step * (STEPS - dense_steps)
-        row.update({"dense": measured_dense, "dense_steps_run": dense_steps, "dense_step_s": per_step,
-                    "dense_step_from": how, "dense_s_scaled_to_28_steps": dense_total})  # fmt: skip
+        dense_total = measured_dense["s"] + per_step * (steps - dense_steps)
+        row.update({"dense": measured_dense, "dense_steps_run": dense_steps, "dense_steps": steps,
+                    "dense_step_s": per_step, "dense_step_from": how, "dense_s_all_steps": dense_total})  # fmt: skip
+        ran = f"{dense_steps} of {steps} steps run, {per_step:.2f} s a step from {how}"
         if "ultragen" in row:
             row["speedup"] = speedup = dense_total / row["ultragen"]["s"]
-            print(f"{name}: UltraGen {row['ultragen']['s']:.1f} s, dense {dense_total:.1f} s "
-                  f"({dense_steps} of {STEPS} steps run, {per_step:.2f} s a step from {how}), {speedup:.1f}x",
+            print(f"{name}: UltraGen {row['ultragen']['s']:.1f} s, dense {dense_total:.1f} s ({ran}), {speedup:.1f}x",
                   flush=True)  # fmt: skip
         else:
-            print(f"{name}: dense {dense_total:.1f} s ({dense_steps} of {STEPS} steps run, {per_step:.2f} s a step "
-                  f"from {how})", flush=True)  # fmt: skip
+            print(f"{name}: dense {dense_total:.1f} s ({ran})", flush=True)
         out = write_json("pipeline", result, args.out)  # after every workflow: a run cut short keeps it
-    print("\n| workflow | size | UltraGen, whole image | dense (28 steps, tiled decode) | speedup | target |")
+    print(f"\n{model_name}, random weights:")
+    print("| workflow | size | UltraGen, whole image | dense (all base steps, tiled decode) | speedup | target |")
     print("|---|---|---|---|---|---|")
-    for r in (r for r in rows if "speedup" in r):
-        target = TARGETS.get(r["workflow"])
-        verdict = "" if target is None else f"≥ {target}x: {'met' if r['speedup'] >= target else 'MISSED'}"
-        dense = r["dense_s_scaled_to_28_steps"]
-        print(f"| {r['workflow']} | {r['size']}² | {r['ultragen']['s']:.1f} s | {dense:.1f} s "
-              f"| {r['speedup']:.1f}x | {verdict} |")  # fmt: skip
+    for r in (r for r in rows if "ultragen" in r):
+        verdicts = []
+        if (target := TARGETS.get(r["workflow"])) and "speedup" in r:
+            verdicts.append(f"≥ {target}x: {'met' if r['speedup'] >= target else 'MISSED'}")
+        if (seconds := SECONDS_TARGETS.get((r["workflow"], model_name))) and not args.card:
+            verdicts.append(f"≤ {seconds:g} s: {'met' if r['ultragen']['s'] <= seconds else 'MISSED'}")
+        dense = f"{r['dense_s_all_steps']:.1f} s" if "dense" in r else "–"
+        speedup = f"{r['speedup']:.1f}x" if "speedup" in r else "–"
+        print(f"| {r['workflow']} | {r['size']}² | {r['ultragen']['s']:.1f} s | {dense} | {speedup} "
+              f"| {'; '.join(verdicts)} |")  # fmt: skip
     for r in rows:
         print(f"\n{r['workflow']}, per node (s, peak GiB):")
         for n in r.get("ultragen", r.get("dense", {"nodes": []}))["nodes"]:

@@ -40,8 +40,9 @@ def test_pipeline_smoke_run_times_every_node(tmp_path, monkeypatch):
     assert row["speedup"] > 0 and result["tiny"] is True and result["random_weights"] is True
     sampler = next(n for n in row["dense"]["nodes"] if n["type"] == "KSampler")
     assert len(sampler["step_times"]) == row["dense_steps_run"]  # one time per sampling step
-    extra = row["dense_step_s"] * (pipeline.STEPS - row["dense_steps_run"])
-    assert row["dense_s_scaled_to_28_steps"] == pytest.approx(row["dense"]["s"] + extra)
+    assert row["dense_steps"] == 2 and result["model"] == "flux1-dev"  # --tiny: 2 steps
+    extra = row["dense_step_s"] * (row["dense_steps"] - row["dense_steps_run"])
+    assert row["dense_s_all_steps"] == pytest.approx(row["dense"]["s"] + extra)
 
 
 def test_one_side_only(tmp_path, monkeypatch):
@@ -62,6 +63,63 @@ def test_one_side_only(tmp_path, monkeypatch):
         pipeline.main(["--tiny", "--parts", part, "--workflows", "flux_2k_from_1k", "--out", str(out)])
         (row,) = json.loads(out.read_text())["rows"]
         assert present in row and absent not in row and "speedup" not in row
+
+
+def test_dense_counterparts_by_hand(monkeypatch):
+    """The plain way is the workflow's own base pass at the target size, with all its steps, then a tiled decode."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("pipeline", None)
+    import pipeline
+
+    flux1 = json.loads((pipeline.API / "flux_4k_from_1k.api.json").read_text())
+    dense = pipeline.dense_prompt(flux1, 4096, 28)
+    assert sorted(v["class_type"] for v in dense.values()) == sorted([
+        "UNETLoader", "DualCLIPLoader", "VAELoader", "CLIPTextEncode", "FluxGuidance", "ConditioningZeroOut",
+        "EmptyLatentImage", "KSampler", "VAEDecodeTiled", "SaveImage"])  # fmt: skip
+    empty = next(v for v in dense.values() if v["class_type"] == "EmptyLatentImage")["inputs"]
+    sampler = next(v for v in dense.values() if v["class_type"] == "KSampler")["inputs"]
+    assert (empty["width"], empty["height"], sampler["steps"]) == (4096, 4096, 28)
+    assert pipeline.base_steps(flux1) == 28
+
+    klein = json.loads((pipeline.API / "flux2_klein_4k_from_1k.api.json").read_text())
+    dense = pipeline.dense_prompt(klein, 4096, 4)
+    assert sorted(v["class_type"] for v in dense.values()) == sorted([
+        "UNETLoader", "CLIPLoader", "VAELoader", "CLIPTextEncode", "EmptyFlux2LatentImage", "Flux2Scheduler",
+        "RandomNoise", "BasicGuider", "KSamplerSelect", "SamplerCustomAdvanced", "VAEDecodeTiled",
+        "SaveImage"])  # fmt: skip
+    scheduler = next(v for v in dense.values() if v["class_type"] == "Flux2Scheduler")["inputs"]
+    assert (scheduler["width"], scheduler["height"], scheduler["steps"]) == (4096, 4096, 4)  # its shift: 4K's
+    assert pipeline.base_steps(klein) == 4
+
+
+def test_flux2_workflow_smoke_run(tmp_path, monkeypatch):
+    """A FLUX.2 klein workflow and its dense counterpart on tiny FLUX.2 models (ComfyUI 0.29+)."""
+    from random_models import host_has_flux2
+
+    if not host_has_flux2():
+        pytest.skip("this ComfyUI has no FLUX.2 (0.29+ has); checked that none of it is present")
+    import folder_paths
+
+    import nodes
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setattr(nodes, "NODE_CLASS_MAPPINGS", dict(nodes.NODE_CLASS_MAPPINGS))
+    monkeypatch.setattr(folder_paths, "folder_names_and_paths", copy.deepcopy(folder_paths.folder_names_and_paths))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    sys.modules.pop("pipeline", None)
+    import pipeline
+
+    out = tmp_path / "klein.json"
+    pipeline.main(["--tiny", "--workflows", "flux2_klein_4k_from_1k", "--out", str(out)])
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert result["model"] == "flux2-klein-4b" and "nothing pooled" in result["text_encoders"]
+    assert row["ultragen"]["images"] == 2 and row["dense"]["images"] == 1 and row["speedup"] > 0
+    assert any(n["type"] == "SamplerCustomAdvanced" for n in row["dense"]["nodes"])
+    with pytest.raises(SystemExit):  # one family per process
+        pipeline.main(["--tiny", "--workflows", "flux2_klein_4k_from_1k", "flux_4k_from_1k"])
+    with pytest.raises(SystemExit):
+        pipeline.main(["--tiny", "--workflows", "flux_4k_from_1k", "--model", "flux2-klein-9b"])
 
 
 def test_the_warm_up_pass_is_the_workflow_at_one_step(monkeypatch):
