@@ -4,7 +4,8 @@ Why: the VAE's middle attention has one 512-channel head with a token per latent
 at 8192^2). PyTorch's fused attention kernels take heads up to 256 wide, so SDPA falls back to its
 memory-efficient kernel there: ~27 s of a 70 s exact 8192^2 decode on an H200. Per chunk of query
 rows this is two cuBLAS products, the scores in float32 (``mm(..., out_dtype=float32)`` for bf16 /
-fp16 inputs), a float32 softmax and the product with V: SDPA's math, with temporaries bounded by
+fp16 inputs), a float32 softmax (on CUDA one Triton pass that writes the probabilities in V's dtype,
+``kernels/softmax_rows.py``) and the product with V: SDPA's math, with temporaries bounded by
 ``budget_bytes``. Where the budget cannot hold 128 whole rows of scores (16384^2: 4M keys a row), a chunk of
 queries meets the keys a chunk at a time with FlashAttention's running softmax.
 
@@ -16,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+
+from ..kernels import softmax_rows
 
 BYTES_PER_SCORE = 10  # float32 scores, their float32 softmax and its bf16 / fp16 copy for the product with V
 TILE = 128  # rows and keys per chunk in whole tiles of the products where the budget allows
@@ -39,15 +42,24 @@ def _tiles(n: int) -> int:
     return n - n % TILE if n >= TILE else max(1, n)
 
 
-def chunk_shape(length: int, budget_bytes: int) -> tuple[int, int]:
-    """(query rows, keys) per chunk of scores within the budget. Whole rows of scores while at least 128 of them fit
-    (or all rows); else 1024 query rows against the keys in chunks (an online softmax): a chunk of a few query rows
-    would read all of K and V for each few rows (at 16384^2, 4M tokens: 51 rows a chunk, K and V read 82,000 times)."""
-    whole_rows = budget_bytes // (BYTES_PER_SCORE * length)
+def chunk_shape(length: int, budget_bytes: int, whole_row_bytes: int = BYTES_PER_SCORE) -> tuple[int, int]:
+    """(query rows, keys) per chunk of scores within the budget. Whole rows of scores (``whole_row_bytes`` a score)
+    while at least 128 of them fit (or all rows); else 1024 query rows against the keys in chunks (an online
+    softmax): a chunk of a few query rows would read all of K and V for each few rows (at 16384^2, 4M tokens: 51
+    rows a chunk, K and V read 82,000 times)."""
+    whole_rows = budget_bytes // (whole_row_bytes * length)
     if whole_rows >= min(length, TILE):
         return _tiles(min(length, whole_rows)), length
     rows = min(length, SPLIT_QUERY_ROWS)
     return rows, _tiles(min(length, budget_bytes // (BYTES_PER_SCORE * rows)))
+
+
+def whole_row_bytes(q: torch.Tensor, v: torch.Tensor) -> int:
+    """Bytes a score of whole rows takes: float32 scores and their probabilities in V's dtype where one kernel
+    writes them (CUDA), else also PyTorch's float32 softmax."""
+    if softmax_rows.can_run_on(q.device, v.dtype):
+        return 4 + v.element_size()
+    return BYTES_PER_SCORE
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget_bytes: int,
@@ -57,7 +69,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget_bytes: i
     seconds)."""
     b, length, channels = q.shape
     scale = channels**-0.5
-    rows, keys = chunk_shape(length, budget_bytes)
+    rows, keys = chunk_shape(length, budget_bytes, whole_row_bytes(q, v))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # row-major: each chunk one contiguous write
     starts = [(i, r0) for i in range(b) for r0 in range(0, length, rows)]
     for n, (i, r0) in enumerate(starts):
@@ -65,8 +77,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget_bytes: i
             between_chunks(n / len(starts))
         query = q[i, r0 : r0 + rows]
         if keys == length:
-            probs = torch.softmax(_scores(query, k[i]).mul_(scale), dim=-1)
-            out[i, r0 : r0 + rows] = probs.to(v.dtype) @ v[i]
+            probs = softmax_rows.softmax_rows(_scores(query, k[i]), scale, v.dtype)
+            out[i, r0 : r0 + rows] = probs @ v[i]
         else:
             out[i, r0 : r0 + rows] = _over_key_chunks(query, k[i], v[i], keys, scale)
     return out

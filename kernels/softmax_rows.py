@@ -1,0 +1,86 @@
+"""Softmax over long rows of float32 scores, scaled, written once in the dtype of the values.
+
+Why: the exact VAE's middle attention (``core/long_attention.py``) turns each chunk of float32 scores
+(128 query rows x 1M keys at 8192^2: 512 MB) into probabilities for the product with V. In PyTorch that
+is three passes and a float32 copy — scale in place, softmax, cast to bf16 — about 3.3 GB of memory
+traffic a chunk, most of the ~15 s that attention takes on an H200. This kernel reads the scores twice
+(a running maximum and sum, then the probabilities) and writes them once in bf16: 1.25 GB a chunk, and
+no float32 copy, so a chunk may hold more rows in the same memory (6 bytes a score instead of 10).
+
+Values: ``exp(s * scale - m) / l`` in float32 with m the row's maximum and l its sum, as PyTorch's
+softmax computes them (the sum in another order: float32 rounding apart), then rounded to the output
+dtype. One program per row; the row's running maximum and sum are kept per lane and combined at the end.
+
+Shapes: scores (R, N) float32 with unit column stride; returns (R, N) in ``out_dtype``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - machines without Triton
+    triton = None
+    tl = None
+
+BLOCK = 4096  # columns a program reads at a time
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def can_run_on(device: torch.device, out_dtype: torch.dtype) -> bool:
+    """The kernel runs on this device (CUDA, with Triton) and writes this dtype."""
+    return triton is not None and device.type == "cuda" and out_dtype in OUT_DTYPES
+
+
+def can_run(scores: torch.Tensor, out_dtype: torch.dtype) -> bool:
+    """The kernel takes these scores: (R, N) float32 rows of unit stride, where :func:`can_run_on` holds."""
+    return (
+        can_run_on(scores.device, out_dtype) and scores.dim() == 2 and scores.dtype == torch.float32
+        and scores.stride(-1) == 1
+    )  # fmt: skip
+
+
+def softmax_rows(scores: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """``softmax(scores * scale, dim=-1).to(out_dtype)``: the Triton kernel on CUDA, else PyTorch (which scales the
+    scores in place)."""
+    if can_run(scores, out_dtype):
+        return triton_softmax_rows(scores, scale, out_dtype)
+    return torch.softmax(scores.mul_(scale), dim=-1).to(out_dtype)
+
+
+def triton_softmax_rows(scores: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """The Triton kernel itself (CUDA, or Triton's CPU interpreter): one program per row (grid axis 0 takes
+    2^31 - 1 of them)."""
+    rows, n = scores.shape
+    out = torch.empty((rows, n), dtype=out_dtype, device=scores.device)
+    if rows and n:
+        _softmax_rows[(rows,)](scores, out, n, scores.stride(0), out.stride(0), scale, BLOCK=BLOCK, num_warps=8)
+    return out
+
+
+if triton is not None:
+
+    @triton.jit
+    def _softmax_rows(s_ptr, o_ptr, n, s_stride, o_stride, scale, BLOCK: tl.constexpr):
+        """Row ``program_id(0)``: a running maximum and sum per lane over the row, then the probabilities."""
+        row = tl.program_id(0).to(tl.int64)
+        s_row = s_ptr + row * s_stride
+        o_row = o_ptr + row * o_stride
+        cols = tl.arange(0, BLOCK)
+        top = tl.full([BLOCK], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK], tl.float32)
+        for c0 in range(0, n, BLOCK):
+            c = c0 + cols
+            x = tl.load(s_row + c, mask=c < n, other=float("-inf")) * scale
+            new_top = tl.maximum(top, x)
+            seen = new_top > float("-inf")  # a lane that has only met masked columns keeps a sum of 0
+            total = tl.where(seen, total * tl.exp(top - new_top) + tl.exp(x - new_top), 0.0)
+            top = new_top
+        m = tl.max(top, 0)
+        l_sum = tl.sum(tl.where(top > float("-inf"), total * tl.exp(top - m), 0.0), 0)
+        for c0 in range(0, n, BLOCK):
+            c = c0 + cols
+            x = tl.load(s_row + c, mask=c < n, other=float("-inf")) * scale
+            tl.store(o_row + c, (tl.exp(x - m) / l_sum).to(o_ptr.dtype.element_ty), mask=c < n)
