@@ -16,6 +16,8 @@ Shapes: scores (R, N) float32 with unit column stride; returns (R, N) in ``out_d
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 try:
@@ -27,11 +29,12 @@ except ImportError:  # pragma: no cover - machines without Triton
 
 BLOCK = 4096  # columns a program reads at a time
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_failed: list[str] = []  # the kernel's compile / launch error on this machine, once: PyTorch's softmax from then on
 
 
 def can_run_on(device: torch.device, out_dtype: torch.dtype) -> bool:
     """The kernel runs on this device (CUDA, with Triton) and writes this dtype."""
-    return triton is not None and device.type == "cuda" and out_dtype in OUT_DTYPES
+    return triton is not None and not _failed and device.type == "cuda" and out_dtype in OUT_DTYPES
 
 
 def can_run(scores: torch.Tensor, out_dtype: torch.dtype) -> bool:
@@ -46,8 +49,24 @@ def softmax_rows(scores: torch.Tensor, scale: float, out_dtype: torch.dtype) -> 
     """``softmax(scores * scale, dim=-1).to(out_dtype)``: the Triton kernel on CUDA, else PyTorch (which scales the
     scores in place)."""
     if can_run(scores, out_dtype):
-        return triton_softmax_rows(scores, scale, out_dtype)
+        try:
+            return triton_softmax_rows(scores, scale, out_dtype)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # a Triton that cannot compile or launch it here: same values, PyTorch's way
+            _failed.append(f"{type(exc).__name__}: {exc}")
+            logging.warning("UltraGen: the exact VAE's softmax kernel failed on this GPU (%s); using PyTorch's "
+                            "operations instead (same result, slower)", _failed[0])  # fmt: skip
+            return softmax_in_place(scores, scale, out_dtype)
     return torch.softmax(scores.mul_(scale), dim=-1).to(out_dtype)
+
+
+def softmax_in_place(scores: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
+    """The same softmax in PyTorch operations over the scores' own memory (no float32 copy): the fallback where
+    the caller sized its chunks for the kernel (4 bytes a score plus the output)."""
+    scores.mul_(scale)
+    scores.sub_(scores.amax(dim=-1, keepdim=True)).exp_()
+    return scores.div_(scores.sum(dim=-1, keepdim=True)).to(out_dtype)
 
 
 def triton_softmax_rows(scores: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:

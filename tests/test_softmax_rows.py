@@ -56,6 +56,25 @@ def test_without_cuda_pytorch_computes_it():
     assert torch.equal(softmax_rows.softmax_rows(scores.clone(), 0.1, torch.bfloat16), expected)
 
 
+def test_a_kernel_that_fails_falls_back_once_with_a_warning(monkeypatch, caplog):
+    """A Triton that cannot compile the kernel on some GPU: PyTorch's operations in the scores' memory, the same
+    values, one warning, and the kernel not tried again."""
+    calls = []
+
+    def failing(*args):
+        calls.append(1)
+        raise RuntimeError("simulated compile error")
+
+    monkeypatch.setattr(softmax_rows, "can_run", lambda scores, dtype: not softmax_rows._failed)
+    monkeypatch.setattr(softmax_rows, "triton_softmax_rows", failing)
+    monkeypatch.setattr(softmax_rows, "_failed", [])
+    scores = torch.randn(3, 500, generator=torch.Generator().manual_seed(7)) * 30
+    for _ in range(2):
+        out = softmax_rows.softmax_rows(scores.clone(), 0.2, torch.float32)
+        assert (out.double() - reference(scores, 0.2)).abs().max().item() <= 1e-6
+    assert len(calls) == 1 and "simulated compile error" in caplog.text
+
+
 @pytest.mark.skipif(DEVICE != "cuda" or softmax_rows.triton is None, reason="needs a CUDA GPU with Triton")
 def test_bf16_probabilities_are_rounded_once_on_the_gpu():
     """On a GPU: bf16 output within one bf16 rounding (round to nearest) of the float64 softmax; the attention's
