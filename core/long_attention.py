@@ -42,21 +42,21 @@ def _tiles(n: int) -> int:
     return n - n % TILE if n >= TILE else max(1, n)
 
 
-def chunk_shape(length: int, budget_bytes: int, whole_row_bytes: int = BYTES_PER_SCORE) -> tuple[int, int]:
-    """(query rows, keys) per chunk of scores within the budget. Whole rows of scores (``whole_row_bytes`` a score)
-    while at least 128 of them fit (or all rows); else 1024 query rows against the keys in chunks (an online
-    softmax): a chunk of a few query rows would read all of K and V for each few rows (at 16384^2, 4M tokens: 51
-    rows a chunk, K and V read 82,000 times)."""
-    whole_rows = budget_bytes // (whole_row_bytes * length)
+def chunk_shape(length: int, budget_bytes: int, bytes_per_score: int = BYTES_PER_SCORE) -> tuple[int, int]:
+    """(query rows, keys) per chunk of scores within the budget. Whole rows of scores while at least 128 of them fit
+    (or all rows); else 1024 query rows against the keys in chunks (an online softmax): a chunk of a few query rows
+    would read all of K and V for each few rows (at 16384^2, 4M tokens: 51 rows a chunk, K and V read 82,000
+    times)."""
+    whole_rows = budget_bytes // (bytes_per_score * length)
     if whole_rows >= min(length, TILE):
         return _tiles(min(length, whole_rows)), length
     rows = min(length, SPLIT_QUERY_ROWS)
-    return rows, _tiles(min(length, budget_bytes // (BYTES_PER_SCORE * rows)))
+    return rows, _tiles(min(length, budget_bytes // (bytes_per_score * rows)))
 
 
-def whole_row_bytes(q: torch.Tensor, v: torch.Tensor) -> int:
-    """Bytes a score of whole rows takes: float32 scores and their probabilities in V's dtype where one kernel
-    writes them (CUDA), else also PyTorch's float32 softmax."""
+def score_bytes(q: torch.Tensor, v: torch.Tensor) -> int:
+    """Bytes a score takes: float32 scores and their probabilities in V's dtype where one kernel writes them
+    (CUDA), else also PyTorch's float32 softmax."""
     if softmax_rows.can_run_on(q.device, v.dtype):
         return 4 + v.element_size()
     return BYTES_PER_SCORE
@@ -69,7 +69,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, budget_bytes: i
     seconds)."""
     b, length, channels = q.shape
     scale = channels**-0.5
-    rows, keys = chunk_shape(length, budget_bytes, whole_row_bytes(q, v))
+    rows, keys = chunk_shape(length, budget_bytes, score_bytes(q, v))
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # row-major: each chunk one contiguous write
     starts = [(i, r0) for i in range(b) for r0 in range(0, length, rows)]
     for n, (i, r0) in enumerate(starts):
@@ -98,16 +98,16 @@ def _over_key_chunks(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys
     total = torch.zeros_like(top)
     weighted = torch.zeros(query.shape, dtype=torch.float32, device=query.device)
     for c0 in range(0, k.shape[0], keys):
-        scores = _scores(query, k[c0 : c0 + keys]).mul_(scale)
-        new_top = torch.maximum(top, scores.amax(dim=-1, keepdim=True))
-        probs = scores.sub_(new_top).exp_()
+        scores = _scores(query, k[c0 : c0 + keys])
+        probs, new_top, chunk_total = softmax_rows.exp_rows(scores, scale, top, v.dtype)
+        del scores
         rescale = (top - new_top).exp_()  # 0 on the first chunk (top is -inf)
-        total.mul_(rescale).add_(probs.sum(dim=-1, keepdim=True))
+        total.mul_(rescale).add_(chunk_total)
         values = v[c0 : c0 + keys]
         if v.dtype == torch.float32:
             weighted.mul_(rescale).addmm_(probs, values)
         else:
-            weighted.mul_(rescale).add_(torch.mm(probs.to(v.dtype), values, out_dtype=torch.float32))
+            weighted.mul_(rescale).add_(torch.mm(probs, values, out_dtype=torch.float32))
         top = new_top
-        del scores, probs
+        del probs
     return weighted.div_(total).to(query.dtype)

@@ -1,4 +1,5 @@
-"""Softmax over long rows of float32 scores, scaled, written once in the dtype of the values.
+"""Softmax over long rows of float32 scores, scaled, written once in the dtype of the values; and one key chunk
+of an online softmax the same way.
 
 Why: the exact VAE's middle attention (``core/long_attention.py``) turns each chunk of float32 scores
 (128 query rows x 1M keys at 8192^2: 512 MB) into probabilities for the product with V. In PyTorch that
@@ -7,11 +8,17 @@ traffic a chunk, most of the ~15 s that attention takes on an H200. This kernel 
 (a running maximum and sum, then the probabilities) and writes them once in bf16: 1.25 GB a chunk, and
 no float32 copy, so a chunk may hold more rows in the same memory (6 bytes a score instead of 10).
 
+Where a row does not fit (16384^2: 4M keys a row), the attention meets the keys a chunk at a time with
+FlashAttention's running maximum and sum: :func:`exp_rows` gives one chunk's probabilities (unnormalised, in the
+values' dtype), the new running maximum and the chunk's float32 row sums in one kernel, where PyTorch took six
+passes over the float32 scores (scale, maximum, subtract, exp, sum, cast).
+
 Values: ``exp(s * scale - m) / l`` in float32 with m the row's maximum and l its sum, as PyTorch's
 softmax computes them (the sum in another order: float32 rounding apart), then rounded to the output
 dtype. One program per row; the row's running maximum and sum are kept per lane and combined at the end.
 
-Shapes: scores (R, N) float32 with unit column stride; returns (R, N) in ``out_dtype``.
+Shapes: scores (R, N) float32 with unit column stride; probabilities (R, N) in ``out_dtype``; running maxima
+and sums (R, 1) float32.
 """
 
 from __future__ import annotations
@@ -54,11 +61,39 @@ def softmax_rows(scores: torch.Tensor, scale: float, out_dtype: torch.dtype) -> 
         except torch.cuda.OutOfMemoryError:
             raise
         except Exception as exc:  # a Triton that cannot compile or launch it here: same values, PyTorch's way
-            _failed.append(f"{type(exc).__name__}: {exc}")
-            logging.warning("UltraGen: the exact VAE's softmax kernel failed on this GPU (%s); using PyTorch's "
-                            "operations instead (same result, slower)", _failed[0])  # fmt: skip
+            _fail(exc)
             return softmax_in_place(scores, scale, out_dtype)
     return torch.softmax(scores.mul_(scale), dim=-1).to(out_dtype)
+
+
+def exp_rows(scores: torch.Tensor, scale: float, top: torch.Tensor,
+             out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One key chunk of an online softmax: ``new_top = max(top, rowmax(scores * scale))``, the probabilities
+    ``exp(scores * scale - new_top)`` in ``out_dtype`` and their float32 row sums (before rounding). The Triton
+    kernel on CUDA, else PyTorch over the scores' own memory."""
+    if can_run(scores, out_dtype):
+        try:
+            return triton_exp_rows(scores, scale, top, out_dtype)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # as in softmax_rows
+            _fail(exc)
+    return exp_in_place(scores, scale, top, out_dtype)
+
+
+def exp_in_place(scores: torch.Tensor, scale: float, top: torch.Tensor,
+                 out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`exp_rows` in PyTorch operations over the scores' own memory."""
+    scores.mul_(scale)
+    new_top = torch.maximum(top, scores.amax(dim=-1, keepdim=True))
+    probs = scores.sub_(new_top).exp_()
+    return probs.to(out_dtype), new_top, probs.sum(dim=-1, keepdim=True)
+
+
+def _fail(exc: Exception) -> None:
+    _failed.append(f"{type(exc).__name__}: {exc}")
+    logging.warning("UltraGen: the exact VAE's softmax kernel failed on this GPU (%s); using PyTorch's operations "
+                    "instead (same result, slower)", _failed[0])  # fmt: skip
 
 
 def softmax_in_place(scores: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:
@@ -77,6 +112,20 @@ def triton_softmax_rows(scores: torch.Tensor, scale: float, out_dtype: torch.dty
     if rows and n:
         _softmax_rows[(rows,)](scores, out, n, scores.stride(0), out.stride(0), scale, BLOCK=BLOCK, num_warps=8)
     return out
+
+
+def triton_exp_rows(scores: torch.Tensor, scale: float, top: torch.Tensor,
+                    out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The Triton kernel of :func:`exp_rows` (CUDA, or Triton's CPU interpreter): one program per row."""
+    rows, n = scores.shape
+    probs = torch.empty((rows, n), dtype=out_dtype, device=scores.device)
+    new_top = torch.empty((rows, 1), dtype=torch.float32, device=scores.device)
+    sums = torch.empty((rows, 1), dtype=torch.float32, device=scores.device)
+    top = top.to(torch.float32).reshape(rows).contiguous()
+    if rows and n:
+        _exp_rows[(rows,)](scores, probs, top, new_top, sums, n, scores.stride(0), probs.stride(0), scale, BLOCK=BLOCK,
+                           num_warps=8)  # fmt: skip
+    return probs, new_top, sums
 
 
 if triton is not None:
@@ -103,3 +152,24 @@ if triton is not None:
             c = c0 + cols
             x = tl.load(s_row + c, mask=c < n, other=float("-inf")) * scale
             tl.store(o_row + c, (tl.exp(x - m) / l_sum).to(o_ptr.dtype.element_ty), mask=c < n)
+
+    @triton.jit
+    def _exp_rows(s_ptr, o_ptr, top_ptr, new_top_ptr, sum_ptr, n, s_stride, o_stride, scale, BLOCK: tl.constexpr):
+        """Row ``program_id(0)``: its maximum over the chunk, then the probabilities and their sum."""
+        row = tl.program_id(0).to(tl.int64)
+        s_row = s_ptr + row * s_stride
+        o_row = o_ptr + row * o_stride
+        cols = tl.arange(0, BLOCK)
+        top = tl.full([BLOCK], float("-inf"), tl.float32)
+        for c0 in range(0, n, BLOCK):
+            c = c0 + cols
+            top = tl.maximum(top, tl.load(s_row + c, mask=c < n, other=float("-inf")) * scale)
+        m = tl.maximum(tl.max(top, 0), tl.load(top_ptr + row))
+        total = tl.zeros([BLOCK], tl.float32)
+        for c0 in range(0, n, BLOCK):
+            c = c0 + cols
+            p = tl.exp(tl.load(s_row + c, mask=c < n, other=float("-inf")) * scale - m)
+            tl.store(o_row + c, p.to(o_ptr.dtype.element_ty), mask=c < n)
+            total += p  # masked columns: exp(-inf) = 0
+        tl.store(new_top_ptr + row, m)
+        tl.store(sum_ptr + row, tl.sum(total, 0))

@@ -46,13 +46,54 @@ def test_masked_scores_get_no_probability():
     assert (out.double() - reference(scores, 0.5)).abs().max().item() <= 1e-6
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("top", [-torch.inf, 0.5, 40.0])
+def test_one_key_chunk_of_the_online_softmax(top):
+    """exp_rows by hand: the new running maximum (the old one, or the chunk's scaled maximum), the probabilities
+    against it and their float32 sums — first chunk (top -inf), a chunk below and one above the running maximum."""
+    if softmax_rows.triton is None:
+        pytest.skip("Triton is not installed")
+    scores = torch.randn(3, 9000, generator=torch.Generator().manual_seed(8)) * 30
+    running = torch.tensor([[top], [top], [-torch.inf]])
+    probs, new_top, sums = softmax_rows.triton_exp_rows(scores.to(DEVICE), 0.3, running.to(DEVICE), torch.float32)
+    scaled = scores * 0.3  # float32, as the kernel scales them
+    expected_top = torch.maximum(running, scaled.amax(-1, keepdim=True))  # a maximum: exact
+    expected = torch.exp(scaled.double() - expected_top.double())
+    assert torch.equal(new_top.cpu(), expected_top)
+    torch.testing.assert_close(probs.cpu().double(), expected, rtol=1e-5, atol=1e-30)  # x - m rounded in float32
+    torch.testing.assert_close(sums.cpu().double(), expected.sum(-1, keepdim=True), rtol=1e-5, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.parametrize("length,budget,kernel", [(700, 8 * 700 * 700, "softmax_rows"),
+                                                  (700, 8 * 700 * 128, "softmax_rows"),
+                                                  (1500, 8 * 1024 * 100, "exp_rows")])  # fmt: skip
+def test_attention_through_the_kernels_equals_sdpa(length, budget, kernel, monkeypatch):
+    """The attention with the kernels in its path (forced onto the CPU interpreter; float32 values: 8 bytes a
+    score): all rows at once, 128 whole rows a chunk, and 1024 rows against 100 keys at a time; PyTorch's SDPA
+    result."""
+    if softmax_rows.triton is None:
+        pytest.skip("Triton is not installed")
+    monkeypatch.setattr(softmax_rows, "can_run", lambda scores, dtype: True)
+    monkeypatch.setattr(softmax_rows, "can_run_on", lambda device, dtype: True)
+    calls = []
+    real = getattr(softmax_rows, f"triton_{kernel}")
+    monkeypatch.setattr(softmax_rows, f"triton_{kernel}", lambda *args: calls.append(1) or real(*args))
+    g = torch.Generator().manual_seed(9)
+    q, k, v = (torch.randn(1, length, 48, generator=g) * 2 for _ in range(3))
+    expected = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+    out = long_attention.attention(q, k, v, budget)
+    assert (out - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
+    assert calls  # the kernel of that path ran
+
+
 def test_without_cuda_pytorch_computes_it():
     """On a CPU the dispatch takes PyTorch's softmax (the kernel is for CUDA) and keeps 10 bytes a score."""
     scores = torch.randn(4, 300, generator=torch.Generator().manual_seed(4))
     expected = reference(scores, 0.1).to(torch.bfloat16)
     if DEVICE == "cpu":
         assert not softmax_rows.can_run(scores, torch.bfloat16)
-        assert long_attention.whole_row_bytes(scores, scores.bfloat16()) == long_attention.BYTES_PER_SCORE
+        assert long_attention.score_bytes(scores, scores.bfloat16()) == long_attention.BYTES_PER_SCORE
     assert torch.equal(softmax_rows.softmax_rows(scores.clone(), 0.1, torch.bfloat16), expected)
 
 
@@ -86,7 +127,7 @@ def test_bf16_probabilities_are_rounded_once_on_the_gpu():
     assert torch.equal(out, expected.to(torch.bfloat16)) or (
         (out.double() - expected).abs() <= expected.abs() * 2**-8 + 1e-30).all()  # fmt: skip
     v = torch.zeros(1, 1, 8, device="cuda", dtype=torch.bfloat16)
-    assert long_attention.whole_row_bytes(v, v) == 6
+    assert long_attention.score_bytes(v, v) == 6
     assert long_attention.chunk_shape(1024 * 1024, 2 << 30, 6) == (256, 1024 * 1024)  # 8192^2: 341 rows fit
 
 
