@@ -31,7 +31,10 @@ class UltraGenRecursiveUpscale(io.ComfyNode):
                 io.Conditioning.Input("negative", tooltip="The negative prompt (FLUX dev with cfg 1 ignores it)."),
                 io.Vae.Input("vae", tooltip="The FLUX VAE."),
                 io.Latent.Input("latent", optional=True, tooltip="The image to upscale, as a latent (or an image)."),
-                io.Image.Input("image", optional=True, tooltip="The image to upscale (or connect a latent)."),
+                io.Image.Input("image", optional=True,
+                               tooltip="The image to upscale (or connect a latent). With the latent connected too: "
+                               "its decoded image (e.g. the previous Recursive Upscale's image output), which then "
+                               "makes the guidance without decoding the latent again."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Seed of the first stage; stage i uses seed + i."),
                 io.Int.Input("stages", default=1, min=1, max=4, tooltip="How many times to upscale."),
@@ -73,8 +76,8 @@ class UltraGenRecursiveUpscale(io.ComfyNode):
         cls, model, positive, negative, vae, seed, stages, scale, steps, skip, cfg, sampler_name, scheduler, method,
         sharpen, shift_mu, guidance_scope, guidance_ratio=D.guidance_ratio, latent=None, image=None,
     ) -> io.NodeOutput:  # fmt: skip
-        if (latent is None) == (image is None):
-            raise UltraGenPatchError("Recursive Upscale: connect either a latent or an image to upscale, not both")
+        if latent is None and image is None:
+            raise UltraGenPatchError("Recursive Upscale: connect a latent or an image to upscale")
         samples = latent["samples"] if latent is not None else exact_encode(vae, image)
         settings = StageSettings(
             scale=scale, steps=steps, skip=skip, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,

@@ -146,8 +146,16 @@ def recursive_upscale(model, positive, negative, vae, samples: torch.Tensor, sta
             "16 channels and FLUX.2's 128; connect a latent made by FLUX, or the image instead"
         )
     per_stage = len(warm_start_sigmas(settings.steps, settings.skip, 0.0, settings.shift_mu, settings.scheduler)) - 1
-    progress = comfy.utils.ProgressBar(stages * per_stage)
     px = pixels_per_latent(samples.shape[1], model.get_model_object("latent_format"))
+    if image is not None:
+        expected = (samples.shape[0], samples.shape[-2] * px, samples.shape[-1] * px)
+        if tuple(image.shape[:3]) != expected:
+            raise RecursiveUpscaleError(
+                f"Recursive Upscale: the image ({image.shape[2]}x{image.shape[1]} px, batch {image.shape[0]}) is not "
+                f"the latent's decoded image ({expected[2]}x{expected[1]} px, batch {expected[0]}); connect the image "
+                "that belongs to the latent (the previous Recursive Upscale's image output), or only one of them"
+            )
+    progress = comfy.utils.ProgressBar(stages * per_stage)
     for i in range(stages):
         width, height = settings.target(samples, px)
         try:

@@ -33,6 +33,9 @@ def test_two_stages_equal_two_chained_single_stage_nodes(parts):
     assert latent2["samples"].shape == (1, 16, 16, 24) and image2.shape == (1, 128, 192, 3)
     assert torch.equal(latent2["samples"], latent_b["samples"])
     assert torch.equal(image2, image_b)
+    mid_image, mid_again = upscale(parts, 5, 1, latent=low)  # the first node's image output, passed on as well
+    image_c, latent_c = upscale(parts, 6, 1, latent=mid_again, image=mid_image)
+    assert torch.equal(latent_c["samples"], latent_b["samples"]) and torch.equal(image_c, image_b)
     assert torch.isfinite(latent2["samples"]).all()
 
 
@@ -55,8 +58,12 @@ def test_errors_name_the_stage(parts, monkeypatch):
 
     from ultragen.patch.recursive_upscale import RecursiveUpscaleError
 
-    with pytest.raises(ValueError, match="either a latent or an image"):
+    with pytest.raises(ValueError, match="connect a latent or an image"):
         upscale(parts, 0, 1)
+    low = {"samples": torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(0))}  # 48 x 32 px
+    with pytest.raises(RecursiveUpscaleError, match=r"the image \(48x48 px, batch 1\) is not the latent's decoded "
+                       r"image \(48x32 px"):  # fmt: skip
+        upscale(parts, 0, 1, latent=low, image=torch.rand(1, 48, 48, 3))
     four_channels = {"samples": torch.randn(1, 4, 4, 6)}  # e.g. an SD latent: said up front, as the input's fault
     with pytest.raises(RecursiveUpscaleError, match=r"the latent to upscale has shape \(1, 4, 4, 6\), but FLUX.1's"):
         upscale(parts, 0, 2, latent=four_channels)

@@ -101,16 +101,17 @@ def flux_from_1k(size: int) -> Graph:
 
 def _recursive_chain(g: Graph, model, positive, negative, vae, latent, steps: int, skip: int, prefix: str) -> None:
     """Three Recursive Upscale nodes, 2K -> 4K -> 8K, each in its stage, each stage saved (``prefix`` + "2k" ...)."""
+    image = {}  # the first stage starts from the base latent; each later one also takes the previous stage's image
     for size, seed in ((2048, 43), (4096, 44), (8192, 45)):
         g.stage(f"{size // 1024}K")
         stage = g.node("UltraGenRecursiveUpscale", title=f"Upscale to {size // 1024}K", model=model[0],
-                       positive=positive[0], negative=negative[0], vae=vae[0], latent=latent, seed=seed, stages=1,
-                       scale=2.0, steps=steps, skip=skip, cfg=1.0, sampler_name="euler", scheduler="simple",
+                       positive=positive[0], negative=negative[0], vae=vae[0], latent=latent, **image, seed=seed,
+                       stages=1, scale=2.0, steps=steps, skip=skip, cfg=1.0, sampler_name="euler", scheduler="simple",
                        method="latent bicubic", sharpen=0.0, shift_mu=1.15, guidance_scope="local",
                        guidance_ratio=4.0)  # fmt: skip
         g.node("SaveImage", images=stage[0], filename_prefix=f"{prefix}{size // 1024}k")
         g.expose("seed", stage, "seed", offset=seed - 42)
-        latent = stage[1]
+        latent, image = stage[1], {"image": stage[0]}  # its exact decode: the next guidance needs no decode
 
 
 def flux_8k_recursive() -> Graph:
