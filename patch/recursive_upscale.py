@@ -87,7 +87,7 @@ def stage_guidance(vae, samples: torch.Tensor, image: torch.Tensor | None, setti
                    height: int, px: int) -> Guidance:  # fmt: skip
     """The guidance of a (width, height) stage: the previous result (``samples``; ``image``: its pixels, if known)
     as it is when it is at most 1 / guidance_ratio of the stage, else its pixels resized to that and encoded
-    exactly (antialiased bicubic, as the authors make their low-res images)."""
+    exactly (antialiased bicubic: close to the Lanczos resize ultragen-train makes its low-res images with)."""
     small_w, small_h = settings.guidance_size(width, height, px)
     if samples.shape[-1] * px <= small_w and samples.shape[-2] * px <= small_h:
         return Guidance(samples.detach().cpu().float(), width, height, px)
