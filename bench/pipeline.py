@@ -254,10 +254,12 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("FLUX.1 and FLUX.2 workflows need separate runs (one model per process)")
     flux2 = families.pop()
     model_name = args.model or ("flux2-klein-4b" if flux2 else "flux1-dev")
-    if model_name not in MODELS or MODELS[model_name].flux2 != flux2:
+    if model_name not in MODELS:
+        ap.error(f"--model {model_name}: choose one of {sorted(MODELS)}")
+    load_comfyui(args.comfyui, cpu=args.tiny or not torch.cuda.is_available())  # the architectures' configs need it
+    if MODELS[model_name].flux2 != flux2:
         family = "FLUX.2" if flux2 else "FLUX.1"
         ap.error(f"--model {model_name}: the workflows are {family}'s; choose one of {sorted(MODELS)} of that family")
-    load_comfyui(args.comfyui, cpu=args.tiny or not torch.cuda.is_available())
     swap_loaders(args.tiny, model_name)
     if args.card:  # ComfyUI reads the emulated card from then on (the card's free-memory function is installed)
         from vram_cards import Card

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -120,6 +122,19 @@ def test_flux2_workflow_smoke_run(tmp_path, monkeypatch):
         pipeline.main(["--tiny", "--workflows", "flux2_klein_4k_from_1k", "flux_4k_from_1k"])
     with pytest.raises(SystemExit):
         pipeline.main(["--tiny", "--workflows", "flux_4k_from_1k", "--model", "flux2-klein-9b"])
+
+
+def test_the_command_runs_in_a_fresh_process(comfyui, tmp_path):
+    """``python bench/pipeline.py`` as it runs on the device: a fresh process that imports ComfyUI itself (in-process
+    tests have it imported already, so an import in the wrong order passes them)."""
+    out = tmp_path / "fresh.json"
+    env = {**os.environ, "COMFYUI_PATH": str(comfyui)}
+    result = subprocess.run([sys.executable, "pipeline.py", "--tiny", "--parts", "ultragen", "--workflows",
+                             "flux_2k_from_1k", "--out", str(out)], cwd=BENCH, env=env, capture_output=True, text=True,
+                            timeout=600, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["ultragen"]["images"] == 2
 
 
 def test_the_warm_up_pass_is_the_workflow_at_one_step(monkeypatch):
