@@ -24,9 +24,9 @@ def time_shift(t: torch.Tensor, mu: float) -> torch.Tensor:
 
 
 def training_sigmas(batch: int, mu: float = FLUX_MU_1024, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(batch,) sigmas in (0, 1): ``time_shift(sigmoid(n), mu)`` with n ~ N(0, 1)."""
+    """(batch,) sigmas in (0, 1): ``time_shift(sigmoid(n), mu)`` with n ~ N(0, 1); mu 0 is no shift (sigmoid(n))."""
     t = torch.sigmoid(torch.randn(batch, generator=generator))
-    return time_shift(t, mu)
+    return t if mu == 0 else time_shift(t, mu)
 
 
 def noised_latent(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

@@ -53,3 +53,10 @@ def test_time_shift_is_fluxs(comfyui):
     sigmas = training_sigmas(1000, generator=torch.Generator().manual_seed(0))
     assert sigmas.shape == (1000,) and 0 < sigmas.min() and sigmas.max() < 1
     assert sigmas.median().item() == pytest.approx(1 / (1 + math.exp(-FLUX_MU_1024)), abs=0.03)  # median t = 1/2
+
+
+def test_no_shift_is_the_plain_logit_normal_draw():
+    """mu 0 (the authors' FLUX.2 training): sigmoid(n) itself, n ~ N(0, 1) from the same generator."""
+    n = torch.randn(500, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(training_sigmas(500, 0.0, torch.Generator().manual_seed(3)), torch.sigmoid(n))
+    assert not torch.equal(training_sigmas(500, FLUX_MU_1024, torch.Generator().manual_seed(3)), torch.sigmoid(n))

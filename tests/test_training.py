@@ -76,6 +76,7 @@ def test_cache_holds_latents_guidance_and_embeddings(dataset):
 @pytest.mark.parametrize("targets", ["qkv", "all"])
 def test_loss_falls(dataset, tmp_path, targets):
     t = trainer(dataset, tmp_path, targets=targets, steps=40)
+    assert t.sigma_shift == pytest.approx(1.15)  # FLUX.1: the SD3 / FLUX training shift at 1024^2
     before = t.validation_loss(8)
     t.train()
     after = t.validation_loss(8)
@@ -160,6 +161,14 @@ def test_periodic_sample_is_written(dataset, tmp_path, vae):
     t.train()
     with Image.open(tmp_path / "samples" / "step_000002.png") as im:
         assert im.size == (SIZE, SIZE)
+
+
+def test_training_shift_by_family_unless_set():
+    from ultragen.training.settings import TrainSettings
+
+    assert TrainSettings().sigma_shift(flux2=False) == pytest.approx(1.15)
+    assert TrainSettings().sigma_shift(flux2=True) == 0.0
+    assert TrainSettings(mu=2.0).sigma_shift(flux2=True) == 2.0 and TrainSettings(mu=0.5).sigma_shift(False) == 0.5
 
 
 def test_bad_folders_and_settings_say_what_to_fix(tmp_path, vae):
@@ -247,6 +256,7 @@ def test_flux2_trains_and_its_lora_is_what_the_patch_applies(tmp_path, comfyui):
     assert ex.latent.shape == (1, 128, 8, 8) and ex.guidance.shape == (1, 128, 2, 2) and ex.pooled.numel() == 0
     run = settings(size=size, steps=40, targets="all", learning_rate=3e-2)
     t = GuidanceLoRATrainer(tiny_flux2(), data, tmp_path / "out", run, device=torch.device("cpu"))
+    assert t.sigma_shift == 0.0  # the authors' FLUX.2 training sigmas: sigmoid(N(0, 1)), no shift
     before = t.validation_loss(4)
     t.train()
     assert t.validation_loss(4) < 0.97 * before

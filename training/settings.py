@@ -36,13 +36,21 @@ class TrainSettings:
     window: int = 16
     ntk_factor: float = 10.0
     flux_guidance: float = 3.5  # FLUX.1-dev's distilled guidance input
-    mu: float = FLUX_MU_1024  # time shift of the training sigmas
+    mu: float | None = None  # time shift of the training sigmas; None: the family's (sigma_shift)
     gradient_checkpointing: bool = True
     backend: str = "auto"
     save_every: int = 250
     sample_every: int = 250
     sample_steps: int = 20
     seed: int = 0
+
+    def sigma_shift(self, flux2: bool) -> float:
+        """``mu`` of the training sigmas ``time_shift(sigmoid(n), mu)``, n ~ N(0, 1): as set, else FLUX.1's 1.15 (how
+        SD3 / FLUX train at 1024^2) or, for FLUX.2, 0 — t = sigmoid(n), no shift, as the authors train their FLUX.2
+        guidance LoRAs (PeterYYZhang/Scale-DiT ef68520, ``src/train/model2.py``:418)."""
+        if self.mu is not None:
+            return self.mu
+        return 0.0 if flux2 else FLUX_MU_1024
 
     def check(self) -> None:
         if self.size % (16 * self.ratio):

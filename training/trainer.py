@@ -30,10 +30,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.checkpoint import checkpoint
 
-from ..core.flow_matching import flow_matching_loss, noised_latent, training_sigmas
+from ..core.flow_matching import FLUX_MU_1024, flow_matching_loss, noised_latent, training_sigmas
 from ..patch import Guidance, PatchOptions, UltraGenFluxPatch
 from ..patch.call_state import embedding_guidance
-from ..patch.flux_family import shift_mu_for
+from ..patch.flux_family import pixels_per_latent, shift_mu_for
 from ..patch.sampling import constant_shift_sigmas
 from .dataset import CachedDataset, Example
 from .row_lora import GuidanceRows, inject_guidance_lora, load_lora_tensors, lora_tensors
@@ -81,6 +81,7 @@ class GuidanceLoRATrainer:
         self.dm = self.model.model.diffusion_model
         self.rows = GuidanceRows(embedding=embedding_guidance)
         self.layers = inject_guidance_lora(self.dm, self.rows, s.targets, s.rank, s.alpha, seed=s.seed)
+        self.sigma_shift = s.sigma_shift(flux2=pixels_per_latent(dataset.example(0).latent.shape[1]) == 16)
         self.params = [p for p in self.dm.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=s.learning_rate, weight_decay=s.weight_decay)
         self.step = 0
@@ -152,7 +153,7 @@ class GuidanceLoRATrainer:
         gen = _seeded(s.seed if seed is None else seed, i)
         x0 = self.model.model.process_latent_in(example.latent.float())
         noise = torch.randn(x0.shape, generator=gen)
-        sigma = training_sigmas(x0.shape[0], s.mu, gen)
+        sigma = training_sigmas(x0.shape[0], self.sigma_shift, gen)
         run = self._run(example, noise_seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
         v = self.velocity(noised_latent(x0, noise, sigma), sigma, example, run)
         return flow_matching_loss(v, x0.to(v.device), noise.to(v.device))
@@ -235,7 +236,8 @@ class GuidanceLoRATrainer:
         s = self.settings
         example = self.dataset.example(index)
         run = self._run(example, noise_seed=s.seed)
-        sigmas = constant_shift_sigmas(s.sample_steps, shift_mu_for(example.latent.shape[1], s.mu))
+        mu = FLUX_MU_1024 if s.mu is None else s.mu  # FLUX_MU_1024: the model's own 1024-px shift
+        sigmas = constant_shift_sigmas(s.sample_steps, shift_mu_for(example.latent.shape[1], mu))
         x = torch.randn(example.latent.shape, generator=_seeded(s.seed, -1)).to(self.device)
         for a, b in zip(sigmas[:-1], sigmas[1:], strict=True):
             v = self.velocity(x, torch.full((x.shape[0],), float(a)), example, run).float()
