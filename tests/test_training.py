@@ -142,6 +142,15 @@ def test_resume_continues_exactly(dataset, tmp_path):
     assert not all(torch.equal(lora_tensors(first.dm)[k], v) for k, v in want.items())  # 3 steps differ from 6
     lines = (tmp_path / "b" / "loss.csv").read_text().split()
     assert [int(line.split(",")[0]) for line in lines] == [1, 2, 3, 4, 5, 6]
+    state_path = tmp_path / "b" / "training_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    assert state["sigma_shift"] == pytest.approx(1.15)
+    del state["sigma_shift"]  # a run saved before the shift was recorded: it had 1.15 for every family
+    torch.save(state, state_path)
+    older = trainer(dataset, tmp_path / "b", steps=6, save_every=3, grad_accum=2)
+    older.sigma_shift = 0.0  # as a FLUX.2 run would start now
+    older.resume()
+    assert older.sigma_shift == pytest.approx(1.15)  # it continues with the sigmas it was trained with
 
 
 def test_resume_with_other_settings_says_which(dataset, tmp_path):
@@ -150,6 +159,8 @@ def test_resume_with_other_settings_says_which(dataset, tmp_path):
     trainer(dataset, tmp_path, steps=1).train()
     with pytest.raises(TrainingError, match=r"rank 16 \(now 8\)"):
         trainer(dataset, tmp_path, steps=2, rank=8).resume()
+    with pytest.raises(TrainingError, match=r"mu 1.15 \(now 0.5\)"):
+        trainer(dataset, tmp_path, steps=2, mu=0.5).resume()
     with pytest.raises(TrainingError, match="nothing to resume"):
         trainer(dataset, tmp_path / "empty").resume()
 

@@ -206,7 +206,8 @@ class GuidanceLoRATrainer:
         lora = self.output_dir / LORA
         save_file(tensors, str(lora.with_suffix(".tmp")), meta)
         lora.with_suffix(".tmp").replace(lora)
-        state = {"step": self.step, "settings": self._fixed(), "optimizer": self.optimizer.state_dict()}
+        state = {"step": self.step, "settings": self._fixed(), "sigma_shift": self.sigma_shift,
+                 "optimizer": self.optimizer.state_dict()}  # fmt: skip
         torch.save(state, self.output_dir / (STATE + ".tmp"))
         (self.output_dir / (STATE + ".tmp")).replace(self.output_dir / STATE)
         return lora
@@ -224,6 +225,13 @@ class GuidanceLoRATrainer:
         if differ:
             listed = ", ".join(f"{k} {old!r} (now {new!r})" for k, (new, old) in differ.items())
             raise TrainingError(f"the saved run was trained with {listed}; resume with the same settings")
+        # A run keeps the training sigmas it started with (runs saved before FLUX.2 drew the authors' unshifted
+        # sigmas had 1.15 for both families and no record of it); an explicitly set mu must match it.
+        started = state.get("sigma_shift", FLUX_MU_1024)
+        if self.settings.mu is not None and self.settings.mu != started:
+            raise TrainingError(f"the saved run was trained with mu {started!r} (now {self.settings.mu!r}); "
+                                "resume with the same settings")  # fmt: skip
+        self.sigma_shift = started
         saved = self.output_dir / "checkpoints" / f"step_{state['step']:06d}.safetensors"
         load_lora_tensors(self.dm, load_file(str(saved)))
         self.optimizer.load_state_dict(state["optimizer"])
