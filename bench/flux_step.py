@@ -60,7 +60,9 @@ class Architecture:
 
     @property
     def pixels_per_latent(self) -> int:
-        return 16 if self.flux2 else 8
+        from ultragen.patch.flux_family import pixels_per_latent
+
+        return pixels_per_latent(self.channels)
 
     @property
     def text_width(self) -> int:

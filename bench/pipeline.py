@@ -134,7 +134,8 @@ def dense_prompt(workflow: dict, size: int, steps: int) -> dict:
     """The plain way: the workflow's own base pass (loaders, text, sampler, scheduler) at the target size,
     then ComfyUI's tiled VAE decode and a save."""
     sampler, needed = base_pass(workflow)
-    keep = json.loads(json.dumps({k: workflow[k] for k in needed}))
+    vae = next(k for k, v in workflow.items() if v["class_type"] == "VAELoader")  # the decode's, not the sampler's
+    keep = json.loads(json.dumps({k: workflow[k] for k in needed | {vae}}))
     for node in keep.values():
         inputs = node["inputs"]
         for key in ("width", "height"):
@@ -143,8 +144,6 @@ def dense_prompt(workflow: dict, size: int, steps: int) -> dict:
         if "steps" in inputs:
             inputs["steps"] = steps
     keep[sampler]["_meta"] = {"title": f"{keep[sampler]['class_type']} (dense)"}
-    vae = next(k for k, v in workflow.items() if v["class_type"] == "VAELoader")  # the decode's, not the sampler's
-    keep[vae] = json.loads(json.dumps(workflow[vae]))
     keep["900"] = {"class_type": "VAEDecodeTiled", "inputs": {
         "samples": [sampler, 0], "vae": [vae, 0], "tile_size": 512, "overlap": 64, "temporal_size": 64,
         "temporal_overlap": 8}}  # fmt: skip

@@ -56,13 +56,7 @@ def softmax_rows(scores: torch.Tensor, scale: float, out_dtype: torch.dtype) -> 
     """``softmax(scores * scale, dim=-1).to(out_dtype)``: the Triton kernel on CUDA, else PyTorch (which scales the
     scores in place)."""
     if can_run(scores, out_dtype):
-        try:
-            return triton_softmax_rows(scores, scale, out_dtype)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as exc:  # a Triton that cannot compile or launch it here: same values, PyTorch's way
-            _fail(exc)
-            return softmax_in_place(scores, scale, out_dtype)
+        return _kernel_or(triton_softmax_rows, softmax_in_place, scores, scale, out_dtype)
     return torch.softmax(scores.mul_(scale), dim=-1).to(out_dtype)
 
 
@@ -72,13 +66,22 @@ def exp_rows(scores: torch.Tensor, scale: float, top: torch.Tensor,
     ``exp(scores * scale - new_top)`` in ``out_dtype`` and their float32 row sums (before rounding). The Triton
     kernel on CUDA, else PyTorch over the scores' own memory."""
     if can_run(scores, out_dtype):
-        try:
-            return triton_exp_rows(scores, scale, top, out_dtype)
-        except torch.cuda.OutOfMemoryError:
-            raise
-        except Exception as exc:  # as in softmax_rows
-            _fail(exc)
+        return _kernel_or(triton_exp_rows, exp_in_place, scores, scale, top, out_dtype)
     return exp_in_place(scores, scale, top, out_dtype)
+
+
+def _kernel_or(kernel, fallback, *args):
+    """``kernel(*args)``; where Triton cannot compile or launch it on this GPU, once, with a warning, ``fallback``
+    (the same values in PyTorch operations over the scores' own memory) from then on."""
+    try:
+        return kernel(*args)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as exc:
+        _failed.append(f"{type(exc).__name__}: {exc}")
+        logging.warning("UltraGen: the exact VAE's softmax kernel failed on this GPU (%s); using PyTorch's "
+                        "operations instead (same result, slower)", _failed[0])  # fmt: skip
+        return fallback(*args)
 
 
 def exp_in_place(scores: torch.Tensor, scale: float, top: torch.Tensor,
@@ -88,12 +91,6 @@ def exp_in_place(scores: torch.Tensor, scale: float, top: torch.Tensor,
     new_top = torch.maximum(top, scores.amax(dim=-1, keepdim=True))
     probs = scores.sub_(new_top).exp_()
     return probs.to(out_dtype), new_top, probs.sum(dim=-1, keepdim=True)
-
-
-def _fail(exc: Exception) -> None:
-    _failed.append(f"{type(exc).__name__}: {exc}")
-    logging.warning("UltraGen: the exact VAE's softmax kernel failed on this GPU (%s); using PyTorch's operations "
-                    "instead (same result, slower)", _failed[0])  # fmt: skip
 
 
 def softmax_in_place(scores: torch.Tensor, scale: float, out_dtype: torch.dtype) -> torch.Tensor:

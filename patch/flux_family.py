@@ -17,8 +17,8 @@ from ..core.flow_matching import FLUX_MU_1024
 # (0.3.64 has no latent_format.spacial_downscale_ratio; latent-only nodes): FLUX.1's VAE (16 channels at 1/8),
 # FLUX.2's (128 at 1/16).
 PIXELS_PER_LATENT_OF_CHANNELS = {16: 8, 128: 16}
-# ComfyUI's sampling shift (mu) of each family at 1024 px, by latent channels: FLUX.1's and FLUX.2's 2.02
-# (``supported_models.Flux2.sampling_settings``), which ComfyUI keeps at every size.
+# ComfyUI's sampling shift (mu) of each family at 1024 px, by latent channels: FLUX.1's 1.15 and FLUX.2's 2.02
+# (``supported_models.Flux2.sampling_settings``, which ComfyUI keeps at every size).
 DEFAULT_SHIFT_MU_OF_CHANNELS = {16: FLUX_MU_1024, 128: 2.02}
 # The longest text FLUX takes (T5 tokens of FLUX.1-dev; FLUX.2 pads to 512): what the memory estimate assumes.
 MAX_TEXT_TOKENS = 512
