@@ -30,7 +30,8 @@ def test_kernel_matches_the_softmax_in_float32(rows, n):
     expected = reference(scores, 512**-0.5)
     assert out.dtype == torch.float32 and out.shape == (rows, n)
     assert (out.double() - expected).abs().max().item() <= 1e-6 * expected.max().item()
-    torch.testing.assert_close(out.double().sum(-1), torch.ones(rows, dtype=torch.float64), rtol=0, atol=1e-5)
+    ones = torch.ones(rows, dtype=torch.float64, device=out.device)
+    torch.testing.assert_close(out.double().sum(-1), ones, rtol=0, atol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -69,22 +70,23 @@ def test_one_key_chunk_of_the_online_softmax(top):
                                                   (700, 8 * 700 * 128, "softmax_rows"),
                                                   (1500, 8 * 1024 * 100, "exp_rows")])  # fmt: skip
 def test_attention_through_the_kernels_equals_sdpa(length, budget, kernel, monkeypatch):
-    """The attention with the kernels in its path (forced onto the CPU interpreter; float32 values: 8 bytes a
+    """The attention with the kernels in its path (forced; on a CPU under the interpreter; float32 values: 8 bytes a
     score): all rows at once, 128 whole rows a chunk, and 1024 rows against 100 keys at a time; PyTorch's SDPA
     result."""
     if softmax_rows.triton is None:
         pytest.skip("Triton is not installed")
     monkeypatch.setattr(softmax_rows, "can_run", lambda scores, dtype: True)
     monkeypatch.setattr(softmax_rows, "can_run_on", lambda device, dtype: True)
+    monkeypatch.setattr(softmax_rows, "_failed", [])  # a kernel error here would otherwise pass as the fallback
     calls = []
     real = getattr(softmax_rows, f"triton_{kernel}")
     monkeypatch.setattr(softmax_rows, f"triton_{kernel}", lambda *args: calls.append(1) or real(*args))
     g = torch.Generator().manual_seed(9)
-    q, k, v = (torch.randn(1, length, 48, generator=g) * 2 for _ in range(3))
+    q, k, v = ((torch.randn(1, length, 48, generator=g) * 2).to(DEVICE) for _ in range(3))
     expected = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
     out = long_attention.attention(q, k, v, budget)
     assert (out - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
-    assert calls  # the kernel of that path ran
+    assert calls and not softmax_rows._failed  # the kernel of that path ran, and did not fall back
 
 
 def test_without_cuda_pytorch_computes_it():
