@@ -11,7 +11,10 @@ sampling. Four ways, in one process:
   part of attention (the patch applies RoPE itself, in one pass, inside its attention);
 - UltraGen with default options (local guidance, ratio 4, radius 1 window) and with
   global guidance;
-- dense: ComfyUI's own attention (PyTorch SDPA).
+- dense: ComfyUI's own attention (PyTorch SDPA);
+- UltraGen local with the chunked blocks in ComfyUI's operation order (``chunked_blocks.FEWER_PASSES`` off): the
+  A/B of the blocks' one-pass forms, with the relative difference of the two steps' outputs up to 4096^2 (bf16
+  noise: compare it with the dense-equivalence check's flex_attention line).
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/flux_step.py [--sizes 2048 4096 8192]
 
@@ -29,6 +32,7 @@ import torch
 from results_io import comfyui_on_gpu, run_info, write_json
 
 TEXT = 512
+COMFYUI_ORDER = "ultragen-local-comfyui-order"  # the chunked blocks without their one-pass forms
 TARGETS = {4096: 1.3, 8192: 1.4}  # patched step / floor (FLUX.1-dev)
 FLUX2_TARGETS = {4096: 1.15, 8192: 1.15}  # issue 14
 
@@ -238,6 +242,8 @@ def main(argv: list[str] | None = None) -> None:
         f"(the same through flex_attention: {noise:.2e})",
         flush=True,
     )
+    from ultragen.patch import chunked_blocks
+
     rows = []
     for pixels in args.sizes:
         x, ctx, y = step_inputs(arch, pixels, pixels)
@@ -245,15 +251,27 @@ def main(argv: list[str] | None = None) -> None:
             "floor": floor_model(model),
             "floor-no-rope": floor_without_rope_model(model),
             "ultragen-local": ultragen_model(model, pixels, "local", arch),
+            COMFYUI_ORDER: ultragen_model(model, pixels, "local", arch),
             "ultragen-global": ultragen_model(model, pixels, "global", arch),
             "dense": model,
         }
         row = {"pixels": pixels}
         for name, m in configs.items():
             reps = 0 if (name == "dense" and pixels >= 8192) else args.reps
+            chunked_blocks.FEWER_PASSES = name != COMFYUI_ORDER
             seconds, peak = measure(m, (x, ctx, y), reps)
             row[name] = {"s": seconds, "peak_gib": peak, "timed_steps": max(reps, 1)}
             print(f"step {pixels} {name:16s} {seconds:8.3f} s  peak {peak:6.1f} GiB  ({gib()})", flush=True)
+        if pixels <= 4096:
+            outs = []
+            for fewer in (True, False):
+                chunked_blocks.FEWER_PASSES = fewer
+                outs.append(step(configs["ultragen-local"], x, ctx, y).float())
+            row["one_pass_vs_comfyui_order_rel_diff"] = ((outs[0] - outs[1]).norm() / outs[1].norm()).item()
+            print(f"step {pixels} one-pass forms vs ComfyUI's order: relative difference "
+                  f"{row['one_pass_vs_comfyui_order_rel_diff']:.2e}", flush=True)  # fmt: skip
+            del outs
+        chunked_blocks.FEWER_PASSES = True
         rows.append(row)
         del x, ctx, y, configs
         torch.cuda.empty_cache()
@@ -281,6 +299,11 @@ def main(argv: list[str] | None = None) -> None:
             f"| {r['pixels']}² | {cells} | {lo['s'] / f['s']:.2f}x | {g['s'] / f['s']:.2f}x "
             f"| {lo['s'] / f0['s']:.2f}x | {d['s'] / lo['s']:.1f}x |"
         )
+    print("\n| size | UltraGen local, one-pass forms | the same in ComfyUI's operation order | gain |")
+    print("|---|---|---|---|")
+    for r in rows:
+        one, order = r["ultragen-local"], r[COMFYUI_ORDER]
+        print(f"| {r['pixels']}² | {one['s']:.3f} s | {order['s']:.3f} s | {order['s'] / one['s']:.3f}x |")
     targets = TARGETS if args.model == "flux1-dev" else FLUX2_TARGETS
     for r in rows:
         if r["pixels"] in targets:

@@ -60,6 +60,11 @@ EFFICIENT_CHUNK_TOKENS = 4096
 # Widths of ``hidden`` one token of a slice needs at most: the single block's second half holds the
 # norm, its modulation, the MLP state (4), the output projection's two parts and the gated output.
 SLICE_WIDTHS = 16
+# The one-pass forms below (LayerNorm with the modulation as its affine, gated adds and the single block's second
+# GEMM accumulating in place, q/k/v written by their GEMM and RoPE straight into the call's buffer) instead of
+# ComfyUI's operation order: each saves passes of a slice's activations through memory (the step's token-wise work
+# beside its GEMMs). False: ComfyUI's order, for bench/flux_step.py's A/B in one process.
+FEWER_PASSES = True
 
 
 def chunk_tokens(length: int, batch: int, hidden: int, element_size: int, free_bytes: int | None) -> int:
@@ -113,7 +118,31 @@ def _first(vec):
 
 
 def _modulated(norm: torch.nn.Module, x: torch.Tensor, mod) -> torch.Tensor:
+    """ComfyUI's ``apply_mod(norm(x), 1 + scale, shift)``; in one pass where the norm is a plain LayerNorm and the
+    modulation one row of x's dtype for one sample: then it is that LayerNorm's affine (ComfyUI's order writes the
+    normalised slice, then reads it back to modulate it; the result differs by one bf16 rounding fewer)."""
+    if FEWER_PASSES and _plain_layer_norm(norm) and x.shape[0] == 1 and mod.shift.shape[:2] == (1, 1):
+        scale, shift = mod.scale, mod.shift
+        if scale.dtype == shift.dtype == x.dtype:
+            return F.layer_norm(x, norm.normalized_shape, (1 + scale).view(-1), shift.view(-1), norm.eps)
     return torch.addcmul(mod.shift, norm(x), 1 + mod.scale)  # ComfyUI's apply_mod
+
+
+def _plain_layer_norm(norm: torch.nn.Module) -> bool:
+    """A LayerNorm without weights of its own whose forward nobody replaced or hooks (FLUX's norm1 / norm2 /
+    pre_norm, ComfyUI's ``operations.LayerNorm(elementwise_affine=False)``)."""
+    return (
+        isinstance(norm, torch.nn.LayerNorm) and norm.weight is None and norm.bias is None
+        and "forward" not in vars(norm) and not norm._forward_hooks and not norm._forward_pre_hooks
+    )  # fmt: skip
+
+
+def _add_gated(rows: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> None:
+    """``rows += out * gate`` (ComfyUI's gated residual add), in one pass where the dtypes agree."""
+    if FEWER_PASSES and out.dtype == gate.dtype == rows.dtype:
+        rows.addcmul_(out, gate)
+    else:
+        rows += out * gate
 
 
 def _activate(act: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -159,6 +188,23 @@ class BlockLinear:
         _add_lora(out, x, self.lora, self.strength, guidance_row, self.first_output)
         return out
 
+    def into(self, x: torch.Tensor, guidance_row: int, out: torch.Tensor) -> bool:
+        """The layer's output written into ``out`` (B, rows, outputs) by its GEMM, no new tensor: where the weight
+        was taken and ``out`` is one dense matrix of the weight's dtype (batch 1). False: nothing written (call
+        the layer instead)."""
+        if not FEWER_PASSES or self.layer.taken is None or not out.is_contiguous() or not x.is_contiguous():
+            return False
+        weight, bias = self.layer.taken
+        if not (x.dtype == out.dtype == weight.dtype) or out.shape[:-1] != x.shape[:-1]:
+            return False
+        flat_x, flat_out = x.view(-1, x.shape[-1]), out.view(-1, out.shape[-1])
+        if bias is None:
+            torch.mm(flat_x, weight.t(), out=flat_out)
+        else:
+            torch.addmm(bias, flat_x, weight.t(), out=flat_out)
+        _add_lora(out, x, self.lora, self.strength, guidance_row, self.first_output)
+        return True
+
     def of_joined(self, parts: tuple[torch.Tensor, ...], guidance_row: int) -> torch.Tensor:
         """The layer applied to ``torch.cat(parts, -1)`` without building it: one GEMM per part over its columns
         of the weight (the single block's linear2 over attention output and MLP state; a strided attention
@@ -170,7 +216,12 @@ class BlockLinear:
         for part in parts:
             columns = weight[:, start : start + part.shape[-1]]
             start += part.shape[-1]
-            out = F.linear(part, columns, bias) if out is None else out.add_(F.linear(part, columns))
+            if out is None:
+                out = F.linear(part, columns, bias)
+            elif FEWER_PASSES and part.dtype == out.dtype == columns.dtype:  # accumulated by the GEMM itself
+                out.view(-1, out.shape[-1]).addmm_(part.reshape(-1, part.shape[-1]), columns.t())
+            else:
+                out.add_(F.linear(part, columns))
         if self.lora is not None and guidance_row < out.shape[1]:
             rows = max(guidance_row, 0)
             joined = torch.cat([p[:, rows:] for p in parts], -1)
@@ -194,16 +245,24 @@ def _write_qkv(qkv: torch.Tensor, offset: int, x: torch.Tensor, norm, mod, attn,
     batch, heads, dim = qkv.shape[0], qkv.shape[3], qkv.shape[4]
     for s in range(0, x.shape[1], chunk):
         e = min(s + chunk, x.shape[1])
-        h = _modulated(norm, x[:, s:e], slice_modulation(mod, mod_zero, guidance_from - s, e - s))
-        out = layer(h, guidance_from - s)
-        del h
-        q, k, v = out.view(batch, e - s, 3, heads, dim).unbind(2)
-        q, k = attn.norm(q, k, v)
         rows = slice(offset + s, offset + e)
-        if table is not None:
-            q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), table[:, :, rows])
-            q, k = q.transpose(1, 2), k.transpose(1, 2)
-        qkv[:, rows, 0], qkv[:, rows, 1], qkv[:, rows, 2] = q, k, v
+        h = _modulated(norm, x[:, s:e], slice_modulation(mod, mod_zero, guidance_from - s, e - s))
+        dest = qkv[:, rows]
+        in_place = dest.is_contiguous() and layer.into(h, guidance_from - s, dest.view(batch, e - s, -1))
+        out = dest if in_place else layer(h, guidance_from - s).view(batch, e - s, 3, heads, dim)
+        del h
+        q, k, v = out.unbind(2)
+        q, k = attn.norm(q, k, v)
+        if table is not None and FEWER_PASSES:  # rotated straight into the buffer's q and k
+            apply_rope(q.transpose(1, 2), k.transpose(1, 2), table[:, :, rows],
+                       out=(dest[:, :, 0].transpose(1, 2), dest[:, :, 1].transpose(1, 2)))  # fmt: skip
+        else:
+            if table is not None:
+                q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), table[:, :, rows])
+                q, k = q.transpose(1, 2), k.transpose(1, 2)
+            qkv[:, rows, 0], qkv[:, rows, 1] = q, k
+        if not in_place:
+            qkv[:, rows, 2] = v
 
 
 def _qkv_buffer(call: CallState, like: torch.Tensor, length: int, heads: int, dim: int) -> torch.Tensor:
@@ -254,9 +313,9 @@ def double_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
             e = min(s + chunk, x.shape[1])
             rows, here = x[:, s:e], guidance_from - s
             m1, m2 = (slice_modulation(m, z, here, e - s) for m, z in zip((mod1, mod2), zero[side], strict=True))
-            rows += proj(qkv[:, offset + s : offset + e, 0].flatten(2), here) * m1.gate
+            _add_gated(rows, proj(qkv[:, offset + s : offset + e, 0].flatten(2), here), m1.gate)
             hidden_state = _activate(mlp[1], up(_modulated(norm2, rows, m2), here))
-            rows += down(hidden_state, here) * m2.gate
+            _add_gated(rows, down(hidden_state, here), m2.gate)
             del hidden_state
     if txt.dtype == torch.float16:
         txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
@@ -287,7 +346,7 @@ def single_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
         rows, here = x[:, s:e], guidance_from - s
         m = slice_modulation(mod, mod_zero, here, e - s)
         mlp = _activate(act, mlp_in(_modulated(block.pre_norm, rows, m), here))
-        rows += out_layer.of_joined((qkv[:, s:e, 0].flatten(2), mlp), here) * m.gate
+        _add_gated(rows, out_layer.of_joined((qkv[:, s:e, 0].flatten(2), mlp), here), m.gate)
         del mlp
     if x.dtype == torch.float16:
         x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)

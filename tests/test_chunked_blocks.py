@@ -280,11 +280,43 @@ def test_another_nodes_block_replacement_is_kept_with_one_warning(flux, caplog):
     assert (out - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
 
 
+def counting_one_pass_forms(monkeypatch) -> dict:
+    """Count the chunked blocks' one-pass forms as they run: LayerNorm given the modulation as its affine, a q/k/v
+    GEMM writing into the call's buffer, RoPE writing into it."""
+    from ultragen.patch import chunked_blocks
+
+    counts = {"modulated_norm": 0, "qkv_into_buffer": 0, "rope_into_buffer": 0}
+    layer_norm, into, apply_rope = (chunked_blocks.F.layer_norm, chunked_blocks.BlockLinear.into,
+                                    chunked_blocks.apply_rope)  # fmt: skip
+
+    def counted_norm(x, shape, weight=None, bias=None, eps=1e-5):
+        counts["modulated_norm"] += weight is not None
+        return layer_norm(x, shape, weight, bias, eps)
+
+    def counted_into(self, *args):
+        written = into(self, *args)
+        counts["qkv_into_buffer"] += written
+        return written
+
+    def counted_rope(*args, out=None):
+        counts["rope_into_buffer"] += out is not None
+        return apply_rope(*args, out=out)
+
+    monkeypatch.setattr(chunked_blocks.F, "layer_norm", counted_norm)
+    monkeypatch.setattr(chunked_blocks.BlockLinear, "into", counted_into)
+    monkeypatch.setattr(chunked_blocks, "apply_rope", counted_rope)
+    return counts
+
+
 @pytest.mark.parametrize("family", ["FLUX.1", "FLUX.2"])
 @pytest.mark.parametrize("tokens", [1, 5, 4096])
-def test_each_block_equals_comfyuis_own_block(comfyui, slices, family, tokens):
+@pytest.mark.parametrize("batch,fewer_passes", [(1, True), (2, True), (1, False)])
+def test_each_block_equals_comfyuis_own_block(comfyui, slices, monkeypatch, family, tokens, batch, fewer_passes):
     """Block by block, against ComfyUI's DoubleStreamBlock / SingleStreamBlock on the same inputs (dense attention):
-    FLUX.1's blocks and FLUX.2's (modulations computed once per call, SiLU-gated MLPs, no biases)."""
+    FLUX.1's blocks and FLUX.2's (modulations computed once per call, SiLU-gated MLPs, no biases); with the one-pass
+    forms (batch 1: all of them, which the counts confirm; batch 2: the gated adds and the joined GEMM only) and in
+    ComfyUI's operation order (``FEWER_PASSES`` off, the benchmark's A/B)."""
+    from ultragen.patch import chunked_blocks
     from ultragen.patch.chunked_blocks import chunkable_blocks, double_block, single_block
 
     from random_models import host_has_flux2, tiny_flux, tiny_flux2
@@ -294,8 +326,10 @@ def test_each_block_equals_comfyuis_own_block(comfyui, slices, family, tokens):
     dm = (tiny_flux2 if family == "FLUX.2" else tiny_flux)(depth=1, single=1).model.diffusion_model
     assert chunkable_blocks(dm)
     slices(tokens)
-    img, txt, ids = block_inputs(dm, batch=2, n_txt=5, n_img=13, seed=11)
-    v = torch.randn(2, dm.hidden_size, generator=torch.Generator().manual_seed(12))
+    monkeypatch.setattr(chunked_blocks, "FEWER_PASSES", fewer_passes)
+    counts = counting_one_pass_forms(monkeypatch)
+    img, txt, ids = block_inputs(dm, batch=batch, n_txt=5, n_img=13, seed=11)
+    v = torch.randn(batch, dm.hidden_size, generator=torch.Generator().manual_seed(12))
     ctx = dense_block_context()
     with torch.inference_mode():
         pe = dm.pe_embedder(ids)
@@ -313,6 +347,15 @@ def test_each_block_equals_comfyuis_own_block(comfyui, slices, family, tokens):
         out_x = single_block(dm.single_blocks[0], {"img": x.clone(), "vec": single_vec, "pe": pe}, ctx, "s")["img"]
     for ours, ref in ((out_img, ref_img), (out_txt, ref_txt), (out_x, ref_x)):
         assert (ours - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    slice_count = sum(-(-n // tokens) for n in (5, 13, 18))  # txt and img of the double block, the single block's
+    if batch == 1 and fewer_passes:  # norm1 and norm2 of each double-block stream slice, pre_norm twice a single one
+        assert counts == {"modulated_norm": 2 * slice_count, "qkv_into_buffer": slice_count,
+                          "rope_into_buffer": slice_count}  # fmt: skip
+    elif fewer_passes:  # batch 2: one modulation row per sample (ComfyUI's order); the buffer's rows are not one
+        assert counts["modulated_norm"] == 0 and counts["rope_into_buffer"] == slice_count  # matrix, except the
+        assert counts["qkv_into_buffer"] <= (tokens >= 18)  # single block's when one slice holds all its rows
+    else:
+        assert counts == {"modulated_norm": 0, "qkv_into_buffer": 0, "rope_into_buffer": 0}
 
 
 def test_q_k_v_and_rope_table_are_freed_before_the_final_layer(flux, slices):

@@ -54,6 +54,39 @@ def test_rope_matches_complex_rotation(path, batch, table_batch, heads, length, 
 
 
 @pytest.mark.parametrize("path", ["triton", "chunked"])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_rope_writes_into_a_qkv_buffers_slots(path, in_place, monkeypatch):
+    """``out``: q's and k's slots of a (B, L, 3, H, D) buffer (the chunked blocks' layout) get the rotation,
+    v's slot is untouched; ``in_place``: the inputs are those slots themselves."""
+    if path == "chunked":
+        monkeypatch.setattr(rope, "triton_runs_on", lambda device: False)
+        monkeypatch.setattr(rope, "CHUNK_TOKENS", 16)
+    elif rope.triton is None:
+        pytest.skip("Triton is not installed")
+    batch, heads, length, dim = 2, 3, 37, 32
+    theta = angles(1, length, dim, seed=5)
+    buffer = torch.randn(batch, length, 3, heads, dim, generator=torch.Generator().manual_seed(6)).to(DEVICE)
+    before = buffer.clone()
+    slots = buffer[:, :, 0].transpose(1, 2), buffer[:, :, 1].transpose(1, 2)  # (B, H, L, D) views
+    q, k = slots if in_place else (before[:, :, 0].transpose(1, 2).clone(), before[:, :, 1].transpose(1, 2).clone())
+    returned = apply_rope(q, k, flux_table(theta).to(DEVICE), out=slots)
+    assert returned[0].data_ptr() == slots[0].data_ptr() and returned[1].data_ptr() == slots[1].data_ptr()
+    for i in (0, 1):
+        expected = rotated(before[:, :, i].transpose(1, 2).cpu(), theta)
+        assert (buffer[:, :, i].transpose(1, 2).cpu().double() - expected).abs().max().item() <= 1e-5
+    assert torch.equal(buffer[:, :, 2], before[:, :, 2])
+
+
+def test_rope_says_what_outputs_do_not_fit():
+    q, k = qk(1, 2, 8, 16, torch.float32)
+    table = flux_table(angles(1, 8, 16, seed=1)).to(DEVICE)
+    with pytest.raises(RopeInputError, match="one layout and unit channel stride"):
+        apply_rope(q, k, table, out=(torch.empty_like(q), torch.empty_like(q).transpose(2, 3).contiguous().mT))
+    with pytest.raises(RopeInputError, match="like q"):
+        apply_rope(q, k, table, out=(torch.empty_like(q).double(), torch.empty_like(q).double()))
+
+
+@pytest.mark.parametrize("path", ["triton", "chunked"])
 def test_rope_reads_strided_inputs_and_rounds_once_to_bf16(path, monkeypatch):
     """FLUX's single blocks hand q and k over as permuted views; bf16 output is the float32 result rounded."""
     if path == "chunked":
