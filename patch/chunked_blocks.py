@@ -145,11 +145,23 @@ def _add_gated(rows: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> Non
         rows += out * gate
 
 
+def _is_gelu_tanh(act: torch.nn.Module) -> bool:
+    return type(act) is torch.nn.GELU and act.approximate == "tanh"
+
+
 def _activate(act: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """FLUX's MLP activation, in place where it is the plain tanh GELU (the slice is contiguous)."""
-    if type(act) is torch.nn.GELU and act.approximate == "tanh":
+    if _is_gelu_tanh(act):
         return gelu_tanh_(x)
     return act(x)
+
+
+def _mlp_state(act: torch.nn.Module, layer: BlockLinear, x: torch.Tensor, guidance_row: int) -> torch.Tensor:
+    """``act(layer(x))``, FLUX's MLP hidden state: the GELU in the GEMM's epilogue where it can be (FLUX.1 on
+    CUDA), else the activation after the layer."""
+    if _is_gelu_tanh(act) and (state := layer.gelu_tanh(x, guidance_row)) is not None:
+        return state
+    return _activate(act, layer(x, guidance_row))
 
 
 def _add_lora(out: torch.Tensor, x: torch.Tensor, lora: LoRALayer | None, strength: float, guidance_row: int,
@@ -204,6 +216,23 @@ class BlockLinear:
             torch.addmm(bias, flat_x, weight.t(), out=flat_out)
         _add_lora(out, x, self.lora, self.strength, guidance_row, self.first_output)
         return True
+
+    def gelu_tanh(self, x: torch.Tensor, guidance_row: int) -> torch.Tensor | None:
+        """GELU (tanh) of the layer's output computed by the GEMM's own epilogue (cuBLASLt): the 4-wide MLP state is
+        written once instead of written, read and written again. On CUDA only, where PyTorch's
+        ``_addmm_activation(use_gelu=True)`` applies the tanh form (on a CPU it applies erf's, which the CPU tests
+        would catch); None where it cannot (a guidance-LoRA update on these rows, which must come before the
+        activation; weights not taken; no bias, mixed dtypes): then call the layer and the activation."""
+        addmm_gelu = getattr(torch, "_addmm_activation", None)
+        if not FEWER_PASSES or addmm_gelu is None or x.device.type != "cuda" or self.layer.taken is None:
+            return None
+        weight, bias = self.layer.taken
+        if bias is None or not (x.dtype == weight.dtype == bias.dtype) or not x.is_contiguous():
+            return None
+        if self.lora is not None and guidance_row < x.shape[1]:
+            return None
+        out = addmm_gelu(bias, x.view(-1, x.shape[-1]), weight.t(), use_gelu=True)
+        return out.view(*x.shape[:-1], out.shape[-1])
 
     def of_joined(self, parts: tuple[torch.Tensor, ...], guidance_row: int) -> torch.Tensor:
         """The layer applied to ``torch.cat(parts, -1)`` without building it: one GEMM per part over its columns
@@ -314,7 +343,7 @@ def double_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
             rows, here = x[:, s:e], guidance_from - s
             m1, m2 = (slice_modulation(m, z, here, e - s) for m, z in zip((mod1, mod2), zero[side], strict=True))
             _add_gated(rows, proj(qkv[:, offset + s : offset + e, 0].flatten(2), here), m1.gate)
-            hidden_state = _activate(mlp[1], up(_modulated(norm2, rows, m2), here))
+            hidden_state = _mlp_state(mlp[1], up, _modulated(norm2, rows, m2), here)
             _add_gated(rows, down(hidden_state, here), m2.gate)
             del hidden_state
     if txt.dtype == torch.float16:
@@ -345,7 +374,7 @@ def single_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
         e = min(s + chunk, length)
         rows, here = x[:, s:e], guidance_from - s
         m = slice_modulation(mod, mod_zero, here, e - s)
-        mlp = _activate(act, mlp_in(_modulated(block.pre_norm, rows, m), here))
+        mlp = _mlp_state(act, mlp_in, _modulated(block.pre_norm, rows, m), here)
         _add_gated(rows, out_layer.of_joined((qkv[:, s:e, 0].flatten(2), mlp), here), m.gate)
         del mlp
     if x.dtype == torch.float16:
