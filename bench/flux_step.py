@@ -33,6 +33,7 @@ from results_io import comfyui_on_gpu, run_info, write_json
 
 TEXT = 512
 COMFYUI_ORDER = "ultragen-local-comfyui-order"  # the chunked blocks without their one-pass forms
+CONFIGS = ("floor", "floor-no-rope", "ultragen-local", COMFYUI_ORDER, "ultragen-global", "dense")
 TARGETS = {4096: 1.3, 8192: 1.4}  # patched step / floor (FLUX.1-dev)
 FLUX2_TARGETS = {4096: 1.15, 8192: 1.15}  # issue 14
 
@@ -228,6 +229,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH)")
     ap.add_argument("--out", help="JSON path (default: bench/results/flux_step.json)")
     ap.add_argument("--memory-trace", type=int, metavar="PIXELS", help="peak memory per stage at this size, then stop")
+    ap.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS),
+                    help="which ways to time (default: all; e.g. leave out dense, ~90 s a step at 8192^2)")  # fmt: skip
     args = ap.parse_args(argv)
     comfyui_on_gpu("flux_step.py", args.comfyui)
 
@@ -247,14 +250,15 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for pixels in args.sizes:
         x, ctx, y = step_inputs(arch, pixels, pixels)
-        configs = {
-            "floor": floor_model(model),
-            "floor-no-rope": floor_without_rope_model(model),
-            "ultragen-local": ultragen_model(model, pixels, "local", arch),
-            COMFYUI_ORDER: ultragen_model(model, pixels, "local", arch),
-            "ultragen-global": ultragen_model(model, pixels, "global", arch),
-            "dense": model,
+        makers = {
+            "floor": lambda: floor_model(model),
+            "floor-no-rope": lambda: floor_without_rope_model(model),
+            "ultragen-local": lambda: ultragen_model(model, pixels, "local", arch),  # noqa: B023 (called here)
+            COMFYUI_ORDER: lambda: ultragen_model(model, pixels, "local", arch),  # noqa: B023
+            "ultragen-global": lambda: ultragen_model(model, pixels, "global", arch),  # noqa: B023
+            "dense": lambda: model,
         }
+        configs = {name: makers[name]() for name in CONFIGS if name in args.configs}
         row = {"pixels": pixels}
         for name, m in configs.items():
             reps = 0 if (name == "dense" and pixels >= 8192) else args.reps
@@ -262,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
             seconds, peak = measure(m, (x, ctx, y), reps)
             row[name] = {"s": seconds, "peak_gib": peak, "timed_steps": max(reps, 1)}
             print(f"step {pixels} {name:16s} {seconds:8.3f} s  peak {peak:6.1f} GiB  ({gib()})", flush=True)
-        if pixels <= 4096:
+        if pixels <= 4096 and "ultragen-local" in configs:
             outs = []
             for fewer in (True, False):
                 chunked_blocks.FEWER_PASSES = fewer
@@ -292,22 +296,29 @@ def main(argv: list[str] | None = None) -> None:
         "| local / floor | global / floor | local / floor w/o RoPE | dense / local |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
+
+    def over(r: dict, a: str, b: str, digits: int = 2) -> str:
+        return f"{r[a]['s'] / r[b]['s']:.{digits}f}x" if a in r and b in r else "–"
+
     for r in rows:
-        f, f0, lo, g, d = (r[k] for k in ("floor", "floor-no-rope", "ultragen-local", "ultragen-global", "dense"))
-        cells = " | ".join(f"{c['s']:.2f} ({c['peak_gib']:.1f})" for c in (f, f0, lo, g, d))
+        names = ("floor", "floor-no-rope", "ultragen-local", "ultragen-global", "dense")
+        cells = " | ".join(f"{r[k]['s']:.2f} ({r[k]['peak_gib']:.1f})" if k in r else "–" for k in names)
+        local, wide = over(r, "ultragen-local", "floor"), over(r, "ultragen-global", "floor")
         print(
-            f"| {r['pixels']}² | {cells} | {lo['s'] / f['s']:.2f}x | {g['s'] / f['s']:.2f}x "
-            f"| {lo['s'] / f0['s']:.2f}x | {d['s'] / lo['s']:.1f}x |"
+            f"| {r['pixels']}² | {cells} | {local} | {wide} "
+            f"| {over(r, 'ultragen-local', 'floor-no-rope')} | {over(r, 'dense', 'ultragen-local', 1)} |"
         )
     print("\n| size | UltraGen local, one-pass forms | the same in ComfyUI's operation order | gain |")
     print("|---|---|---|---|")
-    for r in rows:
+    for r in (r for r in rows if "ultragen-local" in r and COMFYUI_ORDER in r):
         one, order = r["ultragen-local"], r[COMFYUI_ORDER]
         print(f"| {r['pixels']}² | {one['s']:.3f} s | {order['s']:.3f} s | {order['s'] / one['s']:.3f}x |")
     targets = TARGETS if args.model == "flux1-dev" else FLUX2_TARGETS
     for r in rows:
         if r["pixels"] in targets:
             for scope in ("local", "global"):
+                if f"ultragen-{scope}" not in r or "floor" not in r or "dense" not in r:
+                    continue  # a way not timed in this run
                 p = r[f"ultragen-{scope}"]
                 ratio = p["s"] / r["floor"]["s"]
                 dense_peak = r["dense"]["peak_gib"]
