@@ -12,9 +12,10 @@ sampling. Four ways, in one process:
 - UltraGen with default options (local guidance, ratio 4, radius 1 window) and with
   global guidance;
 - dense: ComfyUI's own attention (PyTorch SDPA);
-- UltraGen local with the chunked blocks in ComfyUI's operation order (``chunked_blocks.FEWER_PASSES`` off): the
-  A/B of the blocks' one-pass forms, with the relative difference of the two steps' outputs up to 4096^2 (bf16
-  noise: compare it with the dense-equivalence check's flex_attention line).
+- UltraGen local with the chunked blocks in ComfyUI's operation order (``chunked_blocks.ONE_PASS_FORMS`` empty):
+  the A/B of the blocks' one-pass forms, with the relative difference of the two steps' outputs up to 4096^2 (bf16
+  noise: compare it with the dense-equivalence check's flex_attention line); ``--ablate`` adds UltraGen local with
+  each form left out in turn (what each one is worth).
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/flux_step.py [--sizes 2048 4096 8192]
 
@@ -34,8 +35,19 @@ from results_io import comfyui_on_gpu, run_info, write_json
 TEXT = 512
 COMFYUI_ORDER = "ultragen-local-comfyui-order"  # the chunked blocks without their one-pass forms
 CONFIGS = ("floor", "floor-no-rope", "ultragen-local", COMFYUI_ORDER, "ultragen-global", "dense")
+FORMS = ("norm", "gated_add", "joined_gemm", "qkv_into", "gelu_epilogue")  # chunked_blocks.ONE_PASS_FORMS
+WITHOUT = "ultragen-local-without-"  # + a form: the one-pass forms but that one
 TARGETS = {4096: 1.3, 8192: 1.4}  # patched step / floor (FLUX.1-dev)
 FLUX2_TARGETS = {4096: 1.15, 8192: 1.15}  # issue 14
+
+
+def one_pass_forms(config: str) -> frozenset[str]:
+    """The chunked blocks' one-pass forms a configuration runs with."""
+    if config == COMFYUI_ORDER:
+        return frozenset()
+    if config.startswith(WITHOUT):
+        return frozenset(FORMS) - {config.removeprefix(WITHOUT)}
+    return frozenset(FORMS)
 
 
 @dataclass(frozen=True)
@@ -231,6 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--memory-trace", type=int, metavar="PIXELS", help="peak memory per stage at this size, then stop")
     ap.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS),
                     help="which ways to time (default: all; e.g. leave out dense, ~90 s a step at 8192^2)")  # fmt: skip
+    ap.add_argument("--ablate", action="store_true", help="also UltraGen local with each one-pass form left out")
     args = ap.parse_args(argv)
     comfyui_on_gpu("flux_step.py", args.comfyui)
 
@@ -247,6 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     from ultragen.patch import chunked_blocks
 
+    if chunked_blocks.ONE_PASS_FORMS != frozenset(FORMS):
+        raise SystemExit(f"bench/flux_step.py's FORMS {FORMS} are not the blocks' {set(chunked_blocks.ONE_PASS_FORMS)}")
+    wanted = [*args.configs, *(f"{WITHOUT}{form}" for form in FORMS if args.ablate)]
     rows = []
     for pixels in args.sizes:
         x, ctx, y = step_inputs(arch, pixels, pixels)
@@ -258,24 +274,25 @@ def main(argv: list[str] | None = None) -> None:
             "ultragen-global": lambda: ultragen_model(model, pixels, "global", arch),  # noqa: B023
             "dense": lambda: model,
         }
-        configs = {name: makers[name]() for name in CONFIGS if name in args.configs}
+        configs = {name: makers[name]() for name in CONFIGS if name in wanted}
+        configs.update({name: makers["ultragen-local"]() for name in wanted if name.startswith(WITHOUT)})
         row = {"pixels": pixels}
         for name, m in configs.items():
             reps = 0 if (name == "dense" and pixels >= 8192) else args.reps
-            chunked_blocks.FEWER_PASSES = name != COMFYUI_ORDER
+            chunked_blocks.ONE_PASS_FORMS = one_pass_forms(name)
             seconds, peak = measure(m, (x, ctx, y), reps)
             row[name] = {"s": seconds, "peak_gib": peak, "timed_steps": max(reps, 1)}
             print(f"step {pixels} {name:16s} {seconds:8.3f} s  peak {peak:6.1f} GiB  ({gib()})", flush=True)
         if pixels <= 4096 and "ultragen-local" in configs:
             outs = []
-            for fewer in (True, False):
-                chunked_blocks.FEWER_PASSES = fewer
+            for name in ("ultragen-local", COMFYUI_ORDER):
+                chunked_blocks.ONE_PASS_FORMS = one_pass_forms(name)
                 outs.append(step(configs["ultragen-local"], x, ctx, y).float())
             row["one_pass_vs_comfyui_order_rel_diff"] = ((outs[0] - outs[1]).norm() / outs[1].norm()).item()
             print(f"step {pixels} one-pass forms vs ComfyUI's order: relative difference "
                   f"{row['one_pass_vs_comfyui_order_rel_diff']:.2e}", flush=True)  # fmt: skip
             del outs
-        chunked_blocks.FEWER_PASSES = True
+        chunked_blocks.ONE_PASS_FORMS = frozenset(FORMS)
         rows.append(row)
         del x, ctx, y, configs
         torch.cuda.empty_cache()
@@ -313,6 +330,13 @@ def main(argv: list[str] | None = None) -> None:
     for r in (r for r in rows if "ultragen-local" in r and COMFYUI_ORDER in r):
         one, order = r["ultragen-local"], r[COMFYUI_ORDER]
         print(f"| {r['pixels']}² | {one['s']:.3f} s | {order['s']:.3f} s | {order['s'] / one['s']:.3f}x |")
+    if args.ablate:
+        print("\n| size | form left out | step | its worth (step without it - with all) |")
+        print("|---|---|---|---|")
+        for r in (r for r in rows if "ultragen-local" in r):
+            for form in FORMS:
+                seconds = r[f"{WITHOUT}{form}"]["s"]
+                print(f"| {r['pixels']}² | {form} | {seconds:.3f} s | {seconds - r['ultragen-local']['s']:+.3f} s |")
     targets = TARGETS if args.model == "flux1-dev" else FLUX2_TARGETS
     for r in rows:
         if r["pixels"] in targets:

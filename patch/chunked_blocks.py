@@ -60,11 +60,12 @@ EFFICIENT_CHUNK_TOKENS = 4096
 # Widths of ``hidden`` one token of a slice needs at most: the single block's second half holds the
 # norm, its modulation, the MLP state (4), the output projection's two parts and the gated output.
 SLICE_WIDTHS = 16
-# The one-pass forms below (LayerNorm with the modulation as its affine, gated adds and the single block's second
-# GEMM accumulating in place, q/k/v written by their GEMM and RoPE straight into the call's buffer) instead of
-# ComfyUI's operation order: each saves passes of a slice's activations through memory (the step's token-wise work
-# beside its GEMMs). False: ComfyUI's order, for bench/flux_step.py's A/B in one process.
-FEWER_PASSES = True
+# The one-pass forms used instead of ComfyUI's operation order; each saves passes of a slice's activations through
+# memory (the step's token-wise work beside its GEMMs): "norm" LayerNorm with the modulation as its affine,
+# "gated_add" one addcmul_ for ``x += out * gate``, "joined_gemm" the single block's linear2 halves summed by the
+# GEMM, "qkv_into" q/k/v written by their GEMM and RoPE straight into the call's buffer, "gelu_epilogue" FLUX.1's
+# MLP GELU in the GEMM's epilogue (CUDA). bench/flux_step.py times all, none and each one left out, in one process.
+ONE_PASS_FORMS: frozenset[str] = frozenset({"norm", "gated_add", "joined_gemm", "qkv_into", "gelu_epilogue"})
 
 
 def chunk_tokens(length: int, batch: int, hidden: int, element_size: int, free_bytes: int | None) -> int:
@@ -121,7 +122,7 @@ def _modulated(norm: torch.nn.Module, x: torch.Tensor, mod) -> torch.Tensor:
     """ComfyUI's ``apply_mod(norm(x), 1 + scale, shift)``; in one pass where the norm is a plain LayerNorm and the
     modulation one row of x's dtype for one sample: then it is that LayerNorm's affine (ComfyUI's order writes the
     normalised slice, then reads it back to modulate it; the result differs by one bf16 rounding fewer)."""
-    if FEWER_PASSES and _plain_layer_norm(norm) and x.shape[0] == 1 and mod.shift.shape[:2] == (1, 1):
+    if "norm" in ONE_PASS_FORMS and _plain_layer_norm(norm) and x.shape[0] == 1 and mod.shift.shape[:2] == (1, 1):
         scale, shift = mod.scale, mod.shift
         if scale.dtype == shift.dtype == x.dtype:
             return F.layer_norm(x, norm.normalized_shape, (1 + scale).view(-1), shift.view(-1), norm.eps)
@@ -139,7 +140,7 @@ def _plain_layer_norm(norm: torch.nn.Module) -> bool:
 
 def _add_gated(rows: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> None:
     """``rows += out * gate`` (ComfyUI's gated residual add), in one pass where the dtypes agree."""
-    if FEWER_PASSES and out.dtype == gate.dtype == rows.dtype:
+    if "gated_add" in ONE_PASS_FORMS and out.dtype == gate.dtype == rows.dtype:
         rows.addcmul_(out, gate)
     else:
         rows += out * gate
@@ -204,7 +205,9 @@ class BlockLinear:
         """The layer's output written into ``out`` (B, rows, outputs) by its GEMM, no new tensor: where the weight
         was taken and ``out`` is one dense matrix of the weight's dtype (batch 1). False: nothing written (call
         the layer instead)."""
-        if not FEWER_PASSES or self.layer.taken is None or not out.is_contiguous() or not x.is_contiguous():
+        if "qkv_into" not in ONE_PASS_FORMS or self.layer.taken is None:
+            return False
+        if not (out.is_contiguous() and x.is_contiguous()):
             return False
         weight, bias = self.layer.taken
         if not (x.dtype == out.dtype == weight.dtype) or out.shape[:-1] != x.shape[:-1]:
@@ -224,7 +227,9 @@ class BlockLinear:
         would catch); None where it cannot (a guidance-LoRA update on these rows, which must come before the
         activation; weights not taken; no bias, mixed dtypes): then call the layer and the activation."""
         addmm_gelu = getattr(torch, "_addmm_activation", None)
-        if not FEWER_PASSES or addmm_gelu is None or x.device.type != "cuda" or self.layer.taken is None:
+        if "gelu_epilogue" not in ONE_PASS_FORMS or addmm_gelu is None or x.device.type != "cuda":
+            return None
+        if self.layer.taken is None:
             return None
         weight, bias = self.layer.taken
         if bias is None or not (x.dtype == weight.dtype == bias.dtype) or not x.is_contiguous():
@@ -247,7 +252,7 @@ class BlockLinear:
             start += part.shape[-1]
             if out is None:
                 out = F.linear(part, columns, bias)
-            elif FEWER_PASSES and part.dtype == out.dtype == columns.dtype:  # accumulated by the GEMM itself
+            elif "joined_gemm" in ONE_PASS_FORMS and part.dtype == out.dtype == columns.dtype:  # summed by the GEMM
                 out.view(-1, out.shape[-1]).addmm_(part.reshape(-1, part.shape[-1]), columns.t())
             else:
                 out.add_(F.linear(part, columns))
@@ -282,7 +287,7 @@ def _write_qkv(qkv: torch.Tensor, offset: int, x: torch.Tensor, norm, mod, attn,
         del h
         q, k, v = out.unbind(2)
         q, k = attn.norm(q, k, v)
-        if table is not None and FEWER_PASSES:  # rotated straight into the buffer's q and k
+        if table is not None and "qkv_into" in ONE_PASS_FORMS:  # rotated straight into the buffer's q and k
             apply_rope(q.transpose(1, 2), k.transpose(1, 2), table[:, :, rows],
                        out=(dest[:, :, 0].transpose(1, 2), dest[:, :, 1].transpose(1, 2)))  # fmt: skip
         else:

@@ -369,7 +369,7 @@ def test_each_block_equals_comfyuis_own_block(comfyui, slices, monkeypatch, fami
     """Block by block, against ComfyUI's DoubleStreamBlock / SingleStreamBlock on the same inputs (dense attention):
     FLUX.1's blocks and FLUX.2's (modulations computed once per call, SiLU-gated MLPs, no biases); with the one-pass
     forms (batch 1: all of them, which the counts confirm; batch 2: the gated adds and the joined GEMM only) and in
-    ComfyUI's operation order (``FEWER_PASSES`` off, the benchmark's A/B)."""
+    ComfyUI's operation order (``ONE_PASS_FORMS`` empty, the benchmark's A/B)."""
     from ultragen.patch import chunked_blocks
 
     from random_models import host_has_flux2, tiny_flux, tiny_flux2
@@ -378,7 +378,8 @@ def test_each_block_equals_comfyuis_own_block(comfyui, slices, monkeypatch, fami
         return  # this ComfyUI (0.3.64) has no FLUX.2 blocks to compare with
     dm = (tiny_flux2 if family == "FLUX.2" else tiny_flux)(depth=1, single=1).model.diffusion_model
     slices(tokens)
-    monkeypatch.setattr(chunked_blocks, "FEWER_PASSES", fewer_passes)
+    forms = chunked_blocks.ONE_PASS_FORMS if fewer_passes else frozenset()
+    monkeypatch.setattr(chunked_blocks, "ONE_PASS_FORMS", forms)
     counts = counting_one_pass_forms(monkeypatch)
     assert blocks_against_comfyuis(dm, batch, family) <= 1e-5
     slice_count = sum(-(-n // tokens) for n in (5, 13, 18))  # txt and img of the double block, the single block's
