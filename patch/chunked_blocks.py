@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from ..core.guidance_lora import LoRALayer
 from ..kernels.gelu import gelu_tanh_
 from ..kernels.rope import apply_rope
+from ..kernels.silu_gate import silu_gate
 from .call_state import CallState, HandOver
 from .inplace_gelu import InPlaceGELU
 from .layer_weights import TakenLinear
@@ -64,8 +65,10 @@ SLICE_WIDTHS = 16
 # memory (the step's token-wise work beside its GEMMs): "norm" LayerNorm with the modulation as its affine,
 # "gated_add" one addcmul_ for ``x += out * gate``, "joined_gemm" the single block's linear2 halves summed by the
 # GEMM, "qkv_into" q/k/v written by their GEMM and RoPE straight into the call's buffer, "gelu_epilogue" FLUX.1's
-# MLP GELU in the GEMM's epilogue (CUDA). bench/flux_step.py times all, none and each one left out, in one process.
-ONE_PASS_FORMS: frozenset[str] = frozenset({"norm", "gated_add", "joined_gemm", "qkv_into", "gelu_epilogue"})
+# MLP GELU in the GEMM's epilogue (CUDA), "silu_gate" FLUX.2's MLP gate silu(x1) * x2 in one kernel.
+# bench/flux_step.py times all, none and each one left out, in one process.
+ONE_PASS_FORMS: frozenset[str] = frozenset({"norm", "gated_add", "joined_gemm", "qkv_into", "gelu_epilogue",
+                                            "silu_gate"})  # fmt: skip
 
 
 def chunk_tokens(length: int, batch: int, hidden: int, element_size: int, free_bytes: int | None) -> int:
@@ -150,10 +153,21 @@ def _is_gelu_tanh(act: torch.nn.Module) -> bool:
     return type(act) is torch.nn.GELU and act.approximate == "tanh"
 
 
+def _is_silu_gate(act: torch.nn.Module) -> bool:
+    """ComfyUI's ``SiLUActivation`` (FLUX.2's MLP: silu of the first half times the second), unpatched."""
+    return (
+        type(act) is getattr(comfy.ldm.flux.layers, "SiLUActivation", None) and type(act.gate_fn) is torch.nn.SiLU
+        and "forward" not in vars(act) and not act._forward_hooks and not act._forward_pre_hooks
+    )  # fmt: skip
+
+
 def _activate(act: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """FLUX's MLP activation, in place where it is the plain tanh GELU (the slice is contiguous)."""
+    """FLUX's MLP activation: in place where it is the plain tanh GELU (the slice is contiguous), in one kernel
+    where it is FLUX.2's SiLU gate."""
     if _is_gelu_tanh(act):
         return gelu_tanh_(x)
+    if "silu_gate" in ONE_PASS_FORMS and _is_silu_gate(act):
+        return silu_gate(x)
     return act(x)
 
 

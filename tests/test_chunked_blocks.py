@@ -282,12 +282,16 @@ def test_another_nodes_block_replacement_is_kept_with_one_warning(flux, caplog):
 
 def counting_one_pass_forms(monkeypatch) -> dict:
     """Count the chunked blocks' one-pass forms as they run: LayerNorm given the modulation as its affine, a q/k/v
-    GEMM writing into the call's buffer, RoPE writing into it."""
+    GEMM writing into the call's buffer, RoPE writing into it, FLUX.2's SiLU gate in one kernel."""
     from ultragen.patch import chunked_blocks
 
-    counts = {"modulated_norm": 0, "qkv_into_buffer": 0, "rope_into_buffer": 0}
-    layer_norm, into, apply_rope = (chunked_blocks.F.layer_norm, chunked_blocks.BlockLinear.into,
-                                    chunked_blocks.apply_rope)  # fmt: skip
+    counts = {"modulated_norm": 0, "qkv_into_buffer": 0, "rope_into_buffer": 0, "silu_gate": 0}
+    layer_norm, into, apply_rope, silu_gate = (chunked_blocks.F.layer_norm, chunked_blocks.BlockLinear.into,
+                                               chunked_blocks.apply_rope, chunked_blocks.silu_gate)  # fmt: skip
+
+    def counted_gate(x):
+        counts["silu_gate"] += 1
+        return silu_gate(x)
 
     def counted_norm(x, shape, weight=None, bias=None, eps=1e-5):
         counts["modulated_norm"] += weight is not None
@@ -305,6 +309,7 @@ def counting_one_pass_forms(monkeypatch) -> dict:
     monkeypatch.setattr(chunked_blocks.F, "layer_norm", counted_norm)
     monkeypatch.setattr(chunked_blocks.BlockLinear, "into", counted_into)
     monkeypatch.setattr(chunked_blocks, "apply_rope", counted_rope)
+    monkeypatch.setattr(chunked_blocks, "silu_gate", counted_gate)
     return counts
 
 
@@ -383,14 +388,16 @@ def test_each_block_equals_comfyuis_own_block(comfyui, slices, monkeypatch, fami
     counts = counting_one_pass_forms(monkeypatch)
     assert blocks_against_comfyuis(dm, batch, family) <= 1e-5
     slice_count = sum(-(-n // tokens) for n in (5, 13, 18))  # txt and img of the double block, the single block's
+    gates = slice_count if family == "FLUX.2" and fewer_passes else 0  # an MLP per stream slice and single slice
     if batch == 1 and fewer_passes:  # norm1 and norm2 of each double-block stream slice, pre_norm twice a single one
         assert counts == {"modulated_norm": 2 * slice_count, "qkv_into_buffer": slice_count,
-                          "rope_into_buffer": slice_count}  # fmt: skip
+                          "rope_into_buffer": slice_count, "silu_gate": gates}  # fmt: skip
     elif fewer_passes:  # batch 2: one modulation row per sample (ComfyUI's order); the buffer's rows are not one
         assert counts["modulated_norm"] == 0 and counts["rope_into_buffer"] == slice_count  # matrix, except the
         assert counts["qkv_into_buffer"] <= (tokens >= 18)  # single block's when one slice holds all its rows
+        assert counts["silu_gate"] == gates
     else:
-        assert counts == {"modulated_norm": 0, "qkv_into_buffer": 0, "rope_into_buffer": 0}
+        assert counts == {"modulated_norm": 0, "qkv_into_buffer": 0, "rope_into_buffer": 0, "silu_gate": 0}
 
 
 def test_q_k_v_and_rope_table_are_freed_before_the_final_layer(flux, slices):
