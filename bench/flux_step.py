@@ -35,7 +35,7 @@ from results_io import comfyui_on_gpu, run_info, write_json
 TEXT = 512
 COMFYUI_ORDER = "ultragen-local-comfyui-order"  # the chunked blocks without their one-pass forms
 CONFIGS = ("floor", "floor-no-rope", "ultragen-local", COMFYUI_ORDER, "ultragen-global", "dense")
-FORMS = ("norm", "gated_add", "joined_gemm", "qkv_into", "gelu_epilogue", "silu_gate")  # blocks' ONE_PASS_FORMS
+FORMS = ("norm", "gated_add", "joined_gemm", "qkv_into", "gelu_epilogue", "silu_gate", "qk_norm")  # ONE_PASS_FORMS
 WITHOUT = "ultragen-local-without-"  # + a form: the one-pass forms but that one
 TARGETS = {4096: 1.3, 8192: 1.4}  # patched step / floor (FLUX.1-dev)
 FLUX2_TARGETS = {4096: 1.15, 8192: 1.15}  # issue 14

@@ -15,7 +15,10 @@ as FLUX's ``EmbedND`` makes it: pair i of a token becomes
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -47,19 +50,23 @@ def check_rope_inputs(q: torch.Tensor, k: torch.Tensor, pe: torch.Tensor) -> Non
 
 
 def apply_rope(
-    q: torch.Tensor, k: torch.Tensor, pe: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    q: torch.Tensor, k: torch.Tensor, pe: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    norm: QKNorm | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """q and k rotated by ``pe``, in q's dtype: new contiguous (B, H, L, D) tensors, or written into ``out`` (two
     (B, H, L, D) views of one layout with unit channel stride, e.g. q's and k's slots of a q/k/v buffer, which may
-    be q and k themselves) and returned, saving the copy into them."""
+    be q and k themselves) and returned, saving the copy into them. ``norm``: each head's row RMS-normalised first
+    (FLUX's QK-norm), in the same pass where Triton runs, in float32 without rounding in between."""
     check_rope_inputs(q, k, pe)
     if out is not None:
         _check_out(q, out)
     differentiable = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or pe.requires_grad)
+    if not differentiable and triton_runs_on(q.device):
+        return _rope_triton(q, k, pe, out=out, norm=norm)
+    if norm is not None:
+        q, k = norm.apply(q, norm.q_weight), norm.apply(k, norm.k_weight)
     if differentiable:
         rotated = _rotate(q, pe), _rotate(k, pe)
-    elif triton_runs_on(q.device):
-        return _rope_triton(q, k, pe, out=out)
     else:
         rotated = _rotate_chunked(q, pe), _rotate_chunked(k, pe)
     if out is None:
@@ -67,6 +74,20 @@ def apply_rope(
     out[0].copy_(rotated[0])
     out[1].copy_(rotated[1])
     return out
+
+
+@dataclass(frozen=True)
+class QKNorm:
+    """FLUX's QK-norm of one attention layer: ``x * rsqrt(mean(x^2) + eps) * weight`` over each head's D channels,
+    with q's and k's own (D,) weights (in q's dtype, as the layer's forward would cast them)."""
+
+    q_weight: torch.Tensor
+    k_weight: torch.Tensor
+    eps: float
+
+    def apply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """PyTorch's rms_norm (ComfyUI's own), rounded to x's dtype: the path without Triton."""
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
 
 
 def _check_out(q: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -99,19 +120,24 @@ def _rotate_chunked(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
-    def _rotate_tile(src, dst, live, c00, c01, c10, c11, BLOCK_L: tl.constexpr, DP: tl.constexpr):
-        """dst = the (BLOCK_L, DP) tile at src with each channel pair multiplied by its 2x2 table entry."""
-        x = tl.load(src, mask=live, other=0.0)
-        x0, x1 = tl.split(x.to(tl.float32).reshape(BLOCK_L, DP // 2, 2))
+    def _rotate_tile(src, dst, live, c00, c01, c10, c11, w, eps, D: tl.constexpr, BLOCK_L: tl.constexpr,
+                     DP: tl.constexpr, NORM: tl.constexpr):  # fmt: skip
+        """dst = the (BLOCK_L, DP) tile at src with each channel pair multiplied by its 2x2 table entry; with NORM,
+        each row RMS-normalised over its D channels and scaled by w first."""
+        x = tl.load(src, mask=live, other=0.0).to(tl.float32)
+        if NORM:
+            x = x * tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)[:, None] * w[None, :]
+        x0, x1 = tl.split(x.reshape(BLOCK_L, DP // 2, 2))
         out = tl.join(c00 * x0 + c01 * x1, c10 * x0 + c11 * x1).reshape(BLOCK_L, DP)
         tl.store(dst, out.to(dst.dtype.element_ty), mask=live)
 
     @triton.jit
     def _rope_kernel(
-        q_ptr, k_ptr, pe_ptr, qo_ptr, ko_ptr,
+        q_ptr, k_ptr, pe_ptr, qo_ptr, ko_ptr, wq_ptr, wk_ptr, eps,
         L,
         sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, spe_b, spe_l, so_b, so_h, so_l,
         D: tl.constexpr, DP: tl.constexpr, HEADS: tl.constexpr, GROUPS: tl.constexpr, BLOCK_L: tl.constexpr,
+        NORM: tl.constexpr,
     ):  # fmt: skip
         """One program per (HEADS heads, token block, batch): whole-row tile loads, the table tile reused.
 
@@ -135,12 +161,20 @@ if triton is not None:
         c00, c10 = tl.split(by_c0)
         c01, c11 = tl.split(by_c1)
         out_offsets = b * so_b + tokens[:, None] * so_l + cols[None, :]
+        if NORM:  # the QK-norm's (D,) weights, float32
+            wq = tl.load(wq_ptr + cols, mask=cols < D, other=0.0)
+            wk = tl.load(wk_ptr + cols, mask=cols < D, other=0.0)
+        else:
+            wq = tl.zeros((DP,), dtype=tl.float32)
+            wk = wq
         for i in tl.static_range(HEADS):
             h = h0 + i
             src = q_ptr + b * sq_b + h * sq_h + tokens[:, None] * sq_l + cols[None, :]
-            _rotate_tile(src, qo_ptr + h * so_h + out_offsets, live, c00, c01, c10, c11, BLOCK_L, DP)
+            _rotate_tile(src, qo_ptr + h * so_h + out_offsets, live, c00, c01, c10, c11, wq, eps, D, BLOCK_L, DP,
+                         NORM)  # fmt: skip
             src = k_ptr + b * sk_b + h * sk_h + tokens[:, None] * sk_l + cols[None, :]
-            _rotate_tile(src, ko_ptr + h * so_h + out_offsets, live, c00, c01, c10, c11, BLOCK_L, DP)
+            _rotate_tile(src, ko_ptr + h * so_h + out_offsets, live, c00, c01, c10, c11, wk, eps, D, BLOCK_L, DP,
+                         NORM)  # fmt: skip
 
 
 def rope_launch_grid(batch: int, groups: int, length: int, block_l: int) -> tuple[int, int]:
@@ -151,7 +185,7 @@ def rope_launch_grid(batch: int, groups: int, length: int, block_l: int) -> tupl
 
 def _rope_triton(
     q: torch.Tensor, k: torch.Tensor, pe: torch.Tensor, heads_per_program: int = 8, block_l: int = 16,
-    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None, norm: QKNorm | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Launch the kernel; the defaults were fastest on an H200 at 8192^2 (24 heads x 128: 1.8 ms for q and k,
     against 25.6 ms for ComfyUI's rotation; 4 or 8 heads a program and 16-32 tokens a block within 5%)."""
@@ -169,11 +203,16 @@ def _rope_triton(
     else:  # each program reads its tile of q and k before writing the same tile: out may be q and k
         q_out, k_out = out
     heads = next(n for n in (heads_per_program, 4, 2, 1) if h % n == 0)
+    if norm is not None:
+        wq, wk, eps = norm.q_weight.float().contiguous(), norm.k_weight.float().contiguous(), float(norm.eps)
+    else:
+        wq, wk, eps = pe, pe, 0.0  # not read
     _rope_kernel[rope_launch_grid(b, h // heads, length, block_l)](
-        q, k, pe, q_out, k_out, length,
+        q, k, pe, q_out, k_out, wq, wk, eps, length,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         pe.stride(0) if pe.shape[0] > 1 else 0, pe.stride(2),
         q_out.stride(0), q_out.stride(1), q_out.stride(2),
-        D=dim, DP=triton.next_power_of_2(dim), HEADS=heads, GROUPS=h // heads, BLOCK_L=block_l, num_warps=4,
+        D=dim, DP=triton.next_power_of_2(dim), HEADS=heads, GROUPS=h // heads, BLOCK_L=block_l,
+        NORM=norm is not None, num_warps=4,
     )  # fmt: skip
     return q_out, k_out

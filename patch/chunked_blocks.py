@@ -44,9 +44,10 @@ from ..core.guidance_lora import LoRALayer
 from ..kernels.gelu import gelu_tanh_
 from ..kernels.rope import apply_rope
 from ..kernels.silu_gate import silu_gate
+from ..kernels.triton_env import triton_runs_on
 from .call_state import CallState, HandOver
 from .inplace_gelu import InPlaceGELU
-from .layer_weights import TakenLinear
+from .layer_weights import TakenLinear, take_qk_norm
 from .zero_timestep import double_modulations, single_modulations, slice_modulation
 
 log = logging.getLogger("UltraGen")
@@ -65,10 +66,11 @@ SLICE_WIDTHS = 16
 # memory (the step's token-wise work beside its GEMMs): "norm" LayerNorm with the modulation as its affine,
 # "gated_add" one addcmul_ for ``x += out * gate``, "joined_gemm" the single block's linear2 halves summed by the
 # GEMM, "qkv_into" q/k/v written by their GEMM and RoPE straight into the call's buffer, "gelu_epilogue" FLUX.1's
-# MLP GELU in the GEMM's epilogue (CUDA), "silu_gate" FLUX.2's MLP gate silu(x1) * x2 in one kernel.
+# MLP GELU in the GEMM's epilogue (CUDA), "silu_gate" FLUX.2's MLP gate silu(x1) * x2 in one kernel, "qk_norm"
+# q's and k's RMS norms inside the RoPE kernel's pass (with "qkv_into", where Triton runs).
 # bench/flux_step.py times all, none and each one left out, in one process.
 ONE_PASS_FORMS: frozenset[str] = frozenset({"norm", "gated_add", "joined_gemm", "qkv_into", "gelu_epilogue",
-                                            "silu_gate"})  # fmt: skip
+                                            "silu_gate", "qk_norm"})  # fmt: skip
 
 
 def chunk_tokens(length: int, batch: int, hidden: int, element_size: int, free_bytes: int | None) -> int:
@@ -291,6 +293,10 @@ def _write_qkv(qkv: torch.Tensor, offset: int, x: torch.Tensor, norm, mod, attn,
                guidance_from: int, layer: BlockLinear, mod_zero=None) -> None:  # fmt: skip
     """Rows ``offset`` .. of ``qkv`` (B, L, 3, H, D) from the stream ``x`` (B, S, hidden), a slice at a time."""
     batch, heads, dim = qkv.shape[0], qkv.shape[3], qkv.shape[4]
+    into = table is not None and "qkv_into" in ONE_PASS_FORMS
+    qk_norm = None  # the QK-norm's weights, taken once for all slices, where the RoPE kernel applies it
+    if into and "qk_norm" in ONE_PASS_FORMS and triton_runs_on(x.device):
+        qk_norm = take_qk_norm(attn.norm, x)
     for s in range(0, x.shape[1], chunk):
         e = min(s + chunk, x.shape[1])
         rows = slice(offset + s, offset + e)
@@ -300,11 +306,13 @@ def _write_qkv(qkv: torch.Tensor, offset: int, x: torch.Tensor, norm, mod, attn,
         out = dest if in_place else layer(h, guidance_from - s).view(batch, e - s, 3, heads, dim)
         del h
         q, k, v = out.unbind(2)
-        q, k = attn.norm(q, k, v)
-        if table is not None and "qkv_into" in ONE_PASS_FORMS:  # rotated straight into the buffer's q and k
+        if into:  # normalised (in the kernel's pass, or by the layer) and rotated straight into the buffer
+            if qk_norm is None:
+                q, k = attn.norm(q, k, v)
             apply_rope(q.transpose(1, 2), k.transpose(1, 2), table[:, :, rows],
-                       out=(dest[:, :, 0].transpose(1, 2), dest[:, :, 1].transpose(1, 2)))  # fmt: skip
+                       out=(dest[:, :, 0].transpose(1, 2), dest[:, :, 1].transpose(1, 2)), norm=qk_norm)  # fmt: skip
         else:
+            q, k = attn.norm(q, k, v)
             if table is not None:
                 q, k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), table[:, :, rows])
                 q, k = q.transpose(1, 2), k.transpose(1, 2)

@@ -19,9 +19,13 @@ from __future__ import annotations
 
 import copy
 
+import comfy.ldm.flux.layers
+import comfy.model_management
 import comfy.ops
 import torch
 import torch.nn.functional as F
+
+from ..kernels.rope import QKNorm
 
 # ComfyUI's own cast-on-forward layers (manual_cast's inherit their forward) and the torch layers they extend.
 _STANDARD = {
@@ -29,22 +33,31 @@ _STANDARD = {
     torch.nn.Conv2d: comfy.ops.disable_weight_init.Conv2d,
     torch.nn.GroupNorm: comfy.ops.disable_weight_init.GroupNorm,
 }
+if issubclass(getattr(comfy.ops.disable_weight_init, "RMSNorm", object), torch.nn.RMSNorm):  # FLUX's QK-norm, 0.29
+    _STANDARD[torch.nn.RMSNorm] = comfy.ops.disable_weight_init.RMSNorm
 
 
 def _is_guidance_forward(module: torch.nn.Module) -> bool:
     return getattr(module.__dict__.get("forward"), "ultragen_guidance_rows", False)
 
 
-def _standard(module: torch.nn.Module) -> bool:
-    """A plain linear, conv or group-norm layer, or ComfyUI's own cast-on-forward one (no other node's forward or
-    hooks on it)."""
-    # Another node's forward on this layer is honoured. (ComfyUI's undone object patches leave the class's own
-    # forward bound on the instance, which replaces nothing.)
+def _forward_replaced(module: torch.nn.Module) -> bool:
+    """Another node set its own forward on this module. (ComfyUI's undone object patches leave the class's own
+    forward bound on the instance, which replaces nothing.)"""
     own = module.__dict__.get("forward")
-    replaced = own is not None and getattr(own, "__func__", None) is not type(module).forward
-    if replaced and not _is_guidance_forward(module):
-        return False
-    if module._forward_hooks or module._forward_pre_hooks:
+    return own is not None and getattr(own, "__func__", None) is not type(module).forward
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _standard(module: torch.nn.Module) -> bool:
+    """A plain linear, conv, group-norm or RMS-norm layer, or ComfyUI's own cast-on-forward one (no other node's
+    forward or hooks on it)."""
+    if _forward_replaced(module) and not _is_guidance_forward(module):
+        return False  # another node's forward on this layer is honoured
+    if _hooked(module):
         return False  # hooks see each slice
     cls = type(module)
     for plain, comfy_layer in _STANDARD.items():
@@ -122,3 +135,31 @@ class TakenLinear:
             return F.linear(x, *self.taken)
         out = self.module(x)
         return out if self.outputs is None else out[..., self.outputs]
+
+
+def take_qk_norm(norm: torch.nn.Module, like: torch.Tensor) -> QKNorm | None:
+    """FLUX's QK-norm (``QKNorm``: an RMS norm of q and one of k over each head's channels): its weights on
+    ``like``'s device and dtype and its eps, as its forward would use them, taken once for a block call so that
+    ``kernels/rope.py`` can normalise q and k in its rotation pass; None where the norm is not ComfyUI's own,
+    unpatched, over RMS norms this knows (then the block calls it). ComfyUI 0.3.64's FLUX has its own RMSNorm
+    (``scale``, eps 1e-6); 0.29's is ``operations.RMSNorm`` (torch's: ``weight``, eps None = the dtype's epsilon),
+    whose cast, LoRA functions and streaming :func:`take_weight` applies."""
+    layers = comfy.ldm.flux.layers
+    if type(norm) is not getattr(layers, "QKNorm", None) or _forward_replaced(norm) or _hooked(norm):
+        return None
+    weights, eps = [], set()
+    for module in (norm.query_norm, norm.key_norm):
+        if type(module) is getattr(layers, "RMSNorm", None):
+            if _forward_replaced(module) or _hooked(module):
+                return None
+            weights.append(comfy.model_management.cast_to(module.scale, dtype=like.dtype, device=like.device))
+            eps.add(1e-6)  # its forward's
+        elif isinstance(module, torch.nn.RMSNorm) and module.weight is not None:
+            taken = take_weight(module, like)
+            if taken is None:
+                return None
+            weights.append(taken[0])
+            eps.add(torch.finfo(like.dtype).eps if module.eps is None else module.eps)
+        else:
+            return None
+    return QKNorm(weights[0], weights[1], eps.pop()) if len(eps) == 1 else None

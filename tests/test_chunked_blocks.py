@@ -282,10 +282,11 @@ def test_another_nodes_block_replacement_is_kept_with_one_warning(flux, caplog):
 
 def counting_one_pass_forms(monkeypatch) -> dict:
     """Count the chunked blocks' one-pass forms as they run: LayerNorm given the modulation as its affine, a q/k/v
-    GEMM writing into the call's buffer, RoPE writing into it, FLUX.2's SiLU gate in one kernel."""
+    GEMM writing into the call's buffer, RoPE writing into it (and normalising q and k in its pass), FLUX.2's SiLU
+    gate in one kernel."""
     from ultragen.patch import chunked_blocks
 
-    counts = {"modulated_norm": 0, "qkv_into_buffer": 0, "rope_into_buffer": 0, "silu_gate": 0}
+    counts = {"modulated_norm": 0, "qkv_into_buffer": 0, "rope_into_buffer": 0, "qk_norm_in_rope": 0, "silu_gate": 0}
     layer_norm, into, apply_rope, silu_gate = (chunked_blocks.F.layer_norm, chunked_blocks.BlockLinear.into,
                                                chunked_blocks.apply_rope, chunked_blocks.silu_gate)  # fmt: skip
 
@@ -302,9 +303,10 @@ def counting_one_pass_forms(monkeypatch) -> dict:
         counts["qkv_into_buffer"] += written
         return written
 
-    def counted_rope(*args, out=None):
+    def counted_rope(*args, out=None, norm=None):
         counts["rope_into_buffer"] += out is not None
-        return apply_rope(*args, out=out)
+        counts["qk_norm_in_rope"] += norm is not None
+        return apply_rope(*args, out=out, norm=norm)
 
     monkeypatch.setattr(chunked_blocks.F, "layer_norm", counted_norm)
     monkeypatch.setattr(chunked_blocks.BlockLinear, "into", counted_into)
@@ -391,13 +393,15 @@ def test_each_block_equals_comfyuis_own_block(comfyui, slices, monkeypatch, fami
     gates = slice_count if family == "FLUX.2" and fewer_passes else 0  # an MLP per stream slice and single slice
     if batch == 1 and fewer_passes:  # norm1 and norm2 of each double-block stream slice, pre_norm twice a single one
         assert counts == {"modulated_norm": 2 * slice_count, "qkv_into_buffer": slice_count,
-                          "rope_into_buffer": slice_count, "silu_gate": gates}  # fmt: skip
+                          "rope_into_buffer": slice_count, "qk_norm_in_rope": slice_count,
+                          "silu_gate": gates}  # fmt: skip
     elif fewer_passes:  # batch 2: one modulation row per sample (ComfyUI's order); the buffer's rows are not one
         assert counts["modulated_norm"] == 0 and counts["rope_into_buffer"] == slice_count  # matrix, except the
         assert counts["qkv_into_buffer"] <= (tokens >= 18)  # single block's when one slice holds all its rows
-        assert counts["silu_gate"] == gates
+        assert counts["silu_gate"] == gates and counts["qk_norm_in_rope"] == slice_count
     else:
-        assert counts == {"modulated_norm": 0, "qkv_into_buffer": 0, "rope_into_buffer": 0, "silu_gate": 0}
+        assert counts == {"modulated_norm": 0, "qkv_into_buffer": 0, "rope_into_buffer": 0, "qk_norm_in_rope": 0,
+                          "silu_gate": 0}  # fmt: skip
 
 
 def test_q_k_v_and_rope_table_are_freed_before_the_final_layer(flux, slices):
@@ -419,3 +423,42 @@ def test_q_k_v_and_rope_table_are_freed_before_the_final_layer(flux, slices):
     finally:
         handle.remove()
     assert seen == [(None, None)]
+
+
+@pytest.mark.parametrize("family", ["FLUX.1", "FLUX.2"])
+def test_qk_norm_taken_once_normalises_like_comfyuis(comfyui, family):
+    """The QK-norm's weights and eps as this ComfyUI's forward uses them (0.3.64: its own RMSNorm, eps 1e-6; 0.29:
+    torch's RMSNorm with eps None, the dtype's epsilon), applied through ``apply_rope(norm=...)`` with an identity
+    rotation (its PyTorch path here; tests/test_rope.py checks the kernel's against the formula): ComfyUI's own
+    QKNorm output, on q and k small enough (mean square 1e-6) that the eps shows; a hooked norm is left to its
+    forward."""
+    from ultragen.kernels.rope import apply_rope
+    from ultragen.patch.layer_weights import take_qk_norm
+
+    from random_models import host_has_flux2, tiny_flux, tiny_flux2
+
+    if family == "FLUX.2" and not host_has_flux2():
+        return  # this ComfyUI (0.3.64) has no FLUX.2
+    dm = (tiny_flux2 if family == "FLUX.2" else tiny_flux)(depth=1, single=1).model.diffusion_model
+    norm = dm.double_blocks[0].img_attn.norm
+    heads, dim = dm.double_blocks[0].num_heads, dm.hidden_size // dm.double_blocks[0].num_heads
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(2, 9, heads, dim, generator=g) * 1e-3 for _ in range(3))
+    with torch.no_grad():
+        for module in (norm.query_norm, norm.key_norm):  # weights of their own (a fresh model: nobody else's)
+            (module.scale if hasattr(module, "scale") else module.weight).uniform_(0.5, 1.5, generator=g)
+        taken = take_qk_norm(norm, q)
+        assert taken is not None
+        own_rms = type(norm.query_norm).__name__ == "RMSNorm" and hasattr(norm.query_norm, "scale")
+        assert taken.eps == (1e-6 if own_rms else torch.finfo(torch.float32).eps)
+        assert take_qk_norm(norm, q.bfloat16()).eps == (1e-6 if own_rms else torch.finfo(torch.bfloat16).eps)
+        ref_q, ref_k = norm(q, k, v)
+        identity = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).expand(1, 1, 9, dim // 2, 2, 2).contiguous()
+        out_q, out_k = apply_rope(q.transpose(1, 2), k.transpose(1, 2), identity, norm=taken)
+    for ours, ref in ((out_q.transpose(1, 2), ref_q), (out_k.transpose(1, 2), ref_k)):
+        assert (ours - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    handle = norm.query_norm.register_forward_hook(lambda *args: None)
+    try:
+        assert take_qk_norm(norm, q) is None
+    finally:
+        handle.remove()

@@ -77,6 +77,36 @@ def test_rope_writes_into_a_qkv_buffers_slots(path, in_place, monkeypatch):
     assert torch.equal(buffer[:, :, 2], before[:, :, 2])
 
 
+@pytest.mark.parametrize("path", ["triton", "chunked"])
+@pytest.mark.parametrize("eps", [1e-6, 0.0078125])
+def test_rope_normalises_q_and_k_in_its_pass(path, eps, monkeypatch):
+    """``norm``: each head's row RMS-normalised (FLUX's QK-norm: x * rsqrt(mean(x^2) + eps) * weight, q's and k's
+    own weights) before the rotation, in place in a q/k/v buffer, against the formula in float64; rows of mean
+    square ~1e-6 and ~1, so eps shows (FLUX.1 on ComfyUI 0.3.64: 1e-6; bf16's epsilon on 0.29)."""
+    from ultragen.kernels.rope import QKNorm
+
+    if path == "chunked":
+        monkeypatch.setattr(rope, "triton_runs_on", lambda device: False)
+    elif rope.triton is None:
+        pytest.skip("Triton is not installed")
+    batch, heads, length, dim = 1, 2, 21, 32
+    theta = angles(1, length, dim, seed=8)
+    g = torch.Generator().manual_seed(9)
+    buffer = torch.randn(batch, length, 3, heads, dim, generator=g)
+    buffer[:, ::2] *= 1e-3  # every other token: mean square ~1e-6
+    buffer = buffer.to(DEVICE)
+    before = buffer.clone()
+    weights = [torch.rand(dim, generator=g).add(0.5).to(DEVICE) for _ in range(2)]
+    slots = buffer[:, :, 0].transpose(1, 2), buffer[:, :, 1].transpose(1, 2)
+    apply_rope(*slots, flux_table(theta).to(DEVICE), out=slots, norm=QKNorm(*weights, eps))
+    for i, weight in ((0, weights[0]), (1, weights[1])):
+        x = before[:, :, i].transpose(1, 2).cpu().double()
+        normed = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.cpu().double()
+        expected = rotated(normed, theta)
+        assert (buffer[:, :, i].transpose(1, 2).cpu().double() - expected).abs().max().item() <= 1e-5
+    assert torch.equal(buffer[:, :, 2], before[:, :, 2])
+
+
 def test_rope_says_what_outputs_do_not_fit():
     q, k = qk(1, 2, 8, 16, torch.float32)
     table = flux_table(angles(1, 8, 16, seed=1)).to(DEVICE)
