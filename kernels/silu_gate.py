@@ -74,5 +74,7 @@ if triton is not None:
         first = x_ptr + r[:, None].to(tl.int64) * row_stride + c[None, :]
         x1 = tl.load(first, mask=live, other=0.0).to(tl.float32)
         x2 = tl.load(first + cols, mask=live, other=0.0).to(tl.float32)
+        e = tl.exp(-tl.abs(x1))  # sigmoid without overflow: exp of a non-positive number only
+        sigmoid = tl.where(x1 >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
         out = out_ptr + r[:, None].to(tl.int64) * cols + c[None, :]
-        tl.store(out, (x1 * tl.sigmoid(x1) * x2).to(out_ptr.dtype.element_ty), mask=live)
+        tl.store(out, (x1 * sigmoid * x2).to(out_ptr.dtype.element_ty), mask=live)
