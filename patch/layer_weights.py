@@ -83,7 +83,7 @@ def take_weight(module: torch.nn.Module, like: torch.Tensor) -> tuple[torch.Tens
     a layer whose forward must run as it is (see the module docstring)."""
     if not _standard(module):
         return None
-    weight, bias = module.weight, module.bias
+    weight, bias = module.weight, getattr(module, "bias", None)  # torch's RMSNorm has no bias attribute
     if not _casts(module) and weight.device == like.device and weight.dtype == like.dtype:
         return weight, bias  # resident and uncast: the parameters themselves
     if not _casts(module):
