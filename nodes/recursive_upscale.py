@@ -78,6 +78,8 @@ class UltraGenRecursiveUpscale(io.ComfyNode):
     ) -> io.NodeOutput:  # fmt: skip
         if latent is None and image is None:
             raise UltraGenPatchError("Recursive Upscale: connect a latent or an image to upscale")
+        if latent is None:  # the image as the VAE encodes it (cropped to its grid), so that it is the latent's
+            image = vae.vae_encode_crop_pixels(image)
         samples = latent["samples"] if latent is not None else exact_encode(vae, image)
         settings = StageSettings(
             scale=scale, steps=steps, skip=skip, cfg=cfg, sampler_name=sampler_name, scheduler=scheduler,

@@ -53,6 +53,13 @@ def test_image_input_and_progress(parts, monkeypatch):
     assert len(stage_previews) == 1  # the last stage's decoded image (the first is 96 x 64)
 
 
+def test_an_image_off_the_latent_grid_alone_is_cropped_as_the_vae_encodes_it(parts):
+    """36 x 52 px is not a multiple of the VAE's 8: the encode crops it to 32 x 48 (centred), and the stage takes
+    that cropped image as the latent's pixels, not the uncropped one (which would not be the latent's decode)."""
+    image, latent = upscale(parts, 1, 1, image=torch.rand(1, 36, 52, 3, generator=torch.Generator().manual_seed(2)))
+    assert latent["samples"].shape[-2:] == (8, 12) and image.shape == (1, 64, 96, 3)
+
+
 def test_errors_name_the_stage(parts, monkeypatch):
     import comfy.sample
 
