@@ -26,17 +26,9 @@ except ImportError:  # pragma: no cover - machines without Triton
     triton = None
     tl = None
 
+from .row_tiles import row_layout, row_tile_grid
+
 SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
-
-
-def row_layout(x: torch.Tensor) -> tuple[int, int, int] | None:
-    """(rows, columns, row stride) when x's leading dims fold into one row index over unit-stride rows, else None."""
-    if x.dim() < 2 or x.stride(-1) != 1:
-        return None
-    for i in range(x.dim() - 2):
-        if x.shape[i] > 1 and x.stride(i) != x.stride(i + 1) * x.shape[i + 1]:
-            return None
-    return x.numel() // x.shape[-1], x.shape[-1], x.stride(-2)
 
 
 def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
@@ -49,16 +41,11 @@ def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
     return triton_gelu_tanh_(x)
 
 
-def gelu_launch_grid(rows: int, cols: int, block_r: int = 4, block_c: int = 1024) -> tuple[int, int]:
-    """(row tiles, column tiles): rows on axis 0, whose limit is 2^31 - 1 programs (axis 1 stops at 65,535)."""
-    return (-(-rows // block_r), -(-cols // block_c))
-
-
 def triton_gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
     """The Triton kernel itself (CUDA, or Triton's CPU interpreter); x must fold into rows (:func:`row_layout`)."""
     rows, cols, row_stride = row_layout(x)
     block_r, block_c = 4, 1024
-    grid = gelu_launch_grid(rows, cols, block_r, block_c)
+    grid = row_tile_grid(rows, cols, block_r, block_c)
     _gelu_tanh_rows[grid](x, rows, cols, row_stride, SQRT_2_OVER_PI, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
     return x
 

@@ -21,7 +21,7 @@ except ImportError:  # pragma: no cover - machines without Triton
     triton = None
     tl = None
 
-from .gelu import row_layout
+from .row_tiles import row_layout, row_tile_grid
 from .triton_env import triton_runs_on
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -46,19 +46,13 @@ def can_take(x: torch.Tensor) -> bool:
     )  # fmt: skip
 
 
-def silu_gate_launch_grid(rows: int, cols: int, block_r: int = 4, block_c: int = 1024) -> tuple[int, int]:
-    """(row tiles, column tiles of the output): rows on axis 0, whose limit is 2^31 - 1 programs (axis 1 stops at
-    65,535)."""
-    return (-(-rows // block_r), -(-cols // block_c))
-
-
 def triton_silu_gate(x: torch.Tensor) -> torch.Tensor:
     """The Triton kernel itself (CUDA, or Triton's CPU interpreter); x as :func:`can_take` says."""
     rows, width, row_stride = row_layout(x)
     cols = width // 2
     out = torch.empty((*x.shape[:-1], cols), dtype=x.dtype, device=x.device)
     block_r, block_c = 4, 1024
-    grid = silu_gate_launch_grid(rows, cols, block_r, block_c)
+    grid = row_tile_grid(rows, cols, block_r, block_c)
     _silu_gate_rows[grid](x, out, rows, cols, row_stride, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
     return out
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from ultragen.kernels import gelu
-from ultragen.kernels.gelu import gelu_tanh_, row_layout, triton_gelu_tanh_
+from ultragen.kernels.gelu import gelu_tanh_, triton_gelu_tanh_
+from ultragen.kernels.row_tiles import row_layout
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -11,9 +11,8 @@ import pytest
 import torch
 
 from ultragen.kernels import sparse_attention
-from ultragen.kernels.gelu import gelu_launch_grid
 from ultragen.kernels.rope import rope_launch_grid
-from ultragen.kernels.silu_gate import silu_gate_launch_grid
+from ultragen.kernels.row_tiles import row_tile_grid
 from ultragen.kernels.triton_block_sparse import attention_launch_grid
 
 from layouts import NAMED
@@ -34,8 +33,8 @@ def test_every_launch_grid_fits_at_huge_images(pixels):
     batch, heads, hidden = 2, 24, 3072
     assert fits(rope_launch_grid(batch, heads // 8, tokens, 16))
     assert fits(attention_launch_grid(-(-tokens // 128), batch, heads))
-    assert fits(gelu_launch_grid(batch * tokens, 4 * hidden))
-    assert fits(silu_gate_launch_grid(batch * tokens, 3 * 4096))  # FLUX.2 dev / klein 9B: MLP halves of 3 hidden
+    assert fits(row_tile_grid(batch * tokens, 4 * hidden))  # the GELU's
+    assert fits(row_tile_grid(batch * tokens, 3 * 4096))  # FLUX.2 dev / klein 9B: MLP halves of 3 hidden
     # The launchers put the token count on axis 0: it alone grows with the image.
     assert rope_launch_grid(batch, 3, tokens, 16)[0] == 3 * -(-tokens // 16)
     assert attention_launch_grid(-(-tokens // 128), batch, heads) == (-(-tokens // 128), batch * heads)
