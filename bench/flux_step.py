@@ -35,7 +35,7 @@ from results_io import comfyui_on_gpu, run_info, write_json
 TEXT = 512
 COMFYUI_ORDER = "ultragen-local-comfyui-order"  # the chunked blocks without their one-pass forms
 CONFIGS = ("floor", "floor-no-rope", "ultragen-local", COMFYUI_ORDER, "ultragen-global", "dense")
-FORMS = ("norm", "gated_add", "joined_gemm", "qkv_into", "gelu_epilogue", "silu_gate", "qk_norm")  # ONE_PASS_FORMS
+FORMS = ("norm", "gated_add", "joined_gemm", "qkv_into", "gelu_epilogue", "silu_gate", "qk_norm")  # ALL_FORMS
 WITHOUT = "ultragen-local-without-"  # + a form: the one-pass forms but that one
 TARGETS = {4096: 1.3, 8192: 1.4}  # patched step / floor (FLUX.1-dev)
 FLUX2_TARGETS = {4096: 1.15, 8192: 1.15}  # issue 14
@@ -260,8 +260,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     from ultragen.patch import chunked_blocks
 
-    if chunked_blocks.ONE_PASS_FORMS != frozenset(FORMS):
-        raise SystemExit(f"bench/flux_step.py's FORMS {FORMS} are not the blocks' {set(chunked_blocks.ONE_PASS_FORMS)}")
+    if chunked_blocks.ALL_FORMS != frozenset(FORMS):
+        raise SystemExit(f"bench/flux_step.py's FORMS {FORMS} are not the blocks' {set(chunked_blocks.ALL_FORMS)}")
+    default_forms = chunked_blocks.ONE_PASS_FORMS
     wanted = [*args.configs, *(f"{WITHOUT}{form}" for form in FORMS if args.ablate)]
     rows = []
     for pixels in args.sizes:
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"step {pixels} one-pass forms vs ComfyUI's order: relative difference "
                   f"{row['one_pass_vs_comfyui_order_rel_diff']:.2e}", flush=True)  # fmt: skip
             del outs
-        chunked_blocks.ONE_PASS_FORMS = frozenset(FORMS)
+        chunked_blocks.ONE_PASS_FORMS = default_forms
         rows.append(row)
         del x, ctx, y, configs
         torch.cuda.empty_cache()

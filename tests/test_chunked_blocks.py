@@ -385,7 +385,7 @@ def test_each_block_equals_comfyuis_own_block(comfyui, slices, monkeypatch, fami
         return  # this ComfyUI (0.3.64) has no FLUX.2 blocks to compare with
     dm = (tiny_flux2 if family == "FLUX.2" else tiny_flux)(depth=1, single=1).model.diffusion_model
     slices(tokens)
-    forms = chunked_blocks.ONE_PASS_FORMS if fewer_passes else frozenset()
+    forms = chunked_blocks.ALL_FORMS if fewer_passes else frozenset()
     monkeypatch.setattr(chunked_blocks, "ONE_PASS_FORMS", forms)
     counts = counting_one_pass_forms(monkeypatch)
     assert blocks_against_comfyuis(dm, batch, family) <= 1e-5
