@@ -12,7 +12,7 @@ sampling. Four ways, in one process:
 - UltraGen with default options (local guidance, ratio 4, radius 1 window) and with
   global guidance;
 - dense: ComfyUI's own attention (PyTorch SDPA);
-- UltraGen local with the chunked blocks in ComfyUI's operation order (``chunked_blocks.ONE_PASS_FORMS`` empty):
+- UltraGen local with the chunked blocks in ComfyUI's operation order (``slice_ops.ONE_PASS_FORMS`` empty):
   the A/B of the blocks' one-pass forms, with the relative difference of the two steps' outputs up to 4096^2 (bf16
   noise: compare it with the dense-equivalence check's flex_attention line); ``--ablate`` adds UltraGen local with
   each form left out in turn (what each one is worth).
@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS),
                     help="which ways to time (default: all; e.g. leave out dense, ~90 s a step at 8192^2)")  # fmt: skip
     ap.add_argument("--ablate", action="store_true", help="also UltraGen local with each one-pass form left out")
+    ap.add_argument("--ablate-max", type=int, metavar="PIXELS", help="with --ablate: only at sizes up to this one")
     args = ap.parse_args(argv)
     comfyui_on_gpu("flux_step.py", args.comfyui)
 
@@ -258,14 +259,15 @@ def main(argv: list[str] | None = None) -> None:
         f"(the same through flex_attention: {noise:.2e})",
         flush=True,
     )
-    from ultragen.patch import chunked_blocks
+    from ultragen.patch import slice_ops
 
-    if chunked_blocks.ALL_FORMS != frozenset(FORMS):
-        raise SystemExit(f"bench/flux_step.py's FORMS {FORMS} are not the blocks' {set(chunked_blocks.ALL_FORMS)}")
-    default_forms = chunked_blocks.ONE_PASS_FORMS
-    wanted = [*args.configs, *(f"{WITHOUT}{form}" for form in FORMS if args.ablate)]
+    if slice_ops.ALL_FORMS != frozenset(FORMS):
+        raise SystemExit(f"bench/flux_step.py's FORMS {FORMS} are not the blocks' {set(slice_ops.ALL_FORMS)}")
+    default_forms = slice_ops.ONE_PASS_FORMS
     rows = []
     for pixels in args.sizes:
+        ablate = args.ablate and pixels <= (args.ablate_max or pixels)
+        wanted = [*args.configs, *(f"{WITHOUT}{form}" for form in FORMS if ablate)]
         x, ctx, y = step_inputs(arch, pixels, pixels)
         makers = {
             "floor": lambda: floor_model(model),
@@ -280,20 +282,20 @@ def main(argv: list[str] | None = None) -> None:
         row = {"pixels": pixels}
         for name, m in configs.items():
             reps = 0 if (name == "dense" and pixels >= 8192) else args.reps
-            chunked_blocks.ONE_PASS_FORMS = one_pass_forms(name)
+            slice_ops.ONE_PASS_FORMS = one_pass_forms(name)
             seconds, peak = measure(m, (x, ctx, y), reps)
             row[name] = {"s": seconds, "peak_gib": peak, "timed_steps": max(reps, 1)}
             print(f"step {pixels} {name:16s} {seconds:8.3f} s  peak {peak:6.1f} GiB  ({gib()})", flush=True)
         if pixels <= 4096 and "ultragen-local" in configs:
             outs = []
             for name in ("ultragen-local", COMFYUI_ORDER):
-                chunked_blocks.ONE_PASS_FORMS = one_pass_forms(name)
+                slice_ops.ONE_PASS_FORMS = one_pass_forms(name)
                 outs.append(step(configs["ultragen-local"], x, ctx, y).float())
             row["one_pass_vs_comfyui_order_rel_diff"] = ((outs[0] - outs[1]).norm() / outs[1].norm()).item()
             print(f"step {pixels} one-pass forms vs ComfyUI's order: relative difference "
                   f"{row['one_pass_vs_comfyui_order_rel_diff']:.2e}", flush=True)  # fmt: skip
             del outs
-        chunked_blocks.ONE_PASS_FORMS = default_forms
+        slice_ops.ONE_PASS_FORMS = default_forms
         rows.append(row)
         del x, ctx, y, configs
         torch.cuda.empty_cache()

@@ -33,21 +33,18 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import comfy.ldm.flux.layers
 import comfy.model_management
 import torch
-import torch.nn.functional as F
 
-from ..core.guidance_lora import LoRALayer
-from ..kernels.gelu import gelu_tanh_
 from ..kernels.rope import apply_rope
-from ..kernels.silu_gate import silu_gate
 from ..kernels.triton_env import triton_runs_on
+from . import slice_ops
 from .call_state import CallState, HandOver
 from .inplace_gelu import InPlaceGELU
 from .layer_weights import TakenLinear, take_qk_norm
+from .slice_ops import BlockContext, BlockLinear, add_gated, mlp_state, modulated
 from .zero_timestep import double_modulations, single_modulations, slice_modulation
 
 log = logging.getLogger("UltraGen")
@@ -62,19 +59,6 @@ EFFICIENT_CHUNK_TOKENS = 4096
 # Widths of ``hidden`` one token of a slice needs at most: the single block's second half holds the
 # norm, its modulation, the MLP state (4), the output projection's two parts and the gated output.
 SLICE_WIDTHS = 16
-# The one-pass forms used instead of ComfyUI's operation order; each saves passes of a slice's activations through
-# memory (the step's token-wise work beside its GEMMs): "norm" LayerNorm with the modulation as its affine,
-# "gated_add" one addcmul_ for ``x += out * gate``, "joined_gemm" the single block's linear2 halves summed by the
-# GEMM, "qkv_into" q/k/v written by their GEMM and RoPE straight into the call's buffer, "gelu_epilogue" FLUX.1's
-# MLP GELU in the GEMM's epilogue (CUDA), "silu_gate" FLUX.2's MLP gate silu(x1) * x2 in one kernel, "qk_norm"
-# q's and k's RMS norms inside the RoPE kernel's pass (with "qkv_into", where Triton runs).
-# bench/flux_step.py times all, none and each one left out, in one process.
-ALL_FORMS: frozenset[str] = frozenset({"norm", "gated_add", "joined_gemm", "qkv_into", "gelu_epilogue", "silu_gate",
-                                       "qk_norm"})  # fmt: skip
-# The forms in use. The two new Triton kernels (silu_gate, and the RoPE kernel's QK-norm variant) are off by default
-# until they have been compiled and timed on a GPU (they pass Triton's CPU interpreter; a kernel that fails to compile
-# there would stop every sampling run): bench/flux_step.py turns them on for its measurements.
-ONE_PASS_FORMS: frozenset[str] = ALL_FORMS - {"silu_gate", "qk_norm"}
 
 
 def chunk_tokens(length: int, batch: int, hidden: int, element_size: int, free_bytes: int | None) -> int:
@@ -127,184 +111,18 @@ def _first(vec):
     return vec
 
 
-def _modulated(norm: torch.nn.Module, x: torch.Tensor, mod) -> torch.Tensor:
-    """ComfyUI's ``apply_mod(norm(x), 1 + scale, shift)``; in one pass where the norm is a plain LayerNorm and the
-    modulation one row of x's dtype for one sample: then it is that LayerNorm's affine (ComfyUI's order writes the
-    normalised slice, then reads it back to modulate it; the result differs by one bf16 rounding fewer)."""
-    if "norm" in ONE_PASS_FORMS and _plain_layer_norm(norm) and x.shape[0] == 1 and mod.shift.shape[:2] == (1, 1):
-        scale, shift = mod.scale, mod.shift
-        if scale.dtype == shift.dtype == x.dtype:
-            return F.layer_norm(x, norm.normalized_shape, (1 + scale).view(-1), shift.view(-1), norm.eps)
-    return torch.addcmul(mod.shift, norm(x), 1 + mod.scale)  # ComfyUI's apply_mod
-
-
-def _plain_layer_norm(norm: torch.nn.Module) -> bool:
-    """A LayerNorm without weights of its own whose forward nobody replaced or hooks (FLUX's norm1 / norm2 /
-    pre_norm, ComfyUI's ``operations.LayerNorm(elementwise_affine=False)``)."""
-    return (
-        isinstance(norm, torch.nn.LayerNorm) and norm.weight is None and norm.bias is None
-        and "forward" not in vars(norm) and not norm._forward_hooks and not norm._forward_pre_hooks
-    )  # fmt: skip
-
-
-def _add_gated(rows: torch.Tensor, out: torch.Tensor, gate: torch.Tensor) -> None:
-    """``rows += out * gate`` (ComfyUI's gated residual add), in one pass where the dtypes agree."""
-    if "gated_add" in ONE_PASS_FORMS and out.dtype == gate.dtype == rows.dtype:
-        rows.addcmul_(out, gate)
-    else:
-        rows += out * gate
-
-
-def _is_gelu_tanh(act: torch.nn.Module) -> bool:
-    return type(act) is torch.nn.GELU and act.approximate == "tanh"
-
-
-def _is_silu_gate(act: torch.nn.Module) -> bool:
-    """ComfyUI's ``SiLUActivation`` (FLUX.2's MLP: silu of the first half times the second), unpatched."""
-    return (
-        type(act) is getattr(comfy.ldm.flux.layers, "SiLUActivation", None) and type(act.gate_fn) is torch.nn.SiLU
-        and "forward" not in vars(act) and not act._forward_hooks and not act._forward_pre_hooks
-    )  # fmt: skip
-
-
-def _activate(act: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """FLUX's MLP activation: in place where it is the plain tanh GELU (the slice is contiguous), in one kernel
-    where it is FLUX.2's SiLU gate."""
-    if _is_gelu_tanh(act):
-        return gelu_tanh_(x)
-    if "silu_gate" in ONE_PASS_FORMS and _is_silu_gate(act):
-        return silu_gate(x)
-    return act(x)
-
-
-def _mlp_state(act: torch.nn.Module, layer: BlockLinear, x: torch.Tensor, guidance_row: int) -> torch.Tensor:
-    """``act(layer(x))``, FLUX's MLP hidden state: the GELU in the GEMM's epilogue where it can be (FLUX.1 on
-    CUDA), else the activation after the layer."""
-    if _is_gelu_tanh(act) and (state := layer.gelu_tanh(x, guidance_row)) is not None:
-        return state
-    return _activate(act, layer(x, guidance_row))
-
-
-def _add_lora(out: torch.Tensor, x: torch.Tensor, lora: LoRALayer | None, strength: float, guidance_row: int,
-              first_output: int = 0) -> None:  # fmt: skip
-    """Add the guidance LoRA's update to the rows of this slice at or after ``guidance_row`` (slice-relative),
-    over the outputs this slice holds (``first_output`` onwards of the layer's)."""
-    if lora is None or guidance_row >= x.shape[1]:
-        return
-    start = max(guidance_row, 0)
-    covered = min(lora.up.shape[0] - first_output, out.shape[-1])
-    if covered > 0:
-        delta = lora.delta(x[:, start:], strength)[..., first_output : first_output + covered]
-        out[:, start:, :covered] += delta.to(out.dtype)
-
-
-class BlockLinear:
-    """One of the block's linear layers for this block call: its weight taken once, applied to a slice of rows
-    with the guidance LoRA's update on the slice's guidance rows (those from ``guidance_row`` on, slice-relative)."""
-
-    def __init__(self, layer: TakenLinear, ctx: BlockContext, path: str | None):
-        self.layer = layer
-        self.call = ctx.call
-        self.lora = ctx.lora(path) if path and ctx.call.n_guid else None
-        self.strength = ctx.lora_strength
-        self.first_output = 0 if layer.outputs is None else layer.outputs.start
-
-    def __call__(self, x: torch.Tensor, guidance_row: int) -> torch.Tensor:
-        if self.lora is not None and self.layer.guidance_forward:
-            # The layer's own forward runs per slice and adds the update to the last rows it is told of.
-            self.call.guidance_rows_override = max(0, x.shape[1] - max(guidance_row, 0))
-            try:
-                return self.layer(x)
-            finally:
-                self.call.guidance_rows_override = None
-        out = self.layer(x)
-        _add_lora(out, x, self.lora, self.strength, guidance_row, self.first_output)
-        return out
-
-    def into(self, x: torch.Tensor, guidance_row: int, out: torch.Tensor) -> bool:
-        """The layer's output written into ``out`` (B, rows, outputs) by its GEMM, no new tensor: where the weight
-        was taken and ``out`` is one dense matrix of the weight's dtype (batch 1). False: nothing written (call
-        the layer instead)."""
-        if "qkv_into" not in ONE_PASS_FORMS or self.layer.taken is None:
-            return False
-        if not (out.is_contiguous() and x.is_contiguous()):
-            return False
-        weight, bias = self.layer.taken
-        if not (x.dtype == out.dtype == weight.dtype) or out.shape[:-1] != x.shape[:-1]:
-            return False
-        flat_x, flat_out = x.view(-1, x.shape[-1]), out.view(-1, out.shape[-1])
-        if bias is None:
-            torch.mm(flat_x, weight.t(), out=flat_out)
-        else:
-            torch.addmm(bias, flat_x, weight.t(), out=flat_out)
-        _add_lora(out, x, self.lora, self.strength, guidance_row, self.first_output)
-        return True
-
-    def gelu_tanh(self, x: torch.Tensor, guidance_row: int) -> torch.Tensor | None:
-        """GELU (tanh) of the layer's output computed by the GEMM's own epilogue (cuBLASLt): the 4-wide MLP state is
-        written once instead of written, read and written again. On CUDA only, where PyTorch's
-        ``_addmm_activation(use_gelu=True)`` applies the tanh form (on a CPU it applies erf's, which the CPU tests
-        would catch); None where it cannot (a guidance-LoRA update on these rows, which must come before the
-        activation; weights not taken; no bias, mixed dtypes): then call the layer and the activation."""
-        addmm_gelu = getattr(torch, "_addmm_activation", None)
-        if "gelu_epilogue" not in ONE_PASS_FORMS or addmm_gelu is None or x.device.type != "cuda":
-            return None
-        if self.layer.taken is None:
-            return None
-        weight, bias = self.layer.taken
-        if bias is None or not (x.dtype == weight.dtype == bias.dtype) or not x.is_contiguous():
-            return None
-        if self.lora is not None and guidance_row < x.shape[1]:
-            return None
-        out = addmm_gelu(bias, x.view(-1, x.shape[-1]), weight.t(), use_gelu=True)
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    def of_joined(self, parts: tuple[torch.Tensor, ...], guidance_row: int) -> torch.Tensor:
-        """The layer applied to ``torch.cat(parts, -1)`` without building it: one GEMM per part over its columns
-        of the weight (the single block's linear2 over attention output and MLP state; a strided attention
-        slice makes ``cat`` a slow copy of five widths per token)."""
-        if self.layer.taken is None:
-            return self(torch.cat(parts, -1), guidance_row)
-        weight, bias = self.layer.taken
-        out, start = None, 0
-        for part in parts:
-            columns = weight[:, start : start + part.shape[-1]]
-            start += part.shape[-1]
-            if out is None:
-                out = F.linear(part, columns, bias)
-            elif "joined_gemm" in ONE_PASS_FORMS and part.dtype == out.dtype == columns.dtype:  # summed by the GEMM
-                out.view(-1, out.shape[-1]).addmm_(part.reshape(-1, part.shape[-1]), columns.t())
-            else:
-                out.add_(F.linear(part, columns))
-        if self.lora is not None and guidance_row < out.shape[1]:
-            rows = max(guidance_row, 0)
-            joined = torch.cat([p[:, rows:] for p in parts], -1)
-            _add_lora(out[:, rows:], joined, self.lora, self.strength, 0, self.first_output)
-        return out
-
-
-@dataclass(frozen=True)
-class BlockContext:
-    """What a chunked block call needs from the patch: the call, its attention and the guidance LoRA."""
-
-    call: CallState
-    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, CallState], None]  # (B, H, L, D), out over q
-    lora: Callable[[str], LoRALayer | None]
-    lora_strength: float
-
-
 def _write_qkv(qkv: torch.Tensor, offset: int, x: torch.Tensor, norm, mod, attn, table, chunk: int,
                guidance_from: int, layer: BlockLinear, mod_zero=None) -> None:  # fmt: skip
     """Rows ``offset`` .. of ``qkv`` (B, L, 3, H, D) from the stream ``x`` (B, S, hidden), a slice at a time."""
     batch, heads, dim = qkv.shape[0], qkv.shape[3], qkv.shape[4]
-    into = table is not None and "qkv_into" in ONE_PASS_FORMS
+    into = table is not None and "qkv_into" in slice_ops.ONE_PASS_FORMS
     qk_norm = None  # the QK-norm's weights, taken once for all slices, where the RoPE kernel applies it
-    if into and "qk_norm" in ONE_PASS_FORMS and triton_runs_on(x.device):
+    if into and "qk_norm" in slice_ops.ONE_PASS_FORMS and triton_runs_on(x.device):
         qk_norm = take_qk_norm(attn.norm, x)
     for s in range(0, x.shape[1], chunk):
         e = min(s + chunk, x.shape[1])
         rows = slice(offset + s, offset + e)
-        h = _modulated(norm, x[:, s:e], slice_modulation(mod, mod_zero, guidance_from - s, e - s))
+        h = modulated(norm, x[:, s:e], slice_modulation(mod, mod_zero, guidance_from - s, e - s))
         dest = qkv[:, rows]
         in_place = dest.is_contiguous() and layer.into(h, guidance_from - s, dest.view(batch, e - s, -1))
         out = dest if in_place else layer(h, guidance_from - s).view(batch, e - s, 3, heads, dim)
@@ -373,9 +191,9 @@ def double_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
             e = min(s + chunk, x.shape[1])
             rows, here = x[:, s:e], guidance_from - s
             m1, m2 = (slice_modulation(m, z, here, e - s) for m, z in zip((mod1, mod2), zero[side], strict=True))
-            _add_gated(rows, proj(qkv[:, offset + s : offset + e, 0].flatten(2), here), m1.gate)
-            hidden_state = _mlp_state(mlp[1], up, _modulated(norm2, rows, m2), here)
-            _add_gated(rows, down(hidden_state, here), m2.gate)
+            add_gated(rows, proj(qkv[:, offset + s : offset + e, 0].flatten(2), here), m1.gate)
+            hidden_state = mlp_state(mlp[1], up, modulated(norm2, rows, m2), here)
+            add_gated(rows, down(hidden_state, here), m2.gate)
             del hidden_state
     if txt.dtype == torch.float16:
         txt = torch.nan_to_num(txt, nan=0.0, posinf=65504, neginf=-65504)
@@ -405,8 +223,8 @@ def single_block(block, args: dict, ctx: BlockContext, prefix: str) -> dict:
         e = min(s + chunk, length)
         rows, here = x[:, s:e], guidance_from - s
         m = slice_modulation(mod, mod_zero, here, e - s)
-        mlp = _mlp_state(act, mlp_in, _modulated(block.pre_norm, rows, m), here)
-        _add_gated(rows, out_layer.of_joined((qkv[:, s:e, 0].flatten(2), mlp), here), m.gate)
+        mlp = mlp_state(act, mlp_in, modulated(block.pre_norm, rows, m), here)
+        add_gated(rows, out_layer.of_joined((qkv[:, s:e, 0].flatten(2), mlp), here), m.gate)
         del mlp
     if x.dtype == torch.float16:
         x = torch.nan_to_num(x, nan=0.0, posinf=65504, neginf=-65504)

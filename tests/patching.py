@@ -81,7 +81,7 @@ def dense_block_context(**call):
     attention dense (PyTorch's SDPA), no guidance LoRA: what ComfyUI's blocks compute, to compare with them."""
     from types import SimpleNamespace
 
-    from ultragen.patch.chunked_blocks import BlockContext
+    from ultragen.patch.slice_ops import BlockContext
 
     def attend(q, k, v, state):
         q.copy_(torch.nn.functional.scaled_dot_product_attention(q, k, v))
