@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.ablate:
         print("\n| size | form left out | step | its worth (step without it - with all) |")
         print("|---|---|---|---|")
-        for r in (r for r in rows if "ultragen-local" in r):
+        for r in (r for r in rows if "ultragen-local" in r and f"{WITHOUT}{FORMS[0]}" in r):  # sizes ablated
             for form in FORMS:
                 seconds = r[f"{WITHOUT}{form}"]["s"]
                 print(f"| {r['pixels']}² | {form} | {seconds:.3f} s | {seconds - r['ultragen-local']['s']:+.3f} s |")
