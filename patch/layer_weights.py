@@ -142,8 +142,8 @@ def take_qk_norm(norm: torch.nn.Module, like: torch.Tensor) -> QKNorm | None:
     ``like``'s device and dtype and its eps, as its forward would use them, taken once for a block call so that
     ``kernels/rope.py`` can normalise q and k in its rotation pass; None where the norm is not ComfyUI's own,
     unpatched, over RMS norms this knows (then the block calls it). ComfyUI 0.3.64's FLUX has its own RMSNorm
-    (``scale``, eps 1e-6); 0.29's is ``operations.RMSNorm`` (torch's: ``weight``, eps None = the dtype's epsilon),
-    whose cast, LoRA functions and streaming :func:`take_weight` applies."""
+    (``scale``, eps 1e-6); 0.29's is ``operations.RMSNorm`` (torch's: ``weight``, eps None = the epsilon of the
+    dtype it computes in, float32 for bf16), whose cast, LoRA functions and streaming :func:`take_weight` applies."""
     layers = comfy.ldm.flux.layers
     if type(norm) is not getattr(layers, "QKNorm", None) or _forward_replaced(norm) or _hooked(norm):
         return None
@@ -159,7 +159,10 @@ def take_qk_norm(norm: torch.nn.Module, like: torch.Tensor) -> QKNorm | None:
             if taken is None:
                 return None
             weights.append(taken[0])
-            eps.add(torch.finfo(like.dtype).eps if module.eps is None else module.eps)
+            # eps None: torch's rms_norm adds the epsilon of the dtype it computes in (float32 for bf16 / fp16
+            # inputs; its decomposition says so), not the input dtype's (bf16: 0.0078, which this once used).
+            computes_in = torch.promote_types(like.dtype, torch.float32)
+            eps.add(torch.finfo(computes_in).eps if module.eps is None else module.eps)
         else:
             return None
     return QKNorm(weights[0], weights[1], eps.pop()) if len(eps) == 1 else None
