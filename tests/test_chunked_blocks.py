@@ -25,6 +25,7 @@ from patching import (
 )
 
 pytestmark = pytest.mark.usefixtures("comfyui")
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @pytest.fixture(scope="module")
@@ -299,13 +300,15 @@ def test_q_k_v_and_rope_table_are_freed_before_the_final_layer(flux, slices):
     assert seen == [(None, None)]
 
 
+@pytest.mark.parametrize("on", ["cpu", pytest.param("cuda", marks=NEEDS_CUDA)])
 @pytest.mark.parametrize("family", ["FLUX.1", "FLUX.2"])
-def test_qk_norm_taken_once_normalises_like_comfyuis(comfyui, family):
+def test_qk_norm_taken_once_normalises_like_comfyuis(comfyui, family, on):
     """The QK-norm's weights and eps as this ComfyUI's forward uses them (0.3.64: its own RMSNorm, eps 1e-6; 0.29:
-    torch's RMSNorm with eps None), applied through ``apply_rope(norm=...)`` with an identity rotation (its PyTorch
-    path here; tests/test_rope.py checks the kernel's against the formula): ComfyUI's own QKNorm output, in float32
-    and in bf16, on q and k small enough (mean square 1e-6) that the eps shows (bf16's epsilon, 0.0078, taken for
-    torch's float32 one, made the bf16 output ~90x too small); a hooked norm is left to its forward."""
+    torch's RMSNorm with eps None), applied through ``apply_rope(norm=...)`` with an identity rotation (on a CPU its
+    PyTorch path, tests/test_rope.py checks the kernel's against the formula; on CUDA the Triton kernel against
+    torch's CUDA rms_norm): ComfyUI's own QKNorm output, in float32 and in bf16, on q and k small enough (mean
+    square 1e-6) that the eps shows (bf16's epsilon, 0.0078, taken for torch's float32 one, made the bf16 output
+    ~90x too small); a hooked norm is left to its forward."""
     from ultragen.kernels.rope import apply_rope
     from ultragen.patch.layer_weights import take_qk_norm
 
@@ -313,15 +316,15 @@ def test_qk_norm_taken_once_normalises_like_comfyuis(comfyui, family):
 
     if family == "FLUX.2" and not host_has_flux2():
         return  # this ComfyUI (0.3.64) has no FLUX.2
-    dm = (tiny_flux2 if family == "FLUX.2" else tiny_flux)(depth=1, single=1).model.diffusion_model
+    dm = (tiny_flux2 if family == "FLUX.2" else tiny_flux)(depth=1, single=1).model.diffusion_model.to(on)
     norm = dm.double_blocks[0].img_attn.norm
     heads, dim = dm.double_blocks[0].num_heads, dm.hidden_size // dm.double_blocks[0].num_heads
     g = torch.Generator().manual_seed(13)
-    q, k, v = (torch.randn(2, 9, heads, dim, generator=g) * 1e-3 for _ in range(3))
+    q, k, v = (torch.randn(2, 9, heads, dim, generator=g).to(on) * 1e-3 for _ in range(3))
     with torch.no_grad():
         for module in (norm.query_norm, norm.key_norm):  # weights of their own (a fresh model: nobody else's)
             (module.scale if hasattr(module, "scale") else module.weight).uniform_(0.5, 1.5, generator=g)
-        identity = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).expand(1, 1, 9, dim // 2, 2, 2).contiguous()
+        identity = torch.tensor([[1.0, 0.0], [0.0, 1.0]], device=on).expand(1, 1, 9, dim // 2, 2, 2).contiguous()
         for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
             norm.to(dtype)
             qd, kd, vd = (t.to(dtype) for t in (q, k, v))
