@@ -57,14 +57,7 @@ from ..core.guidance_lora import LoRALayer, check_fits, guidance_rows_forward
 from ..core.token_order import to_raster, to_window_first
 from ..kernels import sparse_attention
 from .call_state import CallState, HandOver, active_call, calling
-from .chunked_blocks import (
-    BlockContext,
-    double_block,
-    fallback_reason,
-    install_chunked_blocks,
-    is_last_block,
-    single_block,
-)
+from .chunked_blocks import double_block, fallback_reason, install_chunked_blocks, is_last_block, single_block
 from .flux_family import MAX_TEXT_TOKENS
 from .host import check_host
 from .inplace_gelu import inplace_gelu_patches
@@ -82,6 +75,7 @@ from .planning import (
 from .rotary_table import RotaryTable, rotate
 from .run_state import PatchRun
 from .sampling import constant_shift_sampling, memory_estimate_wrapper, model_shift_mu
+from .slice_ops import BlockContext
 from .zero_timestep import timestep_zero_vector
 
 KEY = "ultragen"  # transformer_options: the model call being run (read by the attention override)
