@@ -1,11 +1,13 @@
-"""Guidance LoRA training speed and memory: full FLUX.1-dev architecture, random weights, 1024^2.
+"""Guidance LoRA training speed and memory: a full architecture (FLUX.1-dev, FLUX.2 klein 4B / 9B), random
+weights, 1024^2.
 
 The trainer of ``ultragen-train`` (peft guidance-row LoRA, rank/alpha 16, UltraGen layout,
 bf16, gradient checkpointing), batch 1 at 1024^2 with guidance at 256^2, on a synthetic
-cached dataset (random latents, 512 T5 tokens): optimizer steps per second after the
-first (compiling) steps, and peak GPU memory. The issue's bar: batch 1 fits in 80 GB.
+cached dataset (random latents of the model's latent format, 512 text tokens of its text width;
+FLUX.1's pooled vector where it has one): optimizer steps per second after the first (compiling)
+steps, and peak GPU memory. The bars: batch 1 fits in 80 GB (FLUX.1-dev); klein 4B fits a single GPU.
 
-    COMFYUI_PATH=/path/to/ComfyUI python bench/train.py [--steps 8] [--targets qkv all]
+    COMFYUI_PATH=/path/to/ComfyUI python bench/train.py [--model flux2-klein-4b] [--steps 8] [--targets qkv all]
 """
 
 from __future__ import annotations
@@ -18,18 +20,22 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from flux_step import MODELS, Architecture
 from results_io import comfyui_on_gpu, run_info, write_json
 
 
-def synthetic_cache(folder: Path, count: int = 4, size: int = 1024, ratio: int = 4) -> list[Path]:
+def synthetic_cache(folder: Path, arch: Architecture, count: int = 4, size: int = 1024, ratio: int = 4) -> list[Path]:
+    """Cached examples as ``ultragen-train``'s cache holds them, shaped for ``arch``: latents of its channels at its
+    pixels per latent, 512 text tokens of its width, FLUX.1's pooled vector (FLUX.2: none, an empty tensor)."""
     files = []
+    side = size // arch.pixels_per_latent
     for i in range(count):
         g = torch.Generator().manual_seed(i)
         tensors = {
-            "latent": torch.randn(16, size // 8, size // 8, generator=g),
-            "guidance": torch.randn(16, size // 8 // ratio, size // 8 // ratio, generator=g),
-            "context": torch.randn(512, 4096, generator=g),
-            "pooled": torch.randn(768, generator=g),
+            "latent": torch.randn(arch.channels, side, side, generator=g),
+            "guidance": torch.randn(arch.channels, side // ratio, side // ratio, generator=g),
+            "context": torch.randn(512, arch.text_width, generator=g),
+            "pooled": torch.randn(arch.params["vec_in_dim"], generator=g) if arch.pooled else torch.zeros(0),
         }
         files.append(folder / f"{i}.safetensors")
         save_file(tensors, str(files[-1]))
@@ -38,6 +44,7 @@ def synthetic_cache(folder: Path, count: int = 4, size: int = 1024, ratio: int =
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=list(MODELS), default="flux1-dev", help="the architecture (random weights)")
     ap.add_argument("--steps", type=int, default=8, help="timed optimizer steps (after 2 warm-up steps)")
     ap.add_argument("--targets", nargs="+", default=["qkv", "all"])
     ap.add_argument("--out", help="JSON path (default: bench/results/train.json)")
@@ -47,14 +54,16 @@ def main(argv: list[str] | None = None) -> None:
     from ultragen.training.dataset import CachedDataset
     from ultragen.training.trainer import GuidanceLoRATrainer, TrainSettings
 
-    from random_models import FLUX_DEV, flux_model
+    from random_models import flux_model
 
+    arch = MODELS[args.model]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        dataset = CachedDataset(synthetic_cache(Path(tmp)))
+        dataset = CachedDataset(synthetic_cache(Path(tmp), arch))
         for targets in args.targets:
             cuda = torch.device("cuda")
-            model = flux_model(FLUX_DEV, dtype=torch.bfloat16, std=0.02, device=cuda, load_device=cuda)
+            model = flux_model(arch.params, dtype=torch.bfloat16, std=0.02, device=cuda, load_device=cuda,
+                               config_class=arch.config_class)  # fmt: skip
             settings = TrainSettings(steps=2 + args.steps, grad_accum=1, targets=targets, save_every=0, sample_every=0)
             trainer = GuidanceLoRATrainer(model, dataset, Path(tmp) / targets, settings, device=cuda)
             torch.cuda.reset_peak_memory_stats()
@@ -76,10 +85,10 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             del trainer, model
             torch.cuda.empty_cache()
-    result = {**run_info(), "size": 1024, "guidance": 256, "batch": 1, "rows": rows}
+    result = {**run_info(), "model": args.model, "size": 1024, "guidance": 256, "batch": 1, "rows": rows}
     out = write_json("train", result, args.out)
-    print(f"\nGuidance LoRA training, FLUX.1-dev architecture (random bf16 weights), 1024² + 256² guidance, batch 1, "
-          f"gradient checkpointing, on {result['device']}")  # fmt: skip
+    print(f"\nGuidance LoRA training, {args.model} architecture (random bf16 weights), 1024² + 256² guidance, "
+          f"batch 1, gradient checkpointing, on {result['device']}")  # fmt: skip
     print("| targets | LoRA params | it/s | s/step | peak GiB | first 2 steps (compile) s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
