@@ -27,6 +27,9 @@ except ImportError:  # pragma: no cover - machines without Triton
     tl = None
 
 from .row_tiles import row_layout, row_tile_grid
+from .triton_env import KernelGuard
+
+GUARD = KernelGuard("in-place GELU kernel")
 
 SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
 
@@ -36,9 +39,18 @@ def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
 
     The Triton kernel on CUDA; elsewhere PyTorch's own in-place GELU (the same values bit for bit).
     """
-    if triton is None or not x.is_cuda or row_layout(x) is None or x.numel() == 0:
-        return torch.ops.aten.gelu_(x, approximate="tanh")
-    return triton_gelu_tanh_(x)
+    if kernel_takes(x) and GUARD.usable:
+        return GUARD.run(triton_gelu_tanh_, _torch_gelu_tanh_, x)
+    return _torch_gelu_tanh_(x)
+
+
+def kernel_takes(x: torch.Tensor) -> bool:
+    """The kernel runs on x: a CUDA tensor, with Triton, whose rows fold (:func:`row_layout`)."""
+    return triton is not None and x.is_cuda and x.numel() > 0 and row_layout(x) is not None
+
+
+def _torch_gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten.gelu_(x, approximate="tanh")
 
 
 def triton_gelu_tanh_(x: torch.Tensor) -> torch.Tensor:

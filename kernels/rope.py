@@ -28,9 +28,10 @@ except ImportError:  # pragma: no cover - machines without Triton
     tl = None
 
 from ..errors import UltraGenError
-from .triton_env import triton_runs_on
+from .triton_env import KernelGuard, triton_runs_on
 
 CHUNK_TOKENS = 4096  # float32 temporaries of the portable path: this many tokens at a time
+GUARD = KernelGuard("RoPE kernel")
 
 
 class RopeInputError(UltraGenError, ValueError):
@@ -61,11 +62,19 @@ def apply_rope(
     if out is not None:
         _check_out(q, out)
     differentiable = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or pe.requires_grad)
-    if not differentiable and triton_runs_on(q.device):
-        return _rope_triton(q, k, pe, out=out, norm=norm)
+    if not differentiable and triton_runs_on(q.device) and GUARD.usable:
+        return GUARD.run(_rope_triton, _rope_torch, q, k, pe, out=out, norm=norm)
+    return _rope_torch(q, k, pe, out=out, norm=norm)
+
+
+def _rope_torch(
+    q: torch.Tensor, k: torch.Tensor, pe: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    norm: QKNorm | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`apply_rope` in PyTorch operations (float32 temporaries; a chunk of tokens at a time without autograd)."""
     if norm is not None:
         q, k = norm.apply(q, norm.q_weight), norm.apply(k, norm.k_weight)
-    if differentiable:
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or pe.requires_grad):
         rotated = _rotate(q, pe), _rotate(k, pe)
     else:
         rotated = _rotate_chunked(q, pe), _rotate_chunked(k, pe)

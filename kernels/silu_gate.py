@@ -22,9 +22,10 @@ except ImportError:  # pragma: no cover - machines without Triton
     tl = None
 
 from .row_tiles import row_layout, row_tile_grid
-from .triton_env import triton_runs_on
+from .triton_env import KernelGuard, triton_runs_on
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+GUARD = KernelGuard("SiLU-gate kernel")
 
 
 def silu_gate(x: torch.Tensor) -> torch.Tensor:
@@ -32,8 +33,12 @@ def silu_gate(x: torch.Tensor) -> torch.Tensor:
 
     The Triton kernel on CUDA (and under Triton's CPU interpreter); elsewhere PyTorch's two operations.
     """
-    if triton_runs_on(x.device) and can_take(x):
-        return triton_silu_gate(x)
+    if triton_runs_on(x.device) and can_take(x) and GUARD.usable:
+        return GUARD.run(triton_silu_gate, _torch_silu_gate, x)
+    return _torch_silu_gate(x)
+
+
+def _torch_silu_gate(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return F.silu(x1) * x2
 

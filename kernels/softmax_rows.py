@@ -23,8 +23,6 @@ and sums (R, 1) float32.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 try:
@@ -34,14 +32,16 @@ except ImportError:  # pragma: no cover - machines without Triton
     triton = None
     tl = None
 
+from .triton_env import KernelGuard
+
 BLOCK = 4096  # columns a program reads at a time
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_failed: list[str] = []  # the kernel's compile / launch error on this machine, once: PyTorch's softmax from then on
+GUARD = KernelGuard("exact VAE's softmax kernel")  # its failure on this machine: PyTorch's softmax from then on
 
 
 def can_run_on(device: torch.device, out_dtype: torch.dtype) -> bool:
     """The kernel runs on this device (CUDA, with Triton) and writes this dtype."""
-    return triton is not None and not _failed and device.type == "cuda" and out_dtype in OUT_DTYPES
+    return triton is not None and GUARD.usable and device.type == "cuda" and out_dtype in OUT_DTYPES
 
 
 def can_run(scores: torch.Tensor, out_dtype: torch.dtype) -> bool:
@@ -56,7 +56,7 @@ def softmax_rows(scores: torch.Tensor, scale: float, out_dtype: torch.dtype) -> 
     """``softmax(scores * scale, dim=-1).to(out_dtype)``: the Triton kernel on CUDA, else PyTorch (which scales the
     scores in place)."""
     if can_run(scores, out_dtype):
-        return _kernel_or(triton_softmax_rows, softmax_in_place, scores, scale, out_dtype)
+        return GUARD.run(triton_softmax_rows, softmax_in_place, scores, scale, out_dtype)
     return torch.softmax(scores.mul_(scale), dim=-1).to(out_dtype)
 
 
@@ -66,22 +66,8 @@ def exp_rows(scores: torch.Tensor, scale: float, top: torch.Tensor,
     ``exp(scores * scale - new_top)`` in ``out_dtype`` and their float32 row sums (before rounding). The Triton
     kernel on CUDA, else PyTorch over the scores' own memory."""
     if can_run(scores, out_dtype):
-        return _kernel_or(triton_exp_rows, exp_in_place, scores, scale, top, out_dtype)
+        return GUARD.run(triton_exp_rows, exp_in_place, scores, scale, top, out_dtype)
     return exp_in_place(scores, scale, top, out_dtype)
-
-
-def _kernel_or(kernel, fallback, *args):
-    """``kernel(*args)``; where Triton cannot compile or launch it on this GPU, once, with a warning, ``fallback``
-    (the same values in PyTorch operations over the scores' own memory) from then on."""
-    try:
-        return kernel(*args)
-    except torch.cuda.OutOfMemoryError:
-        raise
-    except Exception as exc:
-        _failed.append(f"{type(exc).__name__}: {exc}")
-        logging.warning("UltraGen: the exact VAE's softmax kernel failed on this GPU (%s); using PyTorch's "
-                        "operations instead (same result, slower)", _failed[0])  # fmt: skip
-        return fallback(*args)
 
 
 def exp_in_place(scores: torch.Tensor, scale: float, top: torch.Tensor,

@@ -1,12 +1,16 @@
-"""Where Triton kernels can run: on CUDA devices, and anywhere under Triton's CPU interpreter.
+"""Where Triton kernels can run (on CUDA devices, and anywhere under Triton's CPU interpreter), and what
+happens where one fails there (:class:`KernelGuard`).
 
 Why a module: every kernel here chooses between its Triton path and a PyTorch one by the same
-rule; the tests rely on ``TRITON_INTERPRET=1`` to run the Triton paths on machines without a GPU.
+rules; the tests rely on ``TRITON_INTERPRET=1`` to run the Triton paths on machines without a GPU.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -14,6 +18,9 @@ try:
     import triton
 except ImportError:  # pragma: no cover - machines without Triton
     triton = None
+
+log = logging.getLogger("UltraGen")
+T = TypeVar("T")
 
 
 def interpreting() -> bool:
@@ -24,3 +31,38 @@ def interpreting() -> bool:
 def triton_runs_on(device: torch.device) -> bool:
     """Triton is installed and can run a kernel on tensors of ``device``."""
     return triton is not None and (device.type == "cuda" or interpreting())
+
+
+class KernelGuard:
+    """One Triton kernel's failure on this machine, kept for the process.
+
+    Why: a kernel can fail to compile or launch on an artist's GPU (a Triton build without that architecture, an
+    older driver) where PyTorch's operations compute the same values; stopping every sampling run there would lose
+    the image. The first failure is warned once and PyTorch's path taken from then on. Running out of memory is
+    not a kernel failure and is raised. Every guard is listed in :data:`GUARDS` (the tests check that none failed:
+    a fallback would otherwise hide a kernel's bug).
+    """
+
+    def __init__(self, what: str):
+        self.what = what
+        self.failure: str | None = None
+        GUARDS.append(self)
+
+    @property
+    def usable(self) -> bool:
+        return self.failure is None
+
+    def run(self, kernel: Callable[..., T], fallback: Callable[..., T], *args, **kwargs) -> T:
+        """``kernel(*args, **kwargs)``, or where it fails (the first time, with a warning) ``fallback(...)``."""
+        try:
+            return kernel(*args, **kwargs)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.warning("UltraGen: the %s failed on this GPU (%s); using PyTorch's operations instead (same result, "
+                        "slower)", self.what, self.failure)  # fmt: skip
+            return fallback(*args, **kwargs)
+
+
+GUARDS: list[KernelGuard] = []

@@ -60,6 +60,23 @@ def kernels_as_users_run_them(request, monkeypatch):
         monkeypatch.setattr(rope, "triton_runs_on", lambda device: device.type == "cuda" and rope.triton is not None)
 
 
+@pytest.fixture(autouse=True)
+def kernels_do_not_fall_back(request):
+    """A Triton kernel that fails hands its work to PyTorch's path (``KernelGuard``), which computes the same
+    values: a test of the kernel would pass without it. Every test starts with no kernel failed and must end so,
+    except those that simulate a failure (``@pytest.mark.kernel_failure``)."""
+    from ultragen.kernels.triton_env import GUARDS
+
+    for guard in GUARDS:
+        guard.failure = None
+    yield
+    failed = [f"{guard.what}: {guard.failure}" for guard in GUARDS if guard.failure]
+    for guard in GUARDS:
+        guard.failure = None
+    if request.node.get_closest_marker("kernel_failure") is None:
+        assert not failed, f"a Triton kernel failed and fell back to PyTorch: {failed}"
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Report every "needs ComfyUI" skip at this file's location, so ``-ra`` folds them into one line."""

@@ -77,7 +77,6 @@ def test_attention_through_the_kernels_equals_sdpa(length, budget, kernel, monke
         pytest.skip("Triton is not installed")
     monkeypatch.setattr(softmax_rows, "can_run", lambda scores, dtype: True)
     monkeypatch.setattr(softmax_rows, "can_run_on", lambda device, dtype: True)
-    monkeypatch.setattr(softmax_rows, "_failed", [])  # a kernel error here would otherwise pass as the fallback
     calls = []
     real = getattr(softmax_rows, f"triton_{kernel}")
     monkeypatch.setattr(softmax_rows, f"triton_{kernel}", lambda *args: calls.append(1) or real(*args))
@@ -86,7 +85,7 @@ def test_attention_through_the_kernels_equals_sdpa(length, budget, kernel, monke
     expected = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
     out = long_attention.attention(q, k, v, budget)
     assert (out - expected).abs().max().item() <= 1e-5 * expected.abs().max().item()
-    assert calls and not softmax_rows._failed  # the kernel of that path ran, and did not fall back
+    assert calls and softmax_rows.GUARD.usable  # the kernel of that path ran, and did not fall back
 
 
 def test_without_cuda_pytorch_computes_it():
@@ -99,6 +98,7 @@ def test_without_cuda_pytorch_computes_it():
     assert torch.equal(softmax_rows.softmax_rows(scores.clone(), 0.1, torch.bfloat16), expected)
 
 
+@pytest.mark.kernel_failure
 def test_a_kernel_that_fails_falls_back_once_with_a_warning(monkeypatch, caplog):
     """A Triton that cannot compile the kernel on some GPU: PyTorch's operations in the scores' memory, the same
     values, one warning, and the kernel not tried again."""
@@ -108,9 +108,8 @@ def test_a_kernel_that_fails_falls_back_once_with_a_warning(monkeypatch, caplog)
         calls.append(1)
         raise RuntimeError("simulated compile error")
 
-    monkeypatch.setattr(softmax_rows, "can_run", lambda scores, dtype: not softmax_rows._failed)
+    monkeypatch.setattr(softmax_rows, "can_run", lambda scores, dtype: softmax_rows.GUARD.usable)
     monkeypatch.setattr(softmax_rows, "triton_softmax_rows", failing)
-    monkeypatch.setattr(softmax_rows, "_failed", [])
     scores = torch.randn(3, 500, generator=torch.Generator().manual_seed(7)) * 30
     for _ in range(2):
         out = softmax_rows.softmax_rows(scores.clone(), 0.2, torch.float32)

@@ -1,0 +1,81 @@
+"""A Triton kernel that fails on a GPU (it cannot compile or launch there): the first failure is warned once,
+PyTorch's operations compute the same values from then on, and the kernel is not tried again. Simulated on each
+elementwise kernel's dispatch (the exact VAE's softmax kernels: tests/test_softmax_rows.py); references are the
+formulas, computed here in float64."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+
+from ultragen.kernels import gelu, rope, silu_gate
+
+
+def failing(calls: list):
+    def kernel(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("simulated compile error")
+
+    return kernel
+
+
+def rope_case(monkeypatch, calls):
+    monkeypatch.setattr(rope, "triton_runs_on", lambda device: True)
+    monkeypatch.setattr(rope, "_rope_triton", failing(calls))
+    g = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(1, 2, 7, 8, generator=g) for _ in range(2))
+    theta = torch.rand(1, 1, 7, 4, generator=g, dtype=torch.float64) * 7
+    cos, sin = theta.cos(), theta.sin()
+    table = torch.stack([cos, -sin, sin, cos], dim=-1).reshape(*theta.shape, 2, 2).float()
+
+    def turned(x):  # each channel pair (a, b) turned by its angle: (a cos - b sin, a sin + b cos)
+        a, b = x.double().reshape(*x.shape[:-1], -1, 2).unbind(-1)
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).reshape(x.shape)
+
+    return (lambda: torch.cat(rope.apply_rope(q, k, table))), torch.cat([turned(q), turned(k)]), rope.GUARD
+
+
+def gelu_case(monkeypatch, calls):
+    monkeypatch.setattr(gelu, "kernel_takes", lambda x: True)
+    monkeypatch.setattr(gelu, "triton_gelu_tanh_", failing(calls))
+    x = torch.randn(5, 300, generator=torch.Generator().manual_seed(2))
+    d = x.double()
+    expected = 0.5 * d * (1 + torch.tanh(math.sqrt(2 / math.pi) * (d + 0.044715 * d**3)))
+    return (lambda: gelu.gelu_tanh_(x.clone())), expected, gelu.GUARD
+
+
+def silu_gate_case(monkeypatch, calls):
+    monkeypatch.setattr(silu_gate, "triton_runs_on", lambda device: True)
+    monkeypatch.setattr(silu_gate, "triton_silu_gate", failing(calls))
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(3))
+    x1, x2 = x.double().chunk(2, -1)
+    return (lambda: silu_gate.silu_gate(x)), x1 * torch.sigmoid(x1) * x2, silu_gate.GUARD
+
+
+@pytest.mark.kernel_failure
+@pytest.mark.parametrize("case", [rope_case, gelu_case, silu_gate_case], ids=["rope", "gelu", "silu_gate"])
+def test_a_failing_kernel_warns_once_and_pytorch_computes_the_same(case, monkeypatch, caplog):
+    calls = []
+    run, expected, guard = case(monkeypatch, calls)
+    with caplog.at_level(logging.WARNING, logger="UltraGen"):
+        for _ in range(2):
+            out = run()
+            assert (out.double() - expected).abs().max().item() <= 1e-6 * expected.abs().max().item()
+    assert calls == [1], "the kernel is tried once"
+    assert not guard.usable and caplog.text.count("simulated compile error") == 1
+
+
+def test_running_out_of_memory_is_not_a_kernel_failure(monkeypatch):
+    """Out of memory is raised (a smaller size or a card with room is the answer), not hidden by PyTorch's path."""
+
+    def out_of_memory(x):
+        raise torch.cuda.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(silu_gate, "triton_runs_on", lambda device: True)
+    monkeypatch.setattr(silu_gate, "triton_silu_gate", out_of_memory)
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        silu_gate.silu_gate(torch.randn(2, 8))
+    assert silu_gate.GUARD.usable
