@@ -3,7 +3,8 @@
 Why: callers (the FLUX patch, benchmarks, tests) say *what* to compute (q, k, v and a sparsity
 pattern) and optionally *how* (a backend name); this module checks the inputs, picks the first
 backend in preference order that can run the call, and builds or fetches the schedule for that
-backend's tile shape.
+backend's tile shape. Under ``auto`` a Triton kernel that fails to compile or launch on this GPU is
+warned once and the next backend takes over (``triton_block_sparse.GUARD``).
 
 A backend is a module with ``NAME``, ``AUTO_DEVICES`` (the device types ``auto`` may pick it on;
 None: any), ``usable(device, dtype, head_dim, training) -> reason or None``, ``tile(device,
@@ -101,5 +102,12 @@ def sparse_attention(
     if reason:
         others = ", ".join(repr(n) for n in BACKENDS if n != name)
         raise AttentionInputError(f"backend {name!r} cannot run here: {reason}; use one of {others}")
-    schedule = pattern.block_schedule(*chosen.tile(q.device, head_dim), q.device)
-    return chosen.run(q, k, v, schedule, scale, out, training)
+
+    def run_on(b: ModuleType) -> torch.Tensor:
+        schedule = pattern.block_schedule(*b.tile(q.device, head_dim), q.device)
+        return b.run(q, k, v, schedule, scale, out, training)
+
+    if backend == "auto" and chosen is triton_block_sparse:  # a kernel failing on this GPU: the next backend
+        return triton_block_sparse.GUARD.run(run_on, lambda _: run_on(_backend(choose_backend(
+            q.device, q.dtype, head_dim, training))), chosen)  # fmt: skip
+    return run_on(chosen)

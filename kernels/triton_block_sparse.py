@@ -30,13 +30,14 @@ except ImportError:  # pragma: no cover - Triton older than 3.3
     TensorDescriptor = None
 
 from .schedule import BlockSchedule, unpack_bits
-from .triton_env import interpreting
+from .triton_env import KernelGuard, interpreting
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 NAME = "triton"
 AUTO_DEVICES = ("cuda",)  # where "auto" may pick it
+GUARD = KernelGuard("block-sparse attention kernel")  # under "auto": the next backend once it fails on a GPU
 
 
 def available() -> bool:
@@ -48,6 +49,8 @@ def usable(device: torch.device, dtype: torch.dtype | None, head_dim: int | None
     """None if this backend can run such a call, else why not."""
     if triton is None:
         return "Triton is not installed"
+    if not GUARD.usable:
+        return f"the Triton kernel failed on this GPU ({GUARD.failure})"
     if training:
         return "the Triton kernel is forward-only (no backward for training)"
     if device.type != "cuda" and not interpreting():

@@ -79,3 +79,30 @@ def test_running_out_of_memory_is_not_a_kernel_failure(monkeypatch):
     with pytest.raises(torch.cuda.OutOfMemoryError):
         silu_gate.silu_gate(torch.randn(2, 8))
     assert silu_gate.GUARD.usable
+
+
+@pytest.mark.kernel_failure
+def test_a_failing_attention_kernel_hands_auto_to_the_next_backend(monkeypatch, caplog):
+    """``auto`` on a GPU where the block-sparse kernel fails: the next backend computes the masked attention of the
+    rules (dense reference), one warning, the kernel not tried again; asked for by name, it says why it cannot."""
+    from ultragen.kernels import AttentionInputError, sparse_attention, triton_block_sparse
+
+    from layouts import NAMED
+    from reference import dense_mask, masked_attention
+
+    if triton_block_sparse.triton is None:
+        pytest.skip("Triton is not installed")
+    calls = []
+    monkeypatch.setattr(triton_block_sparse, "AUTO_DEVICES", None)  # "auto" may pick it for these CPU tensors
+    monkeypatch.setattr(triton_block_sparse, "interpreting", lambda: True)
+    monkeypatch.setattr(triton_block_sparse, "run", failing(calls))
+    layout = NAMED["guidance-global"]
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, layout.seq_len, 32, generator=g) for _ in range(3))
+    expected = masked_attention(q, k, v, dense_mask(layout))
+    with caplog.at_level(logging.WARNING, logger="UltraGen"):
+        for _ in range(2):
+            assert (sparse_attention(q, k, v, layout) - expected).abs().max().item() <= 1e-5
+    assert calls == [1] and caplog.text.count("simulated compile error") == 1
+    with pytest.raises(AttentionInputError, match="failed on this GPU .*simulated compile error"):
+        sparse_attention(q, k, v, layout, backend="triton")
