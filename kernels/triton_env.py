@@ -14,6 +14,8 @@ from typing import TypeVar
 
 import torch
 
+from ..errors import UltraGenError
+
 try:
     import triton
 except ImportError:  # pragma: no cover - machines without Triton
@@ -38,9 +40,10 @@ class KernelGuard:
 
     Why: a kernel can fail to compile or launch on an artist's GPU (a Triton build without that architecture, an
     older driver) where PyTorch's operations compute the same values; stopping every sampling run there would lose
-    the image. The first failure is warned once and PyTorch's path taken from then on. Running out of memory is
-    not a kernel failure and is raised. Every guard is listed in :data:`GUARDS` (the tests check that none failed:
-    a fallback would otherwise hide a kernel's bug).
+    the image. The first failure is warned once and PyTorch's path taken from then on. Running out of memory and
+    the pack's own input errors (``UltraGenError``: what the caller must change) are not kernel failures: raised.
+    Every guard is listed in :data:`GUARDS` (the tests check that none failed: a fallback would otherwise hide a
+    kernel's bug).
     """
 
     def __init__(self, what: str):
@@ -56,7 +59,7 @@ class KernelGuard:
         """``kernel(*args, **kwargs)``, or where it fails (the first time, with a warning) ``fallback(...)``."""
         try:
             return kernel(*args, **kwargs)
-        except torch.cuda.OutOfMemoryError:
+        except (torch.cuda.OutOfMemoryError, UltraGenError):
             raise
         except Exception as exc:
             self.failure = f"{type(exc).__name__}: {exc}"

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ultragen.kernels import gelu, rope, silu_gate
+from ultragen.kernels.rope import RopeInputError
 
 
 def failing(calls: list):
@@ -68,15 +69,17 @@ def test_a_failing_kernel_warns_once_and_pytorch_computes_the_same(case, monkeyp
     assert not guard.usable and caplog.text.count("simulated compile error") == 1
 
 
-def test_running_out_of_memory_is_not_a_kernel_failure(monkeypatch):
-    """Out of memory is raised (a smaller size or a card with room is the answer), not hidden by PyTorch's path."""
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("simulated"), RopeInputError("simulated")])
+def test_out_of_memory_and_input_errors_are_not_kernel_failures(error, monkeypatch):
+    """Out of memory (a smaller size or a card with room is the answer) and the pack's own input errors (what the
+    caller must change) are raised, not hidden by PyTorch's path, and the kernel stays in use."""
 
-    def out_of_memory(x):
-        raise torch.cuda.OutOfMemoryError("simulated")
+    def raising(x):
+        raise error
 
     monkeypatch.setattr(silu_gate, "triton_runs_on", lambda device: True)
-    monkeypatch.setattr(silu_gate, "triton_silu_gate", out_of_memory)
-    with pytest.raises(torch.cuda.OutOfMemoryError):
+    monkeypatch.setattr(silu_gate, "triton_silu_gate", raising)
+    with pytest.raises(type(error)):
         silu_gate.silu_gate(torch.randn(2, 8))
     assert silu_gate.GUARD.usable
 
