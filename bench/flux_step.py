@@ -35,19 +35,18 @@ from results_io import comfyui_on_gpu, run_info, write_json
 TEXT = 512
 COMFYUI_ORDER = "ultragen-local-comfyui-order"  # the chunked blocks without their one-pass forms
 CONFIGS = ("floor", "floor-no-rope", "ultragen-local", COMFYUI_ORDER, "ultragen-global", "dense")
-FORMS = ("norm", "gated_add", "joined_gemm", "qkv_into", "gelu_epilogue", "silu_gate", "qk_norm")  # ALL_FORMS
 WITHOUT = "ultragen-local-without-"  # + a form: the one-pass forms but that one
 TARGETS = {4096: 1.3, 8192: 1.4}  # patched step / floor (FLUX.1-dev)
 FLUX2_TARGETS = {4096: 1.15, 8192: 1.15}  # issue 14
 
 
-def one_pass_forms(config: str) -> frozenset[str]:
-    """The chunked blocks' one-pass forms a configuration runs with."""
+def one_pass_forms(config: str, forms: frozenset[str]) -> frozenset[str]:
+    """Which of the chunked blocks' one-pass ``forms`` (``slice_ops.ALL_FORMS``) a configuration runs with."""
     if config == COMFYUI_ORDER:
         return frozenset()
     if config.startswith(WITHOUT):
-        return frozenset(FORMS) - {config.removeprefix(WITHOUT)}
-    return frozenset(FORMS)
+        return forms - {config.removeprefix(WITHOUT)}
+    return forms
 
 
 @dataclass(frozen=True)
@@ -261,13 +260,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     from ultragen.patch import slice_ops
 
-    if slice_ops.ALL_FORMS != frozenset(FORMS):
-        raise SystemExit(f"bench/flux_step.py's FORMS {FORMS} are not the blocks' {set(slice_ops.ALL_FORMS)}")
+    forms = sorted(slice_ops.ALL_FORMS)  # the ablation's order
     default_forms = slice_ops.ONE_PASS_FORMS
     rows = []
     for pixels in args.sizes:
         ablate = args.ablate and pixels <= (args.ablate_max or pixels)
-        wanted = [*args.configs, *(f"{WITHOUT}{form}" for form in FORMS if ablate)]
+        wanted = [*args.configs, *(f"{WITHOUT}{form}" for form in forms if ablate)]
         x, ctx, y = step_inputs(arch, pixels, pixels)
         makers = {
             "floor": lambda: floor_model(model),
@@ -282,14 +280,14 @@ def main(argv: list[str] | None = None) -> None:
         row = {"pixels": pixels}
         for name, m in configs.items():
             reps = 0 if (name == "dense" and pixels >= 8192) else args.reps
-            slice_ops.ONE_PASS_FORMS = one_pass_forms(name)
+            slice_ops.ONE_PASS_FORMS = one_pass_forms(name, slice_ops.ALL_FORMS)
             seconds, peak = measure(m, (x, ctx, y), reps)
             row[name] = {"s": seconds, "peak_gib": peak, "timed_steps": max(reps, 1)}
             print(f"step {pixels} {name:16s} {seconds:8.3f} s  peak {peak:6.1f} GiB  ({gib()})", flush=True)
         if pixels <= 4096 and "ultragen-local" in configs:
             outs = []
             for name in ("ultragen-local", COMFYUI_ORDER):
-                slice_ops.ONE_PASS_FORMS = one_pass_forms(name)
+                slice_ops.ONE_PASS_FORMS = one_pass_forms(name, slice_ops.ALL_FORMS)
                 outs.append(step(configs["ultragen-local"], x, ctx, y).float())
             row["one_pass_vs_comfyui_order_rel_diff"] = ((outs[0] - outs[1]).norm() / outs[1].norm()).item()
             print(f"step {pixels} one-pass forms vs ComfyUI's order: relative difference "
@@ -336,8 +334,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.ablate:
         print("\n| size | form left out | step | its worth (step without it - with all) |")
         print("|---|---|---|---|")
-        for r in (r for r in rows if "ultragen-local" in r and f"{WITHOUT}{FORMS[0]}" in r):  # sizes ablated
-            for form in FORMS:
+        for r in (r for r in rows if "ultragen-local" in r and f"{WITHOUT}{forms[0]}" in r):  # sizes ablated
+            for form in forms:
                 seconds = r[f"{WITHOUT}{form}"]["s"]
                 print(f"| {r['pixels']}² | {form} | {seconds:.3f} s | {seconds - r['ultragen-local']['s']:+.3f} s |")
     targets = TARGETS if args.model == "flux1-dev" else FLUX2_TARGETS

@@ -107,7 +107,9 @@ def sparse_attention(
         schedule = pattern.block_schedule(*b.tile(q.device, head_dim), q.device)
         return b.run(q, k, v, schedule, scale, out, training)
 
-    if backend == "auto" and chosen is triton_block_sparse:  # a kernel failing on this GPU: the next backend
-        return triton_block_sparse.GUARD.run(run_on, lambda _: run_on(_backend(choose_backend(
-            q.device, q.dtype, head_dim, training))), chosen)  # fmt: skip
+    def run_on_next(_: ModuleType) -> torch.Tensor:  # the kernel failed on this GPU: "auto" chooses again
+        return run_on(_backend(choose_backend(q.device, q.dtype, head_dim, training)))
+
+    if backend == "auto" and chosen is triton_block_sparse:
+        return triton_block_sparse.GUARD.run(run_on, run_on_next, chosen)
     return run_on(chosen)

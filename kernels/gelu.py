@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - machines without Triton
     triton = None
     tl = None
 
-from .row_tiles import row_layout, row_tile_grid
+from .row_tiles import ROW_TILE, row_layout, row_tile, row_tile_grid
 from .triton_env import KernelGuard
 
 GUARD = KernelGuard("in-place GELU kernel")
@@ -39,7 +39,7 @@ def gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
 
     The Triton kernel on CUDA; elsewhere PyTorch's own in-place GELU (the same values bit for bit).
     """
-    if kernel_takes(x) and GUARD.usable:
+    if kernel_takes(x):
         return GUARD.run(triton_gelu_tanh_, _torch_gelu_tanh_, x)
     return _torch_gelu_tanh_(x)
 
@@ -56,8 +56,8 @@ def _torch_gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
 def triton_gelu_tanh_(x: torch.Tensor) -> torch.Tensor:
     """The Triton kernel itself (CUDA, or Triton's CPU interpreter); x must fold into rows (:func:`row_layout`)."""
     rows, cols, row_stride = row_layout(x)
-    block_r, block_c = 4, 1024
-    grid = row_tile_grid(rows, cols, block_r, block_c)
+    block_r, block_c = ROW_TILE
+    grid = row_tile_grid(rows, cols)
     _gelu_tanh_rows[grid](x, rows, cols, row_stride, SQRT_2_OVER_PI, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
     return x
 
@@ -67,9 +67,7 @@ if triton is not None:
     @triton.jit
     def _gelu_tanh_rows(x_ptr, rows, cols, row_stride, k_beta, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         """One program per (BLOCK_R rows, BLOCK_C columns) tile, read and written in place."""
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        live = (r < rows)[:, None] & (c < cols)[None, :]
+        r, c, live = row_tile(rows, cols, BLOCK_R, BLOCK_C)
         ptrs = x_ptr + r[:, None].to(tl.int64) * row_stride + c[None, :]
         x = tl.load(ptrs, mask=live, other=0.0).to(tl.float32)
         u = k_beta * (x + 0.044715 * (x * x * x))

@@ -15,6 +15,7 @@ as FLUX's ``EmbedND`` makes it: pair i of a token becomes
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -61,10 +62,14 @@ def apply_rope(
     check_rope_inputs(q, k, pe)
     if out is not None:
         _check_out(q, out)
-    differentiable = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or pe.requires_grad)
-    if not differentiable and triton_runs_on(q.device) and GUARD.usable:
+    if not _differentiable(q, k, pe) and triton_runs_on(q.device):
         return GUARD.run(_rope_triton, _rope_torch, q, k, pe, out=out, norm=norm)
     return _rope_torch(q, k, pe, out=out, norm=norm)
+
+
+def _differentiable(q: torch.Tensor, k: torch.Tensor, pe: torch.Tensor) -> bool:
+    """Autograd records this call (training): the Triton kernel has no backward."""
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or pe.requires_grad)
 
 
 def _rope_torch(
@@ -74,7 +79,7 @@ def _rope_torch(
     """:func:`apply_rope` in PyTorch operations (float32 temporaries; a chunk of tokens at a time without autograd)."""
     if norm is not None:
         q, k = norm.apply(q, norm.q_weight), norm.apply(k, norm.k_weight)
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or pe.requires_grad):
+    if _differentiable(q, k, pe):
         rotated = _rotate(q, pe), _rotate(k, pe)
     else:
         rotated = _rotate_chunked(q, pe), _rotate_chunked(k, pe)
@@ -97,6 +102,12 @@ class QKNorm:
     def apply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """PyTorch's rms_norm (ComfyUI's own), rounded to x's dtype: the path without Triton."""
         return F.rms_norm(x, (x.shape[-1],), weight, self.eps)
+
+    @functools.cached_property
+    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """q's and k's weights as the kernel reads them (float32, contiguous): made once per QK-norm, which a
+        block takes once per call, not once per slice."""
+        return self.q_weight.float().contiguous(), self.k_weight.float().contiguous()
 
 
 def _check_out(q: torch.Tensor, out: tuple[torch.Tensor, torch.Tensor]) -> None:
@@ -213,7 +224,7 @@ def _rope_triton(
         q_out, k_out = out
     heads = next(n for n in (heads_per_program, 4, 2, 1) if h % n == 0)
     if norm is not None:
-        wq, wk, eps = norm.q_weight.float().contiguous(), norm.k_weight.float().contiguous(), float(norm.eps)
+        (wq, wk), eps = norm.kernel_weights, float(norm.eps)
     else:
         wq, wk, eps = pe, pe, 0.0  # not read
     _rope_kernel[rope_launch_grid(b, h // heads, length, block_l)](

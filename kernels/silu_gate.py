@@ -21,7 +21,7 @@ except ImportError:  # pragma: no cover - machines without Triton
     triton = None
     tl = None
 
-from .row_tiles import row_layout, row_tile_grid
+from .row_tiles import ROW_TILE, row_layout, row_tile, row_tile_grid
 from .triton_env import KernelGuard, triton_runs_on
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -33,7 +33,7 @@ def silu_gate(x: torch.Tensor) -> torch.Tensor:
 
     The Triton kernel on CUDA (and under Triton's CPU interpreter); elsewhere PyTorch's two operations.
     """
-    if triton_runs_on(x.device) and can_take(x) and GUARD.usable:
+    if triton_runs_on(x.device) and can_take(x):
         return GUARD.run(triton_silu_gate, _torch_silu_gate, x)
     return _torch_silu_gate(x)
 
@@ -56,8 +56,8 @@ def triton_silu_gate(x: torch.Tensor) -> torch.Tensor:
     rows, width, row_stride = row_layout(x)
     cols = width // 2
     out = torch.empty((*x.shape[:-1], cols), dtype=x.dtype, device=x.device)
-    block_r, block_c = 4, 1024
-    grid = row_tile_grid(rows, cols, block_r, block_c)
+    block_r, block_c = ROW_TILE
+    grid = row_tile_grid(rows, cols)
     _silu_gate_rows[grid](x, out, rows, cols, row_stride, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
     return out
 
@@ -67,9 +67,7 @@ if triton is not None:
     @triton.jit
     def _silu_gate_rows(x_ptr, out_ptr, rows, cols, row_stride, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         """One program per (BLOCK_R rows, BLOCK_C output columns) tile: both halves read, the product written."""
-        r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        live = (r < rows)[:, None] & (c < cols)[None, :]
+        r, c, live = row_tile(rows, cols, BLOCK_R, BLOCK_C)
         first = x_ptr + r[:, None].to(tl.int64) * row_stride + c[None, :]
         x1 = tl.load(first, mask=live, other=0.0).to(tl.float32)
         x2 = tl.load(first + cols, mask=live, other=0.0).to(tl.float32)

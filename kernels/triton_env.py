@@ -56,7 +56,10 @@ class KernelGuard:
         return self.failure is None
 
     def run(self, kernel: Callable[..., T], fallback: Callable[..., T], *args, **kwargs) -> T:
-        """``kernel(*args, **kwargs)``, or where it fails (the first time, with a warning) ``fallback(...)``."""
+        """``kernel(*args, **kwargs)``; ``fallback(...)`` where it fails (the first time, with a warning) and once
+        it has failed."""
+        if self.failure is not None:
+            return fallback(*args, **kwargs)
         try:
             return kernel(*args, **kwargs)
         except (torch.cuda.OutOfMemoryError, UltraGenError):

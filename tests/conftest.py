@@ -71,8 +71,6 @@ def kernels_do_not_fall_back(request):
         guard.failure = None
     yield
     failed = [f"{guard.what}: {guard.failure}" for guard in GUARDS if guard.failure]
-    for guard in GUARDS:
-        guard.failure = None
     if request.node.get_closest_marker("kernel_failure") is None:
         assert not failed, f"a Triton kernel failed and fell back to PyTorch: {failed}"
 
