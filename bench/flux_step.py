@@ -263,6 +263,13 @@ def main(argv: list[str] | None = None) -> None:
     forms = sorted(slice_ops.ALL_FORMS)  # the ablation's order
     default_forms = slice_ops.ONE_PASS_FORMS
     rows = []
+    result = {
+        **run_info(),
+        "model": args.model,
+        "dense_equivalent_rel_diff_1024": check,
+        "dense_equivalent_flex_rel_diff_1024": noise,
+        "rows": rows,
+    }
     for pixels in args.sizes:
         ablate = args.ablate and pixels <= (args.ablate_max or pixels)
         wanted = [*args.configs, *(f"{WITHOUT}{form}" for form in forms if ablate)]
@@ -278,12 +285,14 @@ def main(argv: list[str] | None = None) -> None:
         configs = {name: makers[name]() for name in CONFIGS if name in wanted}
         configs.update({name: makers["ultragen-local"]() for name in wanted if name.startswith(WITHOUT)})
         row = {"pixels": pixels}
+        rows.append(row)
         for name, m in configs.items():
             reps = 0 if (name == "dense" and pixels >= 8192) else args.reps
             slice_ops.ONE_PASS_FORMS = one_pass_forms(name, slice_ops.ALL_FORMS)
             seconds, peak = measure(m, (x, ctx, y), reps)
             row[name] = {"s": seconds, "peak_gib": peak, "timed_steps": max(reps, 1)}
             print(f"step {pixels} {name:16s} {seconds:8.3f} s  peak {peak:6.1f} GiB  ({gib()})", flush=True)
+            write_json("flux_step", result, args.out)  # after every timing: a run stopped early keeps what it measured
         if pixels <= 4096 and "ultragen-local" in configs:
             outs = []
             for name in ("ultragen-local", COMFYUI_ORDER):
@@ -294,17 +303,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"{row['one_pass_vs_comfyui_order_rel_diff']:.2e}", flush=True)  # fmt: skip
             del outs
         slice_ops.ONE_PASS_FORMS = default_forms
-        rows.append(row)
         del x, ctx, y, configs
         torch.cuda.empty_cache()
 
-    result = {
-        **run_info(),
-        "model": args.model,
-        "dense_equivalent_rel_diff_1024": check,
-        "dense_equivalent_flex_rel_diff_1024": noise,
-        "rows": rows,
-    }
     out = write_json("flux_step", result, args.out)
     device = result["device"]
 

@@ -323,7 +323,8 @@ def test_qk_norm_taken_once_normalises_like_comfyuis(comfyui, family, on):
     q, k, v = (torch.randn(2, 9, heads, dim, generator=g).to(on) * 1e-3 for _ in range(3))
     with torch.no_grad():
         for module in (norm.query_norm, norm.key_norm):  # weights of their own (a fresh model: nobody else's)
-            (module.scale if hasattr(module, "scale") else module.weight).uniform_(0.5, 1.5, generator=g)
+            weight = module.scale if hasattr(module, "scale") else module.weight
+            weight.copy_(torch.empty(weight.shape).uniform_(0.5, 1.5, generator=g))  # drawn on the CPU: any device
         identity = torch.tensor([[1.0, 0.0], [0.0, 1.0]], device=on).expand(1, 1, 9, dim // 2, 2, 2).contiguous()
         for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
             norm.to(dtype)
