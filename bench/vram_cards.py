@@ -24,6 +24,11 @@ U = tokens x hidden (FLUX.1: 3072) x 2 bytes (the memory above what was allocate
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/vram_cards.py [--cards 12 24] [--sizes 4096] [--dynamic-vram]
 
+Cells of one card and one kind of weights run one after another without unloading the model in between (ComfyUI
+keeps what it loaded and frees what the next size's estimate asks for, as in an artist's queue of sizes); a new
+card or new weights, or a cell after a failed one, start fresh with every model unloaded (``--fresh``: before
+every cell, as until 2026-12-02, when the bf16 cells took 25-40 s each for steps of 2-8 s).
+
 Prints a table and writes JSON after every cell (a run cut short keeps what it measured).
 """
 
@@ -82,8 +87,15 @@ class Card:
         self.original_free = mm.get_free_memory
         self.original_total_vram = mm.total_vram
         self.cap = self.total
+        self.current: tuple | None = None  # (GiB, weights) of the card as last set, None after a failed cell
 
-    def set(self, gib: float | None) -> None:
+    def set(self, gib: float | None, weights: str | None = None, fresh: bool = True) -> None:
+        """Emulate a ``gib`` card (None: the whole GPU). Unless ``fresh`` is False and the card and weights are
+        the ones already set, every model is unloaded first (a fresh start); otherwise ComfyUI keeps what it
+        loaded for the previous cell and frees what the next estimate needs, as in an artist's queue."""
+        if not fresh and self.current == (gib, weights):
+            return
+        self.current = (gib, weights)
         self.mm.unload_all_models()
         gc.collect()
         self.mm.soft_empty_cache()
@@ -229,8 +241,9 @@ def step(model, pixels: int, arch, steps: int = 1) -> dict:
     return seen
 
 
-def cell(card: Card, base, gib, dtype: str, pixels: int, mode: str, name: str = "flux1-dev") -> dict:
-    card.set(gib)
+def cell(card: Card, base, gib, dtype: str, pixels: int, mode: str, name: str = "flux1-dev",
+         fresh: bool = True) -> dict:  # fmt: skip
+    card.set(gib, dtype, fresh)
     arch = MODELS[name]
     row = {"card_gib": gib, "weights": dtype, "pixels": pixels, "mode": mode}
     u = tokens(pixels, mode) * arch.params["hidden_size"] * 2 / 2**30
@@ -252,8 +265,10 @@ def cell(card: Card, base, gib, dtype: str, pixels: int, mode: str, name: str = 
         frame = traceback.extract_tb(exc.__traceback__)[-1]
         row.update(status="OOM", where=f"{frame.filename.split('/')[-1]}:{frame.lineno} {frame.line}")
         row["weights_gib"] = round(sum(m.model_loaded_memory() for m in mm.current_loaded_models) / 2**30, 3)
+        card.current = None  # the next cell starts fresh, not from what a failed one left
     except Exception as exc:  # noqa: BLE001 - a benchmark records every failure and goes on
         row.update(status="error", where=f"{type(exc).__name__}: {exc}"[:300])
+        card.current = None
     row["u_gib"] = round(u, 3)
     print(_line(row), flush=True)
     return row
@@ -299,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--whole-gpu", action="store_true", help="also the unconstrained GPU: UltraGen, its whole-block "
                     "version and the floor at 8192², and 12288² / 16384²")  # fmt: skip
     ap.add_argument("--dynamic-vram", action="store_true", help="ComfyUI 0.29's DynamicVRAM, as its main.py enables it")
+    ap.add_argument("--fresh", action="store_true", help="unload every model before each cell (default: only when "
+                    "the card or the weights change, as an artist's queue of sizes would)")  # fmt: skip
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting cells after this many seconds")
     ap.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH)")
     ap.add_argument("--out", help="JSON path (default: bench/results/vram_cards.json)")
@@ -320,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     models = {}
     rows = []
     result = {**run_info(), "model": args.model, "dynamic_vram": args.dynamic_vram, "context_gib": CONTEXT_GIB,
-              "rows": rows}  # fmt: skip
+              "fresh_cells": args.fresh, "rows": rows}  # fmt: skip
     for gib, dtype, pixels, mode in cells:
         if time.perf_counter() - start > args.budget_s:
             rows.append({"card_gib": gib, "weights": dtype, "pixels": pixels, "mode": mode, "status": "not run"})
@@ -329,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             models[dtype] = build(dtype, args.model)
             print(f"built {args.model} ({dtype}) on the CPU in {time.perf_counter() - t0:.0f} s", flush=True)
-        rows.append(cell(card, models[dtype], gib, dtype, pixels, mode, args.model))
+        rows.append(cell(card, models[dtype], gib, dtype, pixels, mode, args.model, fresh=args.fresh))
         write_json("vram_cards", result, args.out)
     card.set(None)
     print_table(rows)
