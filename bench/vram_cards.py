@@ -24,10 +24,11 @@ U = tokens x hidden (FLUX.1: 3072) x 2 bytes (the memory above what was allocate
 
     COMFYUI_PATH=/path/to/ComfyUI python bench/vram_cards.py [--cards 12 24] [--sizes 4096] [--dynamic-vram]
 
-Cells of one card and one kind of weights run one after another without unloading the model in between (ComfyUI
-keeps what it loaded and frees what the next size's estimate asks for, as in an artist's queue of sizes); a new
-card or new weights, or a cell after a failed one, start fresh with every model unloaded (``--fresh``: before
-every cell, as until 2026-12-02, when the bf16 cells took 25-40 s each for steps of 2-8 s).
+Every cell starts fresh, all models unloaded (an artist's first run after starting ComfyUI). With ``--queue``
+cells of one card and one kind of weights follow each other without unloading the model (ComfyUI keeps what it
+loaded and frees what the next size's estimate asks for, as in an artist's queue of sizes) — faster (fresh bf16
+cells took 25-40 s each for steps of 2-8 s); a new card or new weights, or a cell after a failed one, start
+fresh.
 
 Prints a table and writes JSON after every cell (a run cut short keeps what it measured).
 """
@@ -314,8 +315,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--whole-gpu", action="store_true", help="also the unconstrained GPU: UltraGen, its whole-block "
                     "version and the floor at 8192², and 12288² / 16384²")  # fmt: skip
     ap.add_argument("--dynamic-vram", action="store_true", help="ComfyUI 0.29's DynamicVRAM, as its main.py enables it")
-    ap.add_argument("--fresh", action="store_true", help="unload every model before each cell (default: only when "
-                    "the card or the weights change, as an artist's queue of sizes would)")  # fmt: skip
+    ap.add_argument("--queue", action="store_true", help="keep the model loaded between cells of one card and "
+                    "one kind of weights, as an artist's queue of sizes would (faster; default: unload before every "
+                    "cell)")  # fmt: skip
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting cells after this many seconds")
     ap.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH)")
     ap.add_argument("--out", help="JSON path (default: bench/results/vram_cards.json)")
@@ -337,7 +339,7 @@ def main(argv: list[str] | None = None) -> None:
     models = {}
     rows = []
     result = {**run_info(), "model": args.model, "dynamic_vram": args.dynamic_vram, "context_gib": CONTEXT_GIB,
-              "fresh_cells": args.fresh, "rows": rows}  # fmt: skip
+              "queue": args.queue, "rows": rows}  # fmt: skip
     for gib, dtype, pixels, mode in cells:
         if time.perf_counter() - start > args.budget_s:
             rows.append({"card_gib": gib, "weights": dtype, "pixels": pixels, "mode": mode, "status": "not run"})
@@ -346,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             models[dtype] = build(dtype, args.model)
             print(f"built {args.model} ({dtype}) on the CPU in {time.perf_counter() - t0:.0f} s", flush=True)
-        rows.append(cell(card, models[dtype], gib, dtype, pixels, mode, args.model, fresh=args.fresh))
+        rows.append(cell(card, models[dtype], gib, dtype, pixels, mode, args.model, fresh=not args.queue))
         write_json("vram_cards", result, args.out)
     card.set(None)
     print_table(rows)
