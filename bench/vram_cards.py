@@ -79,22 +79,23 @@ def import_comfyui(explicit: str | None, dynamic: bool) -> None:
 class Card:
     """The emulated card (None: the whole GPU)."""
 
-    def __init__(self, dynamic: bool):
+    def __init__(self, dynamic: bool, queue: bool = False):
         import comfy.model_management as mm
 
         self.mm = mm
         self.dynamic = dynamic
+        self.queue = queue  # keep the model loaded while the card and the weights stay the same
         self.total = torch.cuda.get_device_properties(0).total_memory
         self.original_free = mm.get_free_memory
         self.original_total_vram = mm.total_vram
         self.cap = self.total
         self.current: tuple | None = None  # (GiB, weights) of the card as last set, None after a failed cell
 
-    def set(self, gib: float | None, weights: str | None = None, fresh: bool = True) -> None:
-        """Emulate a ``gib`` card (None: the whole GPU). Unless ``fresh`` is False and the card and weights are
-        the ones already set, every model is unloaded first (a fresh start); otherwise ComfyUI keeps what it
-        loaded for the previous cell and frees what the next estimate needs, as in an artist's queue."""
-        if not fresh and self.current == (gib, weights):
+    def set(self, gib: float | None, weights: str | None = None) -> None:
+        """Emulate a ``gib`` card (None: the whole GPU), every model unloaded first (a fresh start) — except with
+        ``queue`` for the card and weights already set: then ComfyUI keeps what it loaded for the previous cell
+        and frees what the next estimate needs, as in an artist's queue."""
+        if self.queue and self.current == (gib, weights):
             return
         self.current = (gib, weights)
         self.mm.unload_all_models()
@@ -202,7 +203,6 @@ def step(model, pixels: int, arch, steps: int = 1) -> dict:
     import comfy.sample
 
     seen: dict = {}
-    calls: list[float] = []
 
     def timed(executor, *args, **kwargs):
         torch.cuda.synchronize()
@@ -213,7 +213,7 @@ def step(model, pixels: int, arch, steps: int = 1) -> dict:
         out = executor(*args, **kwargs)
         torch.cuda.synchronize()
         seen["s"] = time.perf_counter() - t0
-        calls.append(seen["s"])
+        seen.setdefault("first_s", seen["s"])
         seen["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         aimdo = aimdo_vram_gib()
         if aimdo is not None:
@@ -237,14 +237,13 @@ def step(model, pixels: int, arch, steps: int = 1) -> dict:
                               disable_pbar=True)  # fmt: skip
     if not torch.isfinite(out).all():
         raise RuntimeError("non-finite output")
-    if steps > 1:
-        seen["first_s"] = calls[0]
+    if steps == 1:
+        del seen["first_s"]  # the step timed is the first
     return seen
 
 
-def cell(card: Card, base, gib, dtype: str, pixels: int, mode: str, name: str = "flux1-dev",
-         fresh: bool = True) -> dict:  # fmt: skip
-    card.set(gib, dtype, fresh)
+def cell(card: Card, base, gib, dtype: str, pixels: int, mode: str, name: str = "flux1-dev") -> dict:
+    card.set(gib, dtype)
     arch = MODELS[name]
     row = {"card_gib": gib, "weights": dtype, "pixels": pixels, "mode": mode}
     u = tokens(pixels, mode) * arch.params["hidden_size"] * 2 / 2**30
@@ -266,10 +265,10 @@ def cell(card: Card, base, gib, dtype: str, pixels: int, mode: str, name: str = 
         frame = traceback.extract_tb(exc.__traceback__)[-1]
         row.update(status="OOM", where=f"{frame.filename.split('/')[-1]}:{frame.lineno} {frame.line}")
         row["weights_gib"] = round(sum(m.model_loaded_memory() for m in mm.current_loaded_models) / 2**30, 3)
-        card.current = None  # the next cell starts fresh, not from what a failed one left
     except Exception as exc:  # noqa: BLE001 - a benchmark records every failure and goes on
         row.update(status="error", where=f"{type(exc).__name__}: {exc}"[:300])
-        card.current = None
+    if row["status"] != "runs":
+        card.current = None  # the next cell starts fresh, not from what a failed one left
     row["u_gib"] = round(u, 3)
     print(_line(row), flush=True)
     return row
@@ -324,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     start = time.perf_counter()
     import_comfyui(args.comfyui, args.dynamic_vram)
-    card = Card(args.dynamic_vram)
+    card = Card(args.dynamic_vram, queue=args.queue)
     cells = []
     if args.whole_gpu:
         for dtype in args.weights:
@@ -348,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             models[dtype] = build(dtype, args.model)
             print(f"built {args.model} ({dtype}) on the CPU in {time.perf_counter() - t0:.0f} s", flush=True)
-        rows.append(cell(card, models[dtype], gib, dtype, pixels, mode, args.model, fresh=not args.queue))
+        rows.append(cell(card, models[dtype], gib, dtype, pixels, mode, args.model))
         write_json("vram_cards", result, args.out)
     card.set(None)
     print_table(rows)
