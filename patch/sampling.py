@@ -8,6 +8,12 @@ Why a memory estimate: ComfyUI sizes its VRAM reservation with a per-pixel const
 measured on 1K images (~32 GB for a 4K batch of 2, ~127 GB at 8K), so large images fall
 into low-VRAM offload although the windowed model needs far less. A PREPARE_SAMPLING
 wrapper lends the model a tighter estimate for the length of that call only.
+
+Why weights are released after loading: ComfyUI before 0.4 (0.3.64) never shrinks a model that is
+already loaded — its loader only adds weights — so sampling a larger image with a model still
+loaded from a smaller one (an artist's next queue item, a Recursive Upscale stage) kept every
+weight and ran out of memory on 16-32 GB cards. ComfyUI 0.29 unloads the surplus itself; the
+wrapper applies that same rule on any host, which leaves 0.29 unchanged.
 """
 
 from __future__ import annotations
@@ -79,8 +85,47 @@ def windowed_memory_estimate(base_model, input_shape, extra_tokens: int = 0) -> 
     return activations + one_slice + CAST_WEIGHT_BYTES
 
 
+def weights_allowed(
+    free: float, loaded: float, minimum_required: float, weight_ratio: float, minimum_inference: float
+) -> float:
+    """Bytes of weights ComfyUI 0.29's loader lets a model keep on the GPU (``load_models_gpu``'s rule): all
+    memory but what the step needs, or the host's ``MIN_WEIGHT_MEMORY_RATIO`` share of it, never below 0."""
+    usable = free + loaded
+    return max(0.0, usable - minimum_required, min(usable * weight_ratio, usable - minimum_inference))
+
+
+def release_surplus_weights(model, noise_shape, conds, force_full_load: bool = False) -> int:
+    """Move to the offload device what ``model`` holds on the GPU past ``weights_allowed``; bytes released.
+
+    Called with the model just loaded by ComfyUI (and the windowed estimate in place). A no-op where ComfyUI
+    0.29's loader already applied the rule, with DynamicVRAM (which loads on demand) and without low-VRAM
+    loading (a high-VRAM or CPU setup keeps every weight by design)."""
+    import comfy.model_management as mm
+    import comfy.sampler_helpers
+
+    dynamic = getattr(model, "is_dynamic", None)
+    if force_full_load or (dynamic is not None and dynamic()) or not mm.lowvram_available:
+        return 0
+    if mm.vram_state not in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NORMAL_VRAM) or mm.is_device_cpu(model.load_device):
+        return 0
+    loaded = model.loaded_size()
+    if loaded <= 0:
+        return 0
+    _, minimum = comfy.sampler_helpers.estimate_memory(model, noise_shape, conds)
+    _, control_memory = comfy.sampler_helpers.get_additional_models(conds, model.model_dtype())
+    minimum_required = max(mm.minimum_inference_memory(), minimum + control_memory + mm.extra_reserved_memory())
+    allowed = weights_allowed(mm.get_free_memory(model.load_device), loaded, minimum_required,
+                              mm.MIN_WEIGHT_MEMORY_RATIO, mm.minimum_inference_memory())  # fmt: skip
+    if loaded <= allowed:
+        return 0
+    model.partially_unload(model.offload_device, int(loaded - allowed))
+    mm.soft_empty_cache()
+    return loaded - model.loaded_size()
+
+
 def memory_estimate_wrapper(extra_tokens_of):
-    """PREPARE_SAMPLING wrapper: the smaller of ComfyUI's estimate and the windowed one, for this call."""
+    """PREPARE_SAMPLING wrapper: the smaller of ComfyUI's estimate and the windowed one, for this call, and no
+    more weights on the GPU than that estimate leaves room for (``release_surplus_weights``)."""
 
     def wrapper(executor, model, noise_shape, conds, model_options=None, **kwargs):
         base = model.model
@@ -93,7 +138,9 @@ def memory_estimate_wrapper(extra_tokens_of):
 
         base.memory_required = estimate
         try:
-            return executor(model, noise_shape, conds, model_options=model_options, **kwargs)
+            prepared = executor(model, noise_shape, conds, model_options=model_options, **kwargs)
+            release_surplus_weights(model, noise_shape, conds, kwargs.get("force_full_load", False))
+            return prepared
         finally:
             if had_own:
                 base.memory_required = previous

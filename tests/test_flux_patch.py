@@ -209,6 +209,83 @@ def test_memory_estimate_is_windowed_during_prepare_sampling(flux):
     assert "memory_required" not in flux.model.__dict__  # restored after the call
 
 
+def test_weights_allowed_is_comfyui_029_loader_rule_worked_by_hand():
+    from ultragen.patch.sampling import weights_allowed
+
+    gib = 2**30
+    # A 32 GB card holding FLUX.1's 22 GiB of bf16 weights from a 4096^2 run, 9 GiB free, asked for an 8192^2
+    # step that needs 13 GiB: 9 + 22 - 13 = 18 GiB of weights may stay (0.29's loader unloads the other 4).
+    assert weights_allowed(9 * gib, 22 * gib, 13 * gib, 0.0, 1.2 * gib) == 18 * gib
+    # A step needing more than the whole card keeps no weight on NVIDIA (ratio 0) ...
+    assert weights_allowed(1 * gib, 3 * gib, 6 * gib, 0.0, 1 * gib) == 0
+    # ... and elsewhere the host's share: min(4 x 0.4, 4 - 1) = 1.6 GiB; min(1.5 x 0.4, 1.5 - 1.2) = 0.3 GiB.
+    assert weights_allowed(1 * gib, 3 * gib, 6 * gib, 0.4, 1 * gib) == pytest.approx(1.6 * gib)
+    assert weights_allowed(0.5 * gib, 1 * gib, 6 * gib, 0.4, 1.2 * gib) == pytest.approx(0.3 * gib)
+
+
+@pytest.fixture
+def emulated_nvidia_card(monkeypatch):
+    """ComfyUI's loader state on a normal-VRAM NVIDIA card, its free memory set by the test (``card["free"]``)."""
+    import comfy.model_management as mm
+
+    card = {"free": 0}
+    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NORMAL_VRAM)
+    monkeypatch.setattr(mm, "is_device_cpu", lambda device: False)
+    monkeypatch.setattr(mm, "MIN_WEIGHT_MEMORY_RATIO", 0.0)  # NVIDIA's, on both snapshots
+    monkeypatch.setattr(mm, "get_free_memory", lambda dev=None, torch_free_too=False: card["free"])
+    return card
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0, 1.0])
+def test_weights_a_loaded_model_keeps_past_the_step_are_released(emulated_nvidia_card, keep):
+    """ComfyUI 0.3.64's loader keeps every weight of a model already loaded; the wrapper then moves off what the
+    step's estimate leaves no room for, as 0.29's loader would (a fresh model: this test changes its modules)."""
+    import comfy.model_management as mm
+    import comfy.patcher_extension as pe
+    import comfy.sampler_helpers
+
+    from comfy_flux import tiny_flux
+
+    model = patched(tiny_flux(seed=0))
+    size = model.model_size()
+    leaves = [m for m in model.model.modules() if not list(m.children())]
+    largest = max(mm.module_size(m) for m in leaves)
+    fixed = sum(mm.module_size(m) for m in leaves if not hasattr(m, "comfy_cast_weights"))  # ComfyUI never moves
+    shape = [1, 16, 64, 64]
+
+    def prepare(model_patcher, noise_shape, conds, model_options=None):
+        model_patcher.load(model_patcher.load_device, full_load=True)  # every weight on the "GPU"
+        step = comfy.sampler_helpers.estimate_memory(model_patcher, noise_shape, conds)[1]
+        required = max(mm.minimum_inference_memory(), step + mm.extra_reserved_memory())
+        emulated_nvidia_card["free"] = required - size + int(keep * size)  # room for `keep` of the weights
+        return "prepared"
+
+    wrappers = model.get_all_wrappers(pe.WrappersMP.PREPARE_SAMPLING)
+    assert pe.WrapperExecutor.new_executor(prepare, wrappers).execute(model, shape, {}, model_options={}) == "prepared"
+    # Released per module, at least what is too much: no more than `keep` stays (and what ComfyUI cannot move
+    # off, parameters of layers without a cast path), less only by one module.
+    assert 0 < fixed < largest
+    assert keep * size - largest <= model.loaded_size() <= max(keep * size, fixed)
+
+
+def test_no_weight_is_released_without_low_vram_loading(emulated_nvidia_card, monkeypatch):
+    import comfy.model_management as mm
+
+    from ultragen.patch.sampling import release_surplus_weights
+
+    from comfy_flux import tiny_flux
+
+    model = patched(tiny_flux(seed=0))
+    model.load(model.load_device, full_load=True)
+    emulated_nvidia_card["free"] = 0  # the step would want every weight gone
+    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.HIGH_VRAM)  # --highvram: ComfyUI keeps them all
+    assert release_surplus_weights(model, [1, 16, 64, 64], {}) == 0
+    monkeypatch.setattr(mm, "vram_state", mm.VRAMState.NORMAL_VRAM)
+    assert release_surplus_weights(model, [1, 16, 64, 64], {}, force_full_load=True) == 0
+    assert model.loaded_size() == model.model_size()
+    assert release_surplus_weights(model, [1, 16, 64, 64], {}) > 0.9 * model.model_size()  # the rule applies
+
+
 # -- bad input -----------------------------------------------------------------------------
 
 
