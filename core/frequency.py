@@ -15,10 +15,10 @@ Shapes: latents (B, C, H, W); any float dtype (computed in float32).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
+
+from .tensor_cache import tensor_cache
 
 
 def _interpolation_matrix(size: int, out: int, antialias: bool, device: torch.device) -> torch.Tensor:
@@ -32,7 +32,7 @@ def _interpolation_matrix(size: int, out: int, antialias: bool, device: torch.de
     return resized[..., 0].reshape(size, out).t().double()
 
 
-@functools.lru_cache(maxsize=32)
+@tensor_cache(maxsize=32)
 def _axis_low_pass(size: int, factor: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(R, D) with LP along one axis = R @ D: D (m, size) downsamples, R = U (D U)^-1 (size, m)."""
     small = max(1, size // factor)

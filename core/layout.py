@@ -26,7 +26,6 @@ reference tokens:
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +44,7 @@ from .rules import (
     LayoutError,
     Segment,
 )
+from .tensor_cache import tensor_cache
 from .tile_classifier import tile_classifier
 from .token_order import TOKEN_ORDERS, window_first_order, window_rank
 
@@ -139,7 +139,7 @@ def _segment_len(seg: Segment) -> int:
     return seg.height * seg.width if isinstance(seg, (ImageSegment, GuidanceSegment)) else seg.length
 
 
-@functools.lru_cache(maxsize=32)
+@tensor_cache(maxsize=32)
 def _guidance_order(img: ImageSegment, g: GuidanceSegment, device: torch.device) -> tuple[torch.Tensor, ...]:
     """Guidance perm (sequence -> raster) and each token's home window (wy, wx)."""
     gy = torch.arange(g.height, device=device).repeat_interleave(g.width)
@@ -163,7 +163,7 @@ def _npa_boxes(y: torch.Tensor, size: int, patch: int, window: int, offset: int)
     return start, (start + window).clamp(max=size)
 
 
-@functools.lru_cache(maxsize=32)
+@tensor_cache(maxsize=32)
 def _token_table(layout: Layout, device: torch.device) -> TokenTable:
     n = layout.seq_len
     cols = {name: torch.zeros(n, dtype=torch.int32, device=device) for name in TokenTable.__dataclass_fields__}
@@ -195,7 +195,7 @@ def _near(a_y, a_x, b_y, b_x, radius: int):
     return ((a_y - b_y).abs() <= radius) & ((a_x - b_x).abs() <= radius)
 
 
-@functools.lru_cache(maxsize=32)
+@tensor_cache(maxsize=32)
 def _predicate(layout: Layout, device: torch.device):
     t = _token_table(layout, device)
     r = layout.rules
@@ -224,7 +224,7 @@ def _predicate(layout: Layout, device: torch.device):
     return allowed
 
 
-@functools.lru_cache(maxsize=64)  # a run's NPA offsets (16) x CFG text lengths x backends' tiles
+@tensor_cache(maxsize=64)  # a run's NPA offsets (16) x CFG text lengths x backends' tiles
 def _schedule(layout: Layout, block_m: int, block_n: int, device: torch.device) -> BlockSchedule:
     n = layout.seq_len
     classify = tile_classifier(_token_table(layout, device), layout.rules, block_m, block_n)

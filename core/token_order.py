@@ -13,11 +13,12 @@ the token placed there: ``tokens_window_first = tokens_raster[..., perm, :]`` an
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
+from .tensor_cache import tensor_cache
 
 TokenOrder = Literal["window-first", "hilbert"]
 TOKEN_ORDERS: tuple[str, ...] = ("window-first", "hilbert")
@@ -115,7 +116,7 @@ def window_first_order(
     return _window_first_order(height, width, (int(window[0]), int(window[1])), token_order, device)
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _window_first_order(
     height: int, width: int, window: tuple[int, int], token_order: str, device: torch.device
 ) -> WindowOrder:

@@ -83,8 +83,8 @@ def block_mask(schedule: BlockSchedule, backward: bool = False) -> BlockMask:
     ``backward``: also build the transposed (key-major) index that flex's backward pass
     reads; inference skips it.
     """
-    key = "flex_backward" if backward else "flex"
-    if key not in schedule.derived:
+
+    def build() -> BlockMask:
         predicate, q_last, kv_len = schedule.predicate, schedule.q_len - 1, schedule.kv_len
 
         def mask_mod(b, h, q_idx, kv_idx):
@@ -98,7 +98,7 @@ def block_mask(schedule: BlockSchedule, backward: bool = False) -> BlockMask:
             extra["seq_lengths"] = (schedule.q_len, schedule.kv_len)
         if "compute_q_blocks" in params:
             extra["compute_q_blocks"] = backward
-        schedule.derived[key] = BlockMask.from_kv_blocks(
+        return BlockMask.from_kv_blocks(
             part_num,
             part_idx,
             full_num,
@@ -107,7 +107,8 @@ def block_mask(schedule: BlockSchedule, backward: bool = False) -> BlockMask:
             mask_mod=mask_mod,
             **extra,
         )
-    return schedule.derived[key]
+
+    return schedule.derive("flex_backward" if backward else "flex", build)
 
 
 @functools.lru_cache(maxsize=1)

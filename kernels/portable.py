@@ -40,9 +40,7 @@ def _row_slots(schedule: BlockSchedule) -> tuple[torch.Tensor, torch.Tensor, tor
     Returns key blocks (rows, width) with -1 padding, pattern ids (-1 for full tiles) and
     the partial masks unpacked to bool (patterns, block_m, block_n), or None.
     """
-    if "portable" not in schedule.derived:
-        schedule.derived["portable"] = _build_row_slots(schedule)
-    return schedule.derived["portable"]
+    return schedule.derive("portable", lambda: _build_row_slots(schedule))
 
 
 def _build_row_slots(schedule: BlockSchedule) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -23,9 +23,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 TokenPredicate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 TileClassifier = Callable[[int, int], tuple[torch.Tensor, torch.Tensor]]
@@ -62,8 +64,17 @@ class BlockSchedule:
     patterns: torch.Tensor
     allowed_pairs: int
     predicate: TokenPredicate
-    # Backend-specific derived objects (e.g. a flex BlockMask), built once per schedule.
+    # Backend-specific derived objects (e.g. a flex BlockMask), built once per schedule: see derive().
     derived: dict = field(default_factory=dict, repr=False)
+
+    def derive(self, key: str, build: Callable[[], T]) -> T:
+        """``build()``'s result, kept with the schedule under ``key``. Built outside inference mode: the
+        schedule outlives the (inference-mode) sampling call that first used it, and a later differentiated
+        call must be able to save what was built for backward (core/tensor_cache.py says why)."""
+        if key not in self.derived:
+            with torch.inference_mode(False):
+                self.derived[key] = build()
+        return self.derived[key]
 
     @property
     def device(self) -> torch.device:

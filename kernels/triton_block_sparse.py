@@ -244,13 +244,13 @@ def _nonempty(t: torch.Tensor) -> torch.Tensor:
 
 def _byte_masks(schedule: BlockSchedule) -> torch.Tensor:
     """The schedule's distinct partial-tile masks as (patterns, BLOCK_M, BLOCK_N) int8; kept with it."""
-    if "triton_masks" not in schedule.derived:
+
+    def build() -> torch.Tensor:
         if schedule.patterns.numel():
-            masks = unpack_bits(schedule.patterns, schedule.block_n).to(torch.int8).contiguous()
-        else:
-            masks = torch.zeros(1, dtype=torch.int8, device=schedule.device)
-        schedule.derived["triton_masks"] = masks
-    return schedule.derived["triton_masks"]
+            return unpack_bits(schedule.patterns, schedule.block_n).to(torch.int8).contiguous()
+        return torch.zeros(1, dtype=torch.int8, device=schedule.device)
+
+    return schedule.derive("triton_masks", build)
 
 
 def _tma_descriptor(x: torch.Tensor, block_n: int):

@@ -6,7 +6,16 @@ import warnings
 import pytest
 import torch
 
-from ultragen.core import AttentionRules, GuidanceSegment, ImageSegment, Layout, TextSegment
+from ultragen.core import (
+    AttentionRules,
+    GuidanceSegment,
+    ImageSegment,
+    Layout,
+    TextSegment,
+    cached,
+    frequency,
+    window_first_order,
+)
 from ultragen.kernels import AttentionInputError, choose_backend, sparse_attention
 from ultragen.kernels.flex import flex_block_sparse_attention
 from ultragen.kernels.triton_block_sparse import block_sparse_attention
@@ -146,12 +155,61 @@ def test_gradients_match_dense_reference(backend, name):
         pytest.skip("flex_attention has no backward on the CPU; checked on the GPU")
     layout = NAMED[name]
     q, k, v = (t.requires_grad_() for t in qkv(layout, batch=1, heads=2, seed=3))
+    cached.release()
+    with torch.inference_mode():  # as ComfyUI samples: the layout's tables and schedule are built (and kept) here
+        sparse_attention(q.detach(), k.detach(), v.detach(), layout, backend=backend)
     weight = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     (sparse_attention(q, k, v, layout, backend=backend) * weight).sum().backward()
     qr, kr, vr = (t.detach().cpu().requires_grad_() for t in (q, k, v))
     (masked_attention(qr, kr, vr, dense_mask(layout)) * weight.cpu()).sum().backward()
     for got, want in ((q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):
         assert (got.cpu() - want).abs().max().item() <= 1e-4
+
+
+def _tensors(obj, seen=None):
+    """Every tensor reachable from ``obj`` through dataclass fields, containers, attributes and closures."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or obj is None or isinstance(obj, (int, float, str, bool, torch.device, torch.dtype)):
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield obj
+        return
+    if isinstance(obj, dict):
+        children = list(obj.values())
+    elif isinstance(obj, (list, tuple)):
+        children = list(obj)
+    elif callable(obj) and getattr(obj, "__closure__", None):
+        children = [cell.cell_contents for cell in obj.__closure__]
+    else:
+        children = list(getattr(obj, "__dict__", {}).values())
+    for child in children:
+        yield from _tensors(child, seen)
+
+
+@pytest.mark.parametrize("name", ["guidance-local", "npa-offset"])
+def test_nothing_cached_under_inference_mode_is_an_inference_tensor(name):
+    # ComfyUI samples under torch.inference_mode(); the tables, schedules and backend masks built there are
+    # kept, and a differentiated call later saves them for backward, which PyTorch refuses for inference
+    # tensors (flex's backward on CUDA did, in a test run after inference-mode tests).
+    from ultragen.kernels import flex
+    from ultragen.kernels.flex import block_mask
+    from ultragen.kernels.portable import _row_slots
+    from ultragen.kernels.triton_block_sparse import _byte_masks
+
+    layout = NAMED[name]
+    cached.release()
+    with torch.inference_mode():
+        schedule = layout.block_schedule(128, 128, DEVICE)
+        built = [layout.tokens(DEVICE), layout.predicate(DEVICE), schedule, _row_slots(schedule), _byte_masks(schedule)]
+        built += [block_mask(schedule, backward=True)] if flex.available() else []
+        if layout.guidance is not None:
+            built.append(layout.guidance_order(DEVICE))
+        built.append(window_first_order(layout.image.height, layout.image.width, layout.image.window, device=DEVICE))
+        built.append(frequency._axis_low_pass(16, 4, torch.device(DEVICE)))
+    tensors = list(_tensors(built))
+    assert len(tensors) > 20  # the walk reached the tables inside the schedule, the predicate and the masks
+    assert not [t.shape for t in tensors if t.is_inference()]
 
 
 def test_auto_skips_the_forward_only_kernel_when_training():
