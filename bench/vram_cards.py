@@ -1,8 +1,8 @@
-"""What runs on your card: one FLUX sampling step on emulated 12-80 GB cards, dense vs UltraGen.
+"""What runs on your card: FLUX sampling steps on emulated 12-80 GB cards, dense vs UltraGen.
 
 The full FLUX.1-dev architecture (``--model``: FLUX.2 klein 4B / 9B or dev) with random weights,
 built on the CPU (ComfyUI's offload device)
-and loaded by ComfyUI itself, sampled with ``comfy.sample.sample`` (1 Euler step, cfg 1: the real
+and loaded by ComfyUI itself, sampled with ``comfy.sample.sample`` (``--steps`` Euler steps, cfg 1: the real
 PREPARE_SAMPLING wrappers, memory estimate and partial loading). fp8 is ComfyUI's manual cast
 (weights stored float8_e4m3fn, computed in bf16). Text: 512 tokens of random T5-sized conditioning.
 
@@ -16,9 +16,16 @@ How an N-GiB card is emulated on a bigger GPU, between cells of one process:
 - with ``--dynamic-vram`` (ComfyUI 0.29's DynamicVRAM, switched on the way its main.py does),
   comfy-aimdo's VRAM headroom is set to total - N as ``--reserve-vram`` would.
 
-Per cell: runs or OOM (and where), seconds for the step (the model call; loading excluded — DynamicVRAM loads
-the weights lazily inside the first call, so there two steps run and the second is timed, the first's seconds
-kept as ``first_s``), peak GiB allocated during it, weights resident (with DynamicVRAM: comfy-aimdo's VRAM in
+PyTorch's allocator: ComfyUI's main.py switches PyTorch to ``backend:cudaMallocAsync`` on most NVIDIA setups
+(its cuda_malloc.py; ``--disable-cuda-malloc`` keeps the native caching allocator), before torch is imported.
+This script does not: run it with ``PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync`` for ComfyUI's default.
+The JSON records which backend ran (``allocator``); the two fragment memory differently.
+
+Per cell: runs or OOM (and where), seconds for the last of ``--steps`` steps (default 2; the model call,
+loading excluded; the first's seconds kept as ``first_s``: DynamicVRAM loads the weights lazily inside the
+first call, and a step after the first meets the allocator as a sampling run's later steps do — a 12 GB
+8192² cell with DynamicVRAM ran its first step and ran out of memory in the second), peak GiB allocated
+during it, weights resident (with DynamicVRAM: comfy-aimdo's VRAM in
 use after the step, ``aimdo_vram_gib``, outside PyTorch's allocator), and the step's peak activations in units
 U = tokens x hidden (FLUX.1: 3072) x 2 bytes (the memory above what was allocated when the step began).
 
@@ -242,7 +249,7 @@ def step(model, pixels: int, arch, steps: int = 1) -> dict:
     return seen
 
 
-def cell(card: Card, base, gib, dtype: str, pixels: int, mode: str, name: str = "flux1-dev") -> dict:
+def cell(card: Card, base, gib, dtype: str, pixels: int, mode: str, name: str = "flux1-dev", steps: int = 2) -> dict:
     card.set(gib, dtype)
     arch = MODELS[name]
     row = {"card_gib": gib, "weights": dtype, "pixels": pixels, "mode": mode}
@@ -254,9 +261,9 @@ def cell(card: Card, base, gib, dtype: str, pixels: int, mode: str, name: str = 
             model = floor(base)
         else:
             model = ultragen(base, pixels, arch, whole_blocks=mode == "ultragen-whole-blocks")  # or a warm-up
-        # DynamicVRAM loads the weights lazily, inside the first model call after the card is set (the legacy
-        # loader does so before sampling, untimed): time a second step there, the one every later step is like.
-        seen = step(model, pixels, arch, steps=2 if card.dynamic else 1)
+        # The last step is timed: DynamicVRAM loads the weights lazily inside the first model call after the card
+        # is set (the legacy loader before sampling, untimed), and later steps meet a used allocator.
+        seen = step(model, pixels, arch, steps=steps)
         row.update(status="runs", **{k: round(v, 3) for k, v in seen.items()})
         row["activations_u"] = round((seen["peak_gib"] - seen["before_gib"]) / u, 2)
     except torch.OutOfMemoryError as exc:
@@ -317,6 +324,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--queue", action="store_true", help="keep the model loaded between cells of one card and "
                     "one kind of weights, as an artist's queue of sizes would (faster; default: unload before every "
                     "cell)")  # fmt: skip
+    ap.add_argument("--steps", type=int, default=2, help="Euler steps per cell, the last one timed (1: only the "
+                    "first, as this benchmark did before 2026-12-02)")  # fmt: skip
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting cells after this many seconds")
     ap.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH)")
     ap.add_argument("--out", help="JSON path (default: bench/results/vram_cards.json)")
@@ -338,7 +347,8 @@ def main(argv: list[str] | None = None) -> None:
     models = {}
     rows = []
     result = {**run_info(), "model": args.model, "dynamic_vram": args.dynamic_vram, "context_gib": CONTEXT_GIB,
-              "queue": args.queue, "rows": rows}  # fmt: skip
+              "queue": args.queue, "steps": args.steps, "allocator": torch.cuda.get_allocator_backend(),
+              "rows": rows}  # fmt: skip
     for gib, dtype, pixels, mode in cells:
         if time.perf_counter() - start > args.budget_s:
             rows.append({"card_gib": gib, "weights": dtype, "pixels": pixels, "mode": mode, "status": "not run"})
@@ -347,7 +357,7 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             models[dtype] = build(dtype, args.model)
             print(f"built {args.model} ({dtype}) on the CPU in {time.perf_counter() - t0:.0f} s", flush=True)
-        rows.append(cell(card, models[dtype], gib, dtype, pixels, mode, args.model))
+        rows.append(cell(card, models[dtype], gib, dtype, pixels, mode, args.model, args.steps))
         write_json("vram_cards", result, args.out)
     card.set(None)
     print_table(rows)
