@@ -18,8 +18,9 @@ How an N-GiB card is emulated on a bigger GPU, between cells of one process:
 
 PyTorch's allocator: ComfyUI's main.py switches PyTorch to ``backend:cudaMallocAsync`` on most NVIDIA setups
 (its cuda_malloc.py; ``--disable-cuda-malloc`` keeps the native caching allocator), before torch is imported.
-This script does not: run it with ``PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync`` for ComfyUI's default.
-The JSON records which backend ran (``allocator``); the two fragment memory differently.
+``--allocator cudaMallocAsync`` does the same here (default: PyTorch's native caching allocator, ComfyUI's with
+``--disable-cuda-malloc``); the JSON records which backend ran (``allocator``): the two fragment memory
+differently. Either way the first emulated card checks that an allocation past its cap fails.
 
 Per cell: runs or OOM (and where), seconds for the last of ``--steps`` steps (default 2; the model call,
 loading excluded; the first's seconds kept as ``first_s``: DynamicVRAM loads the weights lazily inside the
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import time
 import traceback
@@ -97,6 +99,7 @@ class Card:
         self.original_total_vram = mm.total_vram
         self.cap = self.total
         self.current: tuple | None = None  # (GiB, weights) of the card as last set, None after a failed cell
+        self.cap_checked = False
 
     def set(self, gib: float | None, weights: str | None = None) -> None:
         """Emulate a ``gib`` card (None: the whole GPU), every model unloaded first (a fresh start) — except with
@@ -118,6 +121,7 @@ class Card:
         else:
             self.cap = int((gib - CONTEXT_GIB) * 2**30)
             torch.cuda.set_per_process_memory_fraction(self.cap / self.total)
+            self.check_cap()
             self.mm.get_free_memory = self.free
             self.mm.total_vram = gib * 1024
             headroom = self.total - int(gib * 2**30)
@@ -125,6 +129,18 @@ class Card:
             import comfy_aimdo.control
 
             comfy_aimdo.control.init(simple_vram_headroom=headroom)
+
+    def check_cap(self) -> None:
+        """Exit unless an allocation past the emulated card fails (once: the allocator backend cannot change)."""
+        if self.cap_checked:
+            return
+        try:
+            torch.empty(self.cap + 2**26, dtype=torch.uint8, device="cuda")
+        except torch.OutOfMemoryError:
+            self.cap_checked = True
+            return
+        sys.exit(f"set_per_process_memory_fraction does not cap PyTorch's {torch.cuda.get_allocator_backend()} "
+                 "allocator here: a card cannot be emulated")  # fmt: skip
 
     def free(self, dev=None, torch_free_too=False):
         total_free, torch_free = self.original_free(dev, torch_free_too=True)
@@ -326,12 +342,21 @@ def main(argv: list[str] | None = None) -> None:
                     "cell)")  # fmt: skip
     ap.add_argument("--steps", type=int, default=2, help="Euler steps per cell, the last one timed (1: only the "
                     "first, as this benchmark did before 2026-12-02)")  # fmt: skip
+    ap.add_argument("--allocator", choices=["native", "cudaMallocAsync"], default="native",
+                    help="PyTorch's CUDA allocator (ComfyUI's main.py picks cudaMallocAsync on most NVIDIA "
+                    "setups)")  # fmt: skip
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting cells after this many seconds")
     ap.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH)")
     ap.add_argument("--out", help="JSON path (default: bench/results/vram_cards.json)")
     args = ap.parse_args(argv)
     start = time.perf_counter()
+    if args.allocator == "cudaMallocAsync":  # before CUDA starts, as ComfyUI's cuda_malloc.py does
+        conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "backend:cudaMallocAsync" + (f",{conf}" if conf else "")
     import_comfyui(args.comfyui, args.dynamic_vram)
+    if torch.cuda.get_allocator_backend() != args.allocator:
+        sys.exit(f"asked for the {args.allocator} allocator, PyTorch runs {torch.cuda.get_allocator_backend()} "
+                 "(PYTORCH_CUDA_ALLOC_CONF set elsewhere, or CUDA started earlier)")  # fmt: skip
     card = Card(args.dynamic_vram, queue=args.queue)
     cells = []
     if args.whole_gpu:
