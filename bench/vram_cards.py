@@ -19,8 +19,9 @@ How an N-GiB card is emulated on a bigger GPU, between cells of one process:
 PyTorch's allocator: ComfyUI's main.py switches PyTorch to ``backend:cudaMallocAsync`` on most NVIDIA setups
 (its cuda_malloc.py; ``--disable-cuda-malloc`` keeps the native caching allocator), before torch is imported.
 ``--allocator cudaMallocAsync`` does the same here (default: PyTorch's native caching allocator, ComfyUI's with
-``--disable-cuda-malloc``); the JSON records which backend ran (``allocator``): the two fragment memory
-differently. Either way the first emulated card checks that an allocation past its cap fails.
+``--disable-cuda-malloc``; ``native-expandable``: the native one with ``expandable_segments``, which maps memory
+into one growing segment instead of many fixed ones); the JSON records which ran (``allocator``): they fragment
+memory differently. Either way the first emulated card checks that an allocation past its cap fails.
 
 Per cell: runs or OOM (and where), seconds for the last of ``--steps`` steps (default 2; the model call,
 loading excluded; the first's seconds kept as ``first_s``: DynamicVRAM loads the weights lazily inside the
@@ -342,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
                     "cell)")  # fmt: skip
     ap.add_argument("--steps", type=int, default=2, help="Euler steps per cell, the last one timed (1: only the "
                     "first, as this benchmark did before 2026-12-02)")  # fmt: skip
-    ap.add_argument("--allocator", choices=["native", "cudaMallocAsync"], default="native",
+    ap.add_argument("--allocator", choices=["native", "native-expandable", "cudaMallocAsync"], default="native",
                     help="PyTorch's CUDA allocator (ComfyUI's main.py picks cudaMallocAsync on most NVIDIA "
                     "setups)")  # fmt: skip
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting cells after this many seconds")
@@ -350,11 +351,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", help="JSON path (default: bench/results/vram_cards.json)")
     args = ap.parse_args(argv)
     start = time.perf_counter()
-    if args.allocator == "cudaMallocAsync":  # before CUDA starts, as ComfyUI's cuda_malloc.py does
+    setting = {"cudaMallocAsync": "backend:cudaMallocAsync", "native-expandable": "expandable_segments:True"}
+    if args.allocator in setting:  # before CUDA starts, as ComfyUI's cuda_malloc.py does
         conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "backend:cudaMallocAsync" + (f",{conf}" if conf else "")
+        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = setting[args.allocator] + (f",{conf}" if conf else "")
     import_comfyui(args.comfyui, args.dynamic_vram)
-    if torch.cuda.get_allocator_backend() != args.allocator:
+    if torch.cuda.get_allocator_backend() != args.allocator.split("-")[0]:
         sys.exit(f"asked for the {args.allocator} allocator, PyTorch runs {torch.cuda.get_allocator_backend()} "
                  "(PYTORCH_CUDA_ALLOC_CONF set elsewhere, or CUDA started earlier)")  # fmt: skip
     card = Card(args.dynamic_vram, queue=args.queue)
@@ -372,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
     models = {}
     rows = []
     result = {**run_info(), "model": args.model, "dynamic_vram": args.dynamic_vram, "context_gib": CONTEXT_GIB,
-              "queue": args.queue, "steps": args.steps, "allocator": torch.cuda.get_allocator_backend(),
+              "queue": args.queue, "steps": args.steps, "allocator": args.allocator,
               "rows": rows}  # fmt: skip
     for gib, dtype, pixels, mode in cells:
         if time.perf_counter() - start > args.budget_s:
