@@ -101,6 +101,7 @@ class Card:
         self.cap = self.total
         self.current: tuple | None = None  # (GiB, weights) of the card as last set, None after a failed cell
         self.cap_checked = False
+        self.snapshots = False  # record allocations, for segment_summary() at an out-of-memory error
 
     def set(self, gib: float | None, weights: str | None = None) -> None:
         """Emulate a ``gib`` card (None: the whole GPU), every model unloaded first (a fresh start) — except with
@@ -289,6 +290,9 @@ def cell(card: Card, base, gib, dtype: str, pixels: int, mode: str, name: str = 
         frame = traceback.extract_tb(exc.__traceback__)[-1]
         row.update(status="OOM", where=f"{frame.filename.split('/')[-1]}:{frame.lineno} {frame.line}")
         row["weights_gib"] = round(sum(m.model_loaded_memory() for m in mm.current_loaded_models) / 2**30, 3)
+        row["oom"] = str(exc).split(" See documentation")[0][:400]
+        if card.snapshots:  # taken while the traceback still holds the failed step's tensors
+            row["segments"] = segment_summary()
     except Exception as exc:  # noqa: BLE001 - a benchmark records every failure and goes on
         row.update(status="error", where=f"{type(exc).__name__}: {exc}"[:300])
     if row["status"] != "runs":
@@ -296,6 +300,26 @@ def cell(card: Card, base, gib, dtype: str, pixels: int, mode: str, name: str = 
     row["u_gib"] = round(u, 3)
     print(_line(row), flush=True)
     return row
+
+
+def segment_summary(min_segment: int = 256 * 2**20, min_block: int = 16 * 2**20) -> list[dict]:
+    """PyTorch's segments of at least ``min_segment`` bytes now: size, what is allocated, and each allocated block of
+    at least ``min_block`` with the innermost frame of the pack or ComfyUI that allocated it (why a large request
+    finds no room although enough is reserved)."""
+    out = []
+    for seg in torch.cuda.memory._snapshot()["segments"]:
+        if seg["total_size"] < min_segment:
+            continue
+        blocks = []
+        for block in seg["blocks"]:
+            if block["state"] != "active_allocated" or block["size"] < min_block:
+                continue
+            frames = [f for f in block.get("frames", []) if "ultragen" in f["filename"] or "comfy" in f["filename"]]
+            where = f"{frames[0]['filename'].split('/')[-1]}:{frames[0]['line']}" if frames else "?"
+            blocks.append({"mib": round(block["size"] / 2**20), "at": where})
+        gib = round(seg["total_size"] / 2**30, 3)
+        out.append({"gib": gib, "allocated_gib": round(seg["allocated_size"] / 2**30, 3), "blocks": blocks})
+    return out
 
 
 def _line(r: dict) -> str:
@@ -346,6 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--allocator", choices=["native", "native-expandable", "cudaMallocAsync"], default="native",
                     help="PyTorch's CUDA allocator (ComfyUI's main.py picks cudaMallocAsync on most NVIDIA "
                     "setups)")  # fmt: skip
+    ap.add_argument("--segments-on-oom", action="store_true", help="record PyTorch's allocations (native "
+                    "allocator); an out-of-memory cell's row lists the large segments and what holds them")  # fmt: skip
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting cells after this many seconds")
     ap.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH)")
     ap.add_argument("--out", help="JSON path (default: bench/results/vram_cards.json)")
@@ -360,6 +386,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"asked for the {args.allocator} allocator, PyTorch runs {torch.cuda.get_allocator_backend()} "
                  "(PYTORCH_CUDA_ALLOC_CONF set elsewhere, or CUDA started earlier)")  # fmt: skip
     card = Card(args.dynamic_vram, queue=args.queue)
+    if args.segments_on_oom and args.allocator != "cudaMallocAsync":
+        torch.cuda.memory._record_memory_history(enabled="state", stacks="python")
+        card.snapshots = True
     cells = []
     if args.whole_gpu:
         for dtype in args.weights:
