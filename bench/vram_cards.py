@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
                  "(PYTORCH_CUDA_ALLOC_CONF set elsewhere, or CUDA started earlier)")  # fmt: skip
     card = Card(args.dynamic_vram, queue=args.queue)
     if args.segments_on_oom and args.allocator != "cudaMallocAsync":
-        torch.cuda.memory._record_memory_history(enabled="state", stacks="python")
+        torch.cuda.memory._record_memory_history(enabled="state", context="state", stacks="python")
         card.snapshots = True
     cells = []
     if args.whole_gpu:
