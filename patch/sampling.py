@@ -9,8 +9,8 @@ measured on 1K images (~32 GB for a 4K batch of 2, ~127 GB at 8K), so large imag
 into low-VRAM offload although the windowed model needs far less. A PREPARE_SAMPLING
 wrapper lends the model a tighter estimate for the length of that call only.
 
-Why weights are released after loading: ComfyUI before 0.4 (0.3.64) never shrinks a model that is
-already loaded — its loader only adds weights — so sampling a larger image with a model still
+Why weights are released after loading: ComfyUI 0.3.64's loader never shrinks a model that is
+already loaded — it only adds weights — so sampling a larger image with a model still
 loaded from a smaller one (an artist's next queue item, a Recursive Upscale stage) kept every
 weight and ran out of memory on 16-32 GB cards. ComfyUI 0.29 unloads the surplus itself; the
 wrapper applies that same rule on any host, which leaves 0.29 unchanged.
@@ -18,6 +18,7 @@ wrapper applies that same rule on any host, which leaves 0.29 unchanged.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import comfy.model_sampling
@@ -26,6 +27,8 @@ import torch
 from ..core.flow_matching import FLUX_MU_1024
 from .flux_family import shift_mu_for
 from .options import UltraGenPatchError
+
+log = logging.getLogger("UltraGen")
 
 # A chunked FLUX step (chunked_blocks.py) holds a block's input (1U) and q, k, v (3U) through attention,
 # plus the rotary table (U/6), one slice's temporaries and the weights of the layer in use, where U is
@@ -120,7 +123,10 @@ def release_surplus_weights(model, noise_shape, conds, force_full_load: bool = F
         return 0
     model.partially_unload(model.offload_device, int(loaded - allowed))
     mm.soft_empty_cache()
-    return loaded - model.loaded_size()
+    released = loaded - model.loaded_size()
+    log.info("UltraGen: moved %.0f MB of weights off the GPU to leave this size's step room (ComfyUI keeps a loaded "
+             "model's weights otherwise)", released / 2**20)  # fmt: skip
+    return released
 
 
 def memory_estimate_wrapper(extra_tokens_of):
