@@ -75,6 +75,10 @@ def swap_loaders(tiny: bool, model_name: str) -> None:
 
         model = build("bf16", model_name)
 
+    import comfy.patcher_extension
+
+    model.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "pipeline", timed_model_call)
+
     def unet(name):
         return model
 
@@ -95,6 +99,22 @@ def swap_loaders(tiny: bool, model_name: str) -> None:
 
     vae = flux_vae(seed=2, flux2=arch.flux2)
     nodes.NODE_CLASS_MAPPINGS.update(flux_loaders(unet, lambda name: RealShapedText(), lambda name: vae))
+
+
+MODEL_CALLS: list[float] = []  # seconds of each model call since the node began (run_measured empties it)
+
+
+def timed_model_call(executor, *args, **kwargs):
+    """APPLY_MODEL wrapper: the model call's own seconds, so that a step's interval splits into the model and what
+    the sampler does around it."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = executor(*args, **kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    MODEL_CALLS.append(time.perf_counter() - start)
+    return out
 
 
 def model_files(folder: Path) -> None:
@@ -187,11 +207,13 @@ def run_measured(prompt: dict, out: Path) -> dict:
             title = (entry.get("_meta") or {}).get("title") or entry.get("class_type", "?")
             rows.append({"node": str(clock["node"]), "type": entry.get("class_type"), "title": title,
                          "s": time.perf_counter() - clock["t"], "peak_gib": peak,
-                         "step_times": [t - clock["t"] for t in clock["steps"]]})  # fmt: skip
+                         "step_times": [t - clock["t"] for t in clock["steps"]],
+                         "model_call_s": list(MODEL_CALLS)})  # fmt: skip
             print(f"[node] {title}: {rows[-1]['s']:.2f} s, peak {peak:.1f} GiB", flush=True)  # a cut run shows where
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         clock.update(t=time.perf_counter(), node=node, steps=[])
+        MODEL_CALLS.clear()
 
     class Timed(local.Progress):
         def send_sync(self, event, data, sid=None):

@@ -42,6 +42,10 @@ def test_pipeline_smoke_run_times_every_node(tmp_path, monkeypatch):
     assert row["speedup"] > 0 and result["tiny"] is True and result["random_weights"] is True
     sampler = next(n for n in row["dense"]["nodes"] if n["type"] == "KSampler")
     assert len(sampler["step_times"]) == row["dense_steps_run"]  # one time per sampling step
+    # cfg 1 (the workflow's KSampler; ComfyUI then skips the uncond): one model call a step, within its interval
+    assert len(sampler["model_call_s"]) == row["dense_steps_run"]
+    assert all(0 < call <= step for call, step in zip(sampler["model_call_s"], sampler["step_times"], strict=True))
+    assert all(n["model_call_s"] == [] for n in row["ultragen"]["nodes"] if n["type"] in ("SaveImage", "VAEDecode"))
     assert row["dense_steps"] == 2 and result["model"] == "flux1-dev"  # --tiny: 2 steps
     extra = row["dense_step_s"] * (row["dense_steps"] - row["dense_steps_run"])
     assert row["dense_s_all_steps"] == pytest.approx(row["dense"]["s"] + extra)
