@@ -44,7 +44,9 @@ def test_pipeline_smoke_run_times_every_node(tmp_path, monkeypatch):
     assert len(sampler["step_times"]) == row["dense_steps_run"]  # one time per sampling step
     # cfg 1 (the workflow's KSampler; ComfyUI then skips the uncond): one model call a step, within its interval
     assert len(sampler["model_call_s"]) == row["dense_steps_run"]
-    assert all(0 < call <= step for call, step in zip(sampler["model_call_s"], sampler["step_times"], strict=True))
+    ends = sampler["step_times"]  # seconds since the node began
+    intervals = [b - a for a, b in zip([0.0, *ends[:-1]], ends, strict=True)]
+    assert all(0 < call <= gap for call, gap in zip(sampler["model_call_s"], intervals, strict=True))
     assert all(n["model_call_s"] == [] for n in row["ultragen"]["nodes"] if n["type"] in ("SaveImage", "VAEDecode"))
     assert row["dense_steps"] == 2 and result["model"] == "flux1-dev"  # --tiny: 2 steps
     extra = row["dense_step_s"] * (row["dense_steps"] - row["dense_steps_run"])
