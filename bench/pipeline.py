@@ -257,8 +257,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", help="architecture with random weights (bench/flux_step.py's MODELS); default: "
                     "flux1-dev for FLUX.1 workflows, flux2-klein-4b for FLUX.2 (flux2_*) ones")  # fmt: skip
     ap.add_argument("--tiny", action="store_true", help="tiny models, sizes / 16, 2 steps: a CPU smoke run")
-    ap.add_argument("--card", type=float, help="run on an emulated card of this many GiB (bench/vram_cards.py's "
-                    "emulation); UltraGen's workflows only")  # fmt: skip
+    ap.add_argument("--card", type=float, help="run on an emulated card of this many GiB (bench/emulated_card.py)"
+                    "; UltraGen's workflows only")  # fmt: skip
     ap.add_argument("--warm", action="store_true", help="time the next image: a one-step pass of each workflow "
                     "first (weights loaded, kernels compiled, schedules cached), untimed")  # fmt: skip
     ap.add_argument("--parts", nargs="+", choices=("ultragen", "dense"), default=["ultragen", "dense"],
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--model {model_name}: the workflows are {family}'s; choose one of {sorted(MODELS)} of that family")
     swap_loaders(args.tiny, model_name)
     if args.card:  # ComfyUI reads the emulated card from then on (the card's free-memory function is installed)
-        from vram_cards import Card
+        from emulated_card import Card
 
         Card(dynamic=False).set(args.card)
     work = Path(tempfile.mkdtemp(prefix="ultragen-pipeline-"))

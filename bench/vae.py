@@ -10,7 +10,7 @@ exact and tiled results to the full one.
     COMFYUI_PATH=/path/to/ComfyUI python bench/vae.py --cards 24 12 --sizes 4096 8192   # emulated cards
     ... --cards 24 --sizes 8192 --passes exact_decode --profile   # seconds per stage and per pinning
 
-With ``--cards``: on each emulated card (``bench/vram_cards.py``'s emulation: allocator cap, ComfyUI's free
+With ``--cards``: on each emulated card (``bench/emulated_card.py``: allocator cap, ComfyUI's free
 memory scaled), the exact decode and encode as the node runs them (``offload="auto"``: streamed from host
 memory where the card lacks room) against ComfyUI's tiled ones, seconds and peak GiB, in the same run.
 """
@@ -240,7 +240,7 @@ def on_cards(args) -> None:
     import resource
     import traceback
 
-    from vram_cards import Card
+    from emulated_card import Card
 
     from ultragen.patch.exact_vae import exact_decode, exact_encode
 

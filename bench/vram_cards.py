@@ -6,22 +6,7 @@ and loaded by ComfyUI itself, sampled with ``comfy.sample.sample`` (``--steps`` 
 PREPARE_SAMPLING wrappers, memory estimate and partial loading). fp8 is ComfyUI's manual cast
 (weights stored float8_e4m3fn, computed in bf16). Text: 512 tokens of random T5-sized conditioning.
 
-How an N-GiB card is emulated on a bigger GPU, between cells of one process:
-
-- PyTorch's allocator is capped at N - 0.5 GiB (``set_per_process_memory_fraction``; the 0.5 GiB
-  stand for the CUDA context a real card also holds), so any allocation past the card fails;
-- ComfyUI's ``get_free_memory`` reports what that card would (the cap minus PyTorch's reserved
-  memory, plus its cached free blocks), and ``total_vram`` is N: every loading heuristic (also
-  ``MIN_WEIGHT_MEMORY_RATIO``, which ``--reserve-vram`` alone does not scale) sees an N-GiB card;
-- with ``--dynamic-vram`` (ComfyUI 0.29's DynamicVRAM, switched on the way its main.py does),
-  comfy-aimdo's VRAM headroom is set to total - N as ``--reserve-vram`` would.
-
-PyTorch's allocator: ComfyUI's main.py switches PyTorch to ``backend:cudaMallocAsync`` on most NVIDIA setups
-(its cuda_malloc.py; ``--disable-cuda-malloc`` keeps the native caching allocator), before torch is imported.
-``--allocator cudaMallocAsync`` does the same here (default: PyTorch's native caching allocator, ComfyUI's with
-``--disable-cuda-malloc``; ``native-expandable``: the native one with ``expandable_segments``, which maps memory
-into one growing segment instead of many fixed ones); the JSON records which ran (``allocator``): they fragment
-memory differently. Either way the first emulated card checks that an allocation past its cap fails.
+How a card is emulated (and which allocator PyTorch runs): ``bench/emulated_card.py``.
 
 Per cell: runs or OOM (and where), seconds for the last of ``--steps`` steps (default 2; the model call,
 loading excluded; the first's seconds kept as ``first_s``: DynamicVRAM loads the weights lazily inside the
@@ -45,112 +30,17 @@ Prints a table and writes JSON after every cell (a run cut short keeps what it m
 from __future__ import annotations
 
 import argparse
-import gc
-import os
-import sys
 import time
 import traceback
 
 import torch
+from emulated_card import ALLOCATORS, CONTEXT_GIB, Card, aimdo_vram_gib, import_comfyui, segment_summary, use_allocator
 
 from flux_step import MODELS, TEXT
 from results_io import run_info, write_json
 
 CARDS = (12, 16, 24, 32, 48, 80)
-CONTEXT_GIB = 0.5  # a real card's CUDA context, outside PyTorch's allocator
 DENSE_UP_TO = 4096
-
-
-def import_comfyui(explicit: str | None, dynamic: bool) -> None:
-    from ultragen.comfy_env import find_comfyui, import_comfyui
-
-    if not torch.cuda.is_available():
-        sys.exit("bench/vram_cards.py needs a CUDA GPU")
-    path = find_comfyui(explicit)
-    if path is None:
-        sys.exit("bench/vram_cards.py needs ComfyUI: set COMFYUI_PATH=/path/to/ComfyUI")
-    if dynamic:
-        import comfy_aimdo.control
-
-        comfy_aimdo.control.init()
-    import_comfyui(path, cpu=False)
-    if dynamic:
-        import comfy.memory_management
-        import comfy.model_management as mm
-        import comfy.model_patcher
-        import comfy_aimdo.control
-
-        if not comfy_aimdo.control.init_devices(d.index for d in mm.get_all_torch_devices()):
-            sys.exit("comfy-aimdo did not initialise: DynamicVRAM is not available here")
-        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
-        comfy.memory_management.aimdo_enabled = True
-
-
-class Card:
-    """The emulated card (None: the whole GPU)."""
-
-    def __init__(self, dynamic: bool, queue: bool = False):
-        import comfy.model_management as mm
-
-        self.mm = mm
-        self.dynamic = dynamic
-        self.queue = queue  # keep the model loaded while the card and the weights stay the same
-        self.total = torch.cuda.get_device_properties(0).total_memory
-        self.original_free = mm.get_free_memory
-        self.original_total_vram = mm.total_vram
-        self.cap = self.total
-        self.current: tuple | None = None  # (GiB, weights) of the card as last set, None after a failed cell
-        self.cap_checked = False
-        self.snapshots = False  # record allocations, for segment_summary() at an out-of-memory error
-
-    def set(self, gib: float | None, weights: str | None = None) -> None:
-        """Emulate a ``gib`` card (None: the whole GPU), every model unloaded first (a fresh start) — except with
-        ``queue`` for the card and weights already set: then ComfyUI keeps what it loaded for the previous cell
-        and frees what the next estimate needs, as in an artist's queue."""
-        if self.queue and self.current == (gib, weights):
-            return
-        self.current = (gib, weights)
-        self.mm.unload_all_models()
-        gc.collect()
-        self.mm.soft_empty_cache()
-        torch.cuda.empty_cache()
-        if gib is None:
-            self.cap = self.total
-            torch.cuda.set_per_process_memory_fraction(1.0)
-            self.mm.get_free_memory = self.original_free
-            self.mm.total_vram = self.original_total_vram
-            headroom = 0
-        else:
-            self.cap = int((gib - CONTEXT_GIB) * 2**30)
-            torch.cuda.set_per_process_memory_fraction(self.cap / self.total)
-            self.check_cap()
-            self.mm.get_free_memory = self.free
-            self.mm.total_vram = gib * 1024
-            headroom = self.total - int(gib * 2**30)
-        if self.dynamic:
-            import comfy_aimdo.control
-
-            comfy_aimdo.control.init(simple_vram_headroom=headroom)
-
-    def check_cap(self) -> None:
-        """Exit unless an allocation past the emulated card fails (once: the allocator backend cannot change)."""
-        if self.cap_checked:
-            return
-        try:
-            torch.empty(self.cap + 2**26, dtype=torch.uint8, device="cuda")
-        except torch.OutOfMemoryError:
-            self.cap_checked = True
-            return
-        sys.exit(f"set_per_process_memory_fraction does not cap PyTorch's {torch.cuda.get_allocator_backend()} "
-                 "allocator here: a card cannot be emulated")  # fmt: skip
-
-    def free(self, dev=None, torch_free_too=False):
-        total_free, torch_free = self.original_free(dev, torch_free_too=True)
-        if dev is not None and getattr(dev, "type", "cuda") != "cuda":
-            return (total_free, torch_free) if torch_free_too else total_free
-        reserved = torch.cuda.memory_reserved()
-        emulated = min(total_free, max(0, self.cap - reserved) + torch_free)
-        return (emulated, torch_free) if torch_free_too else emulated
 
 
 def build(dtype_name: str, name: str = "flux1-dev"):
@@ -205,19 +95,6 @@ def floor(model):
 def tokens(pixels: int, mode: str) -> int:
     n = (pixels // 16) ** 2 + TEXT
     return n + ((pixels // 64) ** 2 if mode.startswith("ultragen") else 0)
-
-
-def aimdo_vram_gib() -> float | None:
-    """GPU memory DynamicVRAM (comfy-aimdo) holds outside PyTorch's allocator, its weights; None without it."""
-    try:
-        import comfy.memory_management  # ComfyUI 0.29 and newer
-    except ImportError:
-        return None
-    if not getattr(comfy.memory_management, "aimdo_enabled", False):
-        return None
-    import comfy_aimdo.control
-
-    return comfy_aimdo.control.get_total_vram_usage() / 2**30
 
 
 def step(model, pixels: int, arch, steps: int = 1) -> dict:
@@ -291,7 +168,7 @@ def cell(card: Card, base, gib, dtype: str, pixels: int, mode: str, name: str = 
         row.update(status="OOM", where=f"{frame.filename.split('/')[-1]}:{frame.lineno} {frame.line}")
         row["weights_gib"] = round(sum(m.model_loaded_memory() for m in mm.current_loaded_models) / 2**30, 3)
         row["oom"] = str(exc).split(" See documentation")[0][:400]
-        if card.snapshots:  # taken while the traceback still holds the failed step's tensors
+        if card.segments_on_oom:  # taken while the traceback still holds the failed step's tensors
             row["segments"] = segment_summary()
     except Exception as exc:  # noqa: BLE001 - a benchmark records every failure and goes on
         row.update(status="error", where=f"{type(exc).__name__}: {exc}"[:300])
@@ -300,26 +177,6 @@ def cell(card: Card, base, gib, dtype: str, pixels: int, mode: str, name: str = 
     row["u_gib"] = round(u, 3)
     print(_line(row), flush=True)
     return row
-
-
-def segment_summary(min_segment: int = 256 * 2**20, min_block: int = 16 * 2**20) -> list[dict]:
-    """PyTorch's segments of at least ``min_segment`` bytes now: size, what is allocated, and each allocated block of
-    at least ``min_block`` with the innermost frame of the pack or ComfyUI that allocated it (why a large request
-    finds no room although enough is reserved)."""
-    out = []
-    for seg in torch.cuda.memory._snapshot()["segments"]:
-        if seg["total_size"] < min_segment:
-            continue
-        blocks = []
-        for block in seg["blocks"]:
-            if block["state"] != "active_allocated" or block["size"] < min_block:
-                continue
-            frames = [f for f in block.get("frames", []) if "ultragen" in f["filename"] or "comfy" in f["filename"]]
-            where = f"{frames[0]['filename'].split('/')[-1]}:{frames[0]['line']}" if frames else "?"
-            blocks.append({"mib": round(block["size"] / 2**20), "at": where})
-        gib = round(seg["total_size"] / 2**30, 3)
-        out.append({"gib": gib, "allocated_gib": round(seg["allocated_size"] / 2**30, 3), "blocks": blocks})
-    return out
 
 
 def _line(r: dict) -> str:
@@ -367,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
                     "cell)")  # fmt: skip
     ap.add_argument("--steps", type=int, default=2, help="Euler steps per cell, the last one timed (1: only the "
                     "first, as this benchmark did before 2026-12-02)")  # fmt: skip
-    ap.add_argument("--allocator", choices=["native", "native-expandable", "cudaMallocAsync"], default="native",
+    ap.add_argument("--allocator", choices=list(ALLOCATORS), default="native",
                     help="PyTorch's CUDA allocator (ComfyUI's main.py picks cudaMallocAsync on most NVIDIA "
                     "setups)")  # fmt: skip
     ap.add_argument("--segments-on-oom", action="store_true", help="record PyTorch's allocations (native "
@@ -377,18 +234,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", help="JSON path (default: bench/results/vram_cards.json)")
     args = ap.parse_args(argv)
     start = time.perf_counter()
-    setting = {"cudaMallocAsync": "backend:cudaMallocAsync", "native-expandable": "expandable_segments:True"}
-    if args.allocator in setting:  # before CUDA starts, as ComfyUI's cuda_malloc.py does
-        conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = setting[args.allocator] + (f",{conf}" if conf else "")
-    import_comfyui(args.comfyui, args.dynamic_vram)
-    if torch.cuda.get_allocator_backend() != args.allocator.split("-")[0]:
-        sys.exit(f"asked for the {args.allocator} allocator, PyTorch runs {torch.cuda.get_allocator_backend()} "
-                 "(PYTORCH_CUDA_ALLOC_CONF set elsewhere, or CUDA started earlier)")  # fmt: skip
-    card = Card(args.dynamic_vram, queue=args.queue)
-    if args.segments_on_oom and args.allocator != "cudaMallocAsync":
-        torch.cuda.memory._record_memory_history(enabled="state", context="state", stacks="python")
-        card.snapshots = True
+    with use_allocator(args.allocator):  # chosen before CUDA starts, checked after
+        import_comfyui(args.comfyui, args.dynamic_vram)
+    card = Card(args.dynamic_vram, queue=args.queue, segments_on_oom=args.segments_on_oom)
     cells = []
     if args.whole_gpu:
         for dtype in args.weights:
