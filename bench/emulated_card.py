@@ -13,10 +13,12 @@ How an N-GiB card is emulated on a bigger GPU, between cells of one process:
 
 PyTorch's allocator: ComfyUI's main.py switches PyTorch to ``backend:cudaMallocAsync`` on most NVIDIA setups
 (its cuda_malloc.py; ``--disable-cuda-malloc`` keeps the native caching allocator), before torch is imported.
-``vram_cards.py --allocator cudaMallocAsync`` does the same (default: PyTorch's native caching allocator, ComfyUI's with
-``--disable-cuda-malloc``; ``native-expandable``: the native one with ``expandable_segments``, which maps memory
-into one growing segment instead of many fixed ones); the JSON records which ran (``allocator``): they fragment
-memory differently. Either way the first emulated card checks that an allocation past its cap fails.
+``vram_cards.py --allocator cudaMallocAsync`` (its default) does the same (``native``: PyTorch's native caching
+allocator, ComfyUI's with ``--disable-cuda-malloc``; ``native-expandable``: the native one with
+``expandable_segments``, which maps memory into one growing segment instead of many fixed ones); the JSON records
+which ran (``allocator``): they fragment memory differently (measured: a second 8192² step on an emulated 12 GB card
+with DynamicVRAM ran out of memory with the native allocator and ran with cudaMallocAsync). Either way the first
+emulated card checks that an allocation past its cap fails.
 """
 
 from __future__ import annotations
@@ -38,18 +40,32 @@ ALLOCATORS = {
 }
 
 
+RERUN_MARK = "ULTRAGEN_ALLOCATOR_RERUN"  # set in the process that use_allocator() started again
+
+
 @contextlib.contextmanager
 def use_allocator(name: str) -> Iterator[None]:
-    """PyTorch's CUDA allocator ``name`` (:data:`ALLOCATORS`) for the CUDA start-up inside the block (as ComfyUI's
-    cuda_malloc.py sets it before torch starts CUDA); exits after it unless PyTorch runs that one."""
+    """PyTorch's CUDA allocator ``name`` (:data:`ALLOCATORS`) for the CUDA start-up inside the block; exits after it
+    unless PyTorch runs that one.
+
+    PyTorch fixes its allocator *backend* when it loads: a ``backend:`` setting made after ``import torch`` fails an
+    internal assert once CUDA starts (measured: "Allocator backend parsed at runtime != allocator backend parsed at
+    load time"). ComfyUI's main.py therefore sets it before importing torch; a benchmark that has already imported
+    torch runs itself again, once, with the setting in its environment. Other settings (``expandable_segments``)
+    are read when CUDA starts and need no second start."""
     setting, backend = ALLOCATORS[name]
-    if setting:
-        conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or ""
+    if setting and setting not in conf:
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = setting + (f",{conf}" if conf else "")
+    if torch.cuda.get_allocator_backend() != backend and not os.environ.get(RERUN_MARK):
+        os.environ[RERUN_MARK] = "1"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     yield
     if torch.cuda.get_allocator_backend() != backend:
         sys.exit(f"asked for the {name} allocator, PyTorch runs {torch.cuda.get_allocator_backend()} "
-                 "(PYTORCH_CUDA_ALLOC_CONF set elsewhere, or CUDA started earlier)")  # fmt: skip
+                 "(PYTORCH_CUDA_ALLOC_CONF set elsewhere, or a PyTorch without CUDA)")  # fmt: skip
 
 
 def import_comfyui(explicit: str | None, dynamic: bool) -> None:

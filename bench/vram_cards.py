@@ -224,9 +224,10 @@ def main(argv: list[str] | None = None) -> None:
                     "cell)")  # fmt: skip
     ap.add_argument("--steps", type=int, default=2, help="Euler steps per cell, the last one timed (1: only the "
                     "first, as this benchmark did before 2026-12-02)")  # fmt: skip
-    ap.add_argument("--allocator", choices=list(ALLOCATORS), default="native",
-                    help="PyTorch's CUDA allocator (ComfyUI's main.py picks cudaMallocAsync on most NVIDIA "
-                    "setups)")  # fmt: skip
+    ap.add_argument("--allocator", choices=list(ALLOCATORS), default="cudaMallocAsync",
+                    help="PyTorch's CUDA allocator (default: ComfyUI's, which its main.py picks on most NVIDIA "
+                    "setups; native: ComfyUI with --disable-cuda-malloc, and every cell before 2026-12-02's third "
+                    "round)")  # fmt: skip
     ap.add_argument("--segments-on-oom", action="store_true", help="record PyTorch's allocations (native "
                     "allocator); an out-of-memory cell's row lists the large segments and what holds them")  # fmt: skip
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting cells after this many seconds")
