@@ -30,11 +30,13 @@ Prints a table and writes JSON after every cell (a run cut short keeps what it m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 import traceback
 
 import torch
 from emulated_card import ALLOCATORS, CONTEXT_GIB, Card, aimdo_vram_gib, import_comfyui, segment_summary, use_allocator
+from step_profile import profiled
 
 from flux_step import MODELS, TEXT
 from results_io import run_info, write_json
@@ -97,9 +99,10 @@ def tokens(pixels: int, mode: str) -> int:
     return n + ((pixels // 64) ** 2 if mode.startswith("ultragen") else 0)
 
 
-def step(model, pixels: int, arch, steps: int = 1) -> dict:
+def step(model, pixels: int, arch, steps: int = 1, profile: bool = False) -> dict:
     """``steps`` Euler steps through comfy.sample; each model call timed and measured by an APPLY_MODEL wrapper,
-    the last one's figures returned (with more than one step, the first call's seconds as ``first_s``)."""
+    the last one's figures returned (with more than one step, the first call's seconds as ``first_s``;
+    ``profile``: also where the last call's time went, ``step_profile.summarize``)."""
     import comfy.model_management as mm
     import comfy.patcher_extension
     import comfy.sample
@@ -111,10 +114,14 @@ def step(model, pixels: int, arch, steps: int = 1) -> dict:
         seen["before_gib"] = torch.cuda.memory_allocated() / 2**30
         seen["weights_gib"] = sum(m.model_loaded_memory() for m in mm.current_loaded_models) / 2**30
         torch.cuda.reset_peak_memory_stats()
+        summary: dict = {}
         t0 = time.perf_counter()
-        out = executor(*args, **kwargs)
-        torch.cuda.synchronize()
+        with profiled(summary) if profile else contextlib.nullcontext():
+            out = executor(*args, **kwargs)
+            torch.cuda.synchronize()
         seen["s"] = time.perf_counter() - t0
+        if profile:
+            seen["profile"] = summary
         seen.setdefault("first_s", seen["s"])
         seen["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         aimdo = aimdo_vram_gib()
@@ -144,7 +151,8 @@ def step(model, pixels: int, arch, steps: int = 1) -> dict:
     return seen
 
 
-def cell(card: Card, base, gib, dtype: str, pixels: int, mode: str, name: str = "flux1-dev", steps: int = 2) -> dict:
+def cell(card: Card, base, gib, dtype: str, pixels: int, mode: str, name: str = "flux1-dev", steps: int = 2,
+         profile: bool = False) -> dict:  # fmt: skip
     card.set(gib, dtype)
     arch = MODELS[name]
     row = {"card_gib": gib, "weights": dtype, "pixels": pixels, "mode": mode}
@@ -158,8 +166,11 @@ def cell(card: Card, base, gib, dtype: str, pixels: int, mode: str, name: str = 
             model = ultragen(base, pixels, arch, whole_blocks=mode == "ultragen-whole-blocks")  # or a warm-up
         # The last step is timed: DynamicVRAM loads the weights lazily inside the first model call after the card
         # is set (the legacy loader before sampling, untimed), and later steps meet a used allocator.
-        seen = step(model, pixels, arch, steps=steps)
+        seen = step(model, pixels, arch, steps=steps, profile=profile)
+        where_time_went = seen.pop("profile", None)
         row.update(status="runs", **{k: round(v, 3) for k, v in seen.items()})
+        if where_time_went is not None:
+            row["profile"] = where_time_went
         row["activations_u"] = round((seen["peak_gib"] - seen["before_gib"]) / u, 2)
     except torch.OutOfMemoryError as exc:
         import comfy.model_management as mm
@@ -230,6 +241,9 @@ def main(argv: list[str] | None = None) -> None:
                     "round)")  # fmt: skip
     ap.add_argument("--segments-on-oom", action="store_true", help="record PyTorch's allocations (native "
                     "allocator); an out-of-memory cell's row lists the large segments and what holds them")  # fmt: skip
+    ap.add_argument("--profile", action="store_true", help="profile each cell's steps, keep the timed one's largest "
+                    "GPU items, CUDA runtime calls and host-to-device copies (bench/step_profile.py; its seconds then "
+                    "include the profiler's overhead)")  # fmt: skip
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting cells after this many seconds")
     ap.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH)")
     ap.add_argument("--out", help="JSON path (default: bench/results/vram_cards.json)")
@@ -262,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             models[dtype] = build(dtype, args.model)
             print(f"built {args.model} ({dtype}) on the CPU in {time.perf_counter() - t0:.0f} s", flush=True)
-        rows.append(cell(card, models[dtype], gib, dtype, pixels, mode, args.model, args.steps))
+        rows.append(cell(card, models[dtype], gib, dtype, pixels, mode, args.model, args.steps, args.profile))
         write_json("vram_cards", result, args.out)
     card.set(None)
     print_table(rows)

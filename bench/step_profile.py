@@ -1,0 +1,53 @@
+"""Where a sampling step's seconds go, in a few numbers a JSON row can keep: the largest GPU kernels and copies,
+the CUDA runtime calls the host waited in (copies from pageable memory, synchronisations, the allocator's own
+calls), and how much of the step the GPU was idle.
+
+Why: on an emulated 12 GB card with bf16 weights and DynamicVRAM off, a 2048² UltraGen step took 2.61 s where
+ComfyUI's dense step took 0.85 s and the same step with fp8 weights 0.69 s (2026-12-02). Whether the time goes to
+streamed weights copied without overlap, to an allocator trimming and regrowing its pool near the card's cap, or
+to something else is read off these numbers (``vram_cards.py --profile``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+TOP = 10
+
+
+@contextlib.contextmanager
+def profiled(summary: dict) -> Iterator[None]:
+    """Profile the block (CPU, and CUDA where there is a GPU); fill ``summary`` (see :func:`summarize`) after it."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        yield
+    summary.clear()
+    summary.update(summarize(prof.key_averages()))
+
+
+def _device_us(event) -> float:
+    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+
+def summarize(events) -> dict:
+    """From ``key_averages()``: the ``TOP`` largest GPU items (kernels and copies) and host-side CUDA runtime calls,
+    each ``[name, count, ms]``; the GPU's busy milliseconds (the sum of its items, copies included) and the
+    host-to-device copies' milliseconds and count."""
+    device = [(e.key, e.count, _device_us(e) / 1e3) for e in events if _device_us(e) > 0]
+    runtime = [(e.key, e.count, e.self_cpu_time_total / 1e3) for e in events if e.key.startswith("cuda")]
+    copies = [d for d in device if "HtoD" in d[0]]
+
+    def top(rows):
+        return [[name[:80], count, round(ms, 2)] for name, count, ms in sorted(rows, key=lambda r: -r[2])[:TOP]]
+
+    return {
+        "gpu_busy_ms": round(sum(ms for _, _, ms in device), 1),
+        "h2d_ms": round(sum(ms for _, _, ms in copies), 1),
+        "h2d_count": sum(count for _, count, _ in copies),
+        "gpu_top": top(device),
+        "runtime_top": top(runtime),
+    }
