@@ -32,6 +32,7 @@ On a machine whose Python lacks ComfyUI's video / server requirements (PyAV, pyd
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import tempfile
@@ -39,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+from emulated_card import ALLOCATORS, use_allocator
 
 from results_io import run_info, write_json
 
@@ -259,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tiny", action="store_true", help="tiny models, sizes / 16, 2 steps: a CPU smoke run")
     ap.add_argument("--card", type=float, help="run on an emulated card of this many GiB (bench/emulated_card.py)"
                     "; UltraGen's workflows only")  # fmt: skip
+    ap.add_argument("--allocator", choices=list(ALLOCATORS), default="cudaMallocAsync", help="with --card: "
+                    "PyTorch's CUDA allocator (default: ComfyUI's on NVIDIA; bench/emulated_card.py)")  # fmt: skip
     ap.add_argument("--warm", action="store_true", help="time the next image: a one-step pass of each workflow "
                     "first (weights loaded, kernels compiled, schedules cached), untimed")  # fmt: skip
     ap.add_argument("--parts", nargs="+", choices=("ultragen", "dense"), default=["ultragen", "dense"],
@@ -277,7 +281,8 @@ def main(argv: list[str] | None = None) -> None:
     model_name = args.model or ("flux2-klein-4b" if flux2 else "flux1-dev")
     if model_name not in MODELS:
         ap.error(f"--model {model_name}: choose one of {sorted(MODELS)}")
-    load_comfyui(args.comfyui, cpu=args.tiny or not torch.cuda.is_available())  # the architectures' configs need it
+    with use_allocator(args.allocator) if args.card else contextlib.nullcontext():  # before CUDA starts
+        load_comfyui(args.comfyui, cpu=args.tiny or not torch.cuda.is_available())  # the architectures' configs need it
     if MODELS[model_name].flux2 != flux2:
         family = "FLUX.2" if flux2 else "FLUX.1"
         ap.error(f"--model {model_name}: the workflows are {family}'s; choose one of {sorted(MODELS)} of that family")
@@ -293,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     text = f"conditioning of the real shapes ({shapes})"
     result = {**run_info(), "model": model_name, "tiny": args.tiny, "random_weights": True, "text_encoders": text,
               "warm": args.warm, "rows": rows}  # fmt: skip
+    if args.card:
+        result["allocator"] = args.allocator
     for i, name in enumerate(args.workflows):
         size = FINAL_SIZE[name]
         ours = json.loads((API / f"{name}.api.json").read_text())

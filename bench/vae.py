@@ -18,9 +18,11 @@ memory where the card lacks room) against ComfyUI's tiled ones, seconds and peak
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
+from emulated_card import ALLOCATORS, use_allocator
 
 from results_io import comfyui_on_gpu, run_info, write_json
 
@@ -47,9 +49,12 @@ def main(argv: list[str] | None = None) -> None:
                     "pinning host memory, and the bus's copy speed")  # fmt: skip
     ap.add_argument("--passes", nargs="+", default=["exact_decode", "tiled_decode", "exact_encode", "tiled_encode"],
                     help="with --cards: which passes")  # fmt: skip
+    ap.add_argument("--allocator", choices=list(ALLOCATORS), default="cudaMallocAsync", help="with --cards: "
+                    "PyTorch's CUDA allocator (default: ComfyUI's on NVIDIA; bench/emulated_card.py)")  # fmt: skip
     ap.add_argument("--out", help="JSON path (default: bench/results/vae.json)")
     args = ap.parse_args(argv)
-    comfyui_on_gpu("vae.py")
+    with use_allocator(args.allocator) if args.cards else contextlib.nullcontext():  # before CUDA starts
+        comfyui_on_gpu("vae.py")
     if args.cards:
         return on_cards(args)
     import comfy.model_management as mm
@@ -249,7 +254,7 @@ def on_cards(args) -> None:
     vae = flux_vae(seed=0)
     card = Card(dynamic=False)
     rows = []
-    result = {**run_info(), "vae_dtype": str(vae.vae_dtype), "rows": rows}
+    result = {**run_info(), "vae_dtype": str(vae.vae_dtype), "allocator": args.allocator, "rows": rows}
     if args.profile:
         result["bus"] = profile(attention=8192 in args.sizes)  # 40 s, not spent on a 16384^2 run
     for gib in (None if g == 0 else g for g in args.cards):
