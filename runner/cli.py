@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from .local import load_comfyui, run
 
-            load_comfyui(args.comfyui, args.cpu)
+            load_comfyui(args.comfyui, args.cpu, like_main=True)  # the GPU set up as the artist's ComfyUI sets it
             result = run(prompt, Path(args.out))
     except RunError as exc:
         raise SystemExit(f"ultragen-run: {exc}") from None

@@ -29,15 +29,16 @@ MODEL_FOLDERS = {
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
 
 
-def load_comfyui(explicit: str | None, cpu: bool) -> Path:
-    """Import ComfyUI (found as the tests find it) with its extra nodes, installed custom nodes and this pack."""
+def load_comfyui(explicit: str | None, cpu: bool, like_main: bool = False) -> Path:
+    """Import ComfyUI (found as the tests find it) with its extra nodes, installed custom nodes and this pack;
+    ``like_main``: on a GPU, with the allocator and DynamicVRAM ComfyUI's main.py would choose (``gpu_start.py``)."""
     from ..comfy_env import PACK_ROOT, ComfyUINotUsable, find_comfyui, import_comfyui
 
     path = find_comfyui(explicit)
     if path is None:
         raise RunError("no ComfyUI found: pass --comfyui /path/to/ComfyUI or set COMFYUI_PATH")
     try:
-        import_comfyui(path, cpu=cpu, also=("nodes", "execution"))
+        import_comfyui(path, cpu=cpu, also=("nodes", "execution"), like_main=like_main)
     except ComfyUINotUsable as exc:
         raise RunError(str(exc)) from exc
     import folder_paths
