@@ -44,13 +44,16 @@ def find_comfyui(explicit: str | os.PathLike | None = None) -> Path | None:
     return None
 
 
-def import_comfyui(path: str | os.PathLike, cpu: bool, also: tuple[str, ...] = (), like_main: bool = False) -> None:
+def import_comfyui(path: str | os.PathLike, cpu: bool, also: tuple[str, ...] = (), like_main: bool = False,
+                   dynamic_vram: bool | None = None) -> None:  # fmt: skip
     """Put ComfyUI at ``path`` on sys.path and import its core once (``cpu``: no GPU use), then
     the modules named in ``also`` (e.g. ``comfy.sd``, which needs all of ComfyUI's requirements).
 
     On a GPU, ``like_main`` also makes main.py's start-up choices (PyTorch's allocator while torch is not yet
     loaded, DynamicVRAM where ComfyUI enables it: ``gpu_start.py``), so that the GPU is used as the artist's
-    ComfyUI uses it; and ComfyUI's ``args.cuda_malloc`` always states the allocator PyTorch runs.
+    ComfyUI uses it; ``dynamic_vram`` True / False switches DynamicVRAM on / off whatever main.py's rule says
+    (a benchmark's choice; ComfyUI 0.29 and newer). ComfyUI's ``args.cuda_malloc`` always states the allocator
+    PyTorch runs.
 
     Raises :class:`ComfyUINotUsable` naming the missing module when ComfyUI's requirements
     are not installed in this Python.
@@ -66,20 +69,23 @@ def import_comfyui(path: str | os.PathLike, cpu: bool, also: tuple[str, ...] = (
 
         comfy.options.enable_args_parsing()
         argv, sys.argv = sys.argv, ["main.py"] + (["--cpu"] if cpu else [])
+        starts = not cpu and "comfy.model_management" not in sys.modules  # the GPU's start-up, once a process
         try:
             import comfy.cli_args  # noqa: F401  (parses sys.argv once)
 
             dynamic = False
-            if like_main and not cpu:  # main.py's order: the allocator, comfy-aimdo, then model management
-                gpu_start.choose_allocator(Path(path))
-                dynamic = gpu_start.prepare_dynamic_vram()
+            if starts:  # main.py's order: the allocator, comfy-aimdo, then model management
+                if like_main:
+                    gpu_start.choose_allocator(Path(path))
+                if dynamic_vram or (dynamic_vram is None and like_main):
+                    dynamic = gpu_start.prepare_dynamic_vram(force=bool(dynamic_vram))
             import comfy.model_management  # noqa: F401
         finally:
             sys.argv = argv
-        if not cpu:
+        if starts:
             gpu_start.match_cast_buffers_to_allocator()
         if dynamic:
-            gpu_start.enable_dynamic_vram()
+            gpu_start.enable_dynamic_vram(force=bool(dynamic_vram))
         for module in also:
             importlib.import_module(module)
     except ImportError as exc:

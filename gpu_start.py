@@ -44,15 +44,16 @@ def match_cast_buffers_to_allocator() -> None:
     args.cuda_malloc = torch.cuda.get_allocator_backend() == "cudaMallocAsync"
 
 
-def prepare_dynamic_vram() -> bool:
-    """main.py's first DynamicVRAM step: comfy-aimdo initialised where ComfyUI's arguments allow DynamicVRAM;
-    whether they do (False on ComfyUI before 0.29 or without comfy-aimdo)."""
+def prepare_dynamic_vram(force: bool = False) -> bool:
+    """main.py's first DynamicVRAM step: comfy-aimdo initialised where ComfyUI's arguments allow DynamicVRAM
+    (``force``: regardless, as ``--enable-dynamic-vram``); whether it was (False on ComfyUI before 0.29 or
+    without comfy-aimdo)."""
     try:
         import comfy_aimdo.control
         from comfy.cli_args import args, enables_dynamic_vram
     except ImportError:
         return False
-    if not enables_dynamic_vram():
+    if not (force or enables_dynamic_vram()):
         return False
     try:
         headroom = None if args.reserve_vram is None else int(args.reserve_vram * 1024**3)
@@ -62,19 +63,21 @@ def prepare_dynamic_vram() -> bool:
     return True
 
 
-def enable_dynamic_vram() -> bool:
+def enable_dynamic_vram(force: bool = False) -> bool:
     """main.py's second DynamicVRAM step, after ``comfy.model_management`` loaded: on an NVIDIA GPU (not WSL,
-    torch >= 2.8) the devices are handed to comfy-aimdo and ComfyUI's models load through DynamicVRAM's
-    patcher; whether DynamicVRAM is on. Call only where :func:`prepare_dynamic_vram` returned True."""
+    torch >= 2.8; ``force``: on any, as ``--enable-dynamic-vram``) the devices are handed to comfy-aimdo and
+    ComfyUI's models load through DynamicVRAM's patcher; whether DynamicVRAM is on. Call only where
+    :func:`prepare_dynamic_vram` returned True."""
     import comfy.memory_management
     import comfy.model_management as mm
     import comfy.model_patcher
     import comfy_aimdo.control
     from comfy.cli_args import args
 
-    if not args.enable_dynamic_vram and not (mm.is_nvidia() and not mm.is_wsl()):
+    force = force or args.enable_dynamic_vram
+    if not force and not (mm.is_nvidia() and not mm.is_wsl()):
         return False
-    if not args.enable_dynamic_vram and mm.torch_version_numeric < (2, 8):
+    if not force and mm.torch_version_numeric < (2, 8):
         log.warning("UltraGen: DynamicVRAM needs PyTorch 2.8 or later; ComfyUI's legacy loader runs (as in ComfyUI)")
         return False
     devices = mm.get_all_torch_devices()

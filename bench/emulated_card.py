@@ -69,6 +69,8 @@ def use_allocator(name: str) -> Iterator[None]:
 
 
 def import_comfyui(explicit: str | None, dynamic: bool) -> None:
+    """ComfyUI for the GPU; ``dynamic``: with DynamicVRAM, switched on as its main.py does (``gpu_start.py``), on
+    this machine whatever main.py's own rule would say (an emulated card is an NVIDIA card)."""
     from ultragen.comfy_env import find_comfyui, import_comfyui
 
     if not torch.cuda.is_available():
@@ -76,21 +78,9 @@ def import_comfyui(explicit: str | None, dynamic: bool) -> None:
     path = find_comfyui(explicit)
     if path is None:
         sys.exit("this benchmark needs ComfyUI: set COMFYUI_PATH=/path/to/ComfyUI")
-    if dynamic:
-        import comfy_aimdo.control
-
-        comfy_aimdo.control.init()
-    import_comfyui(path, cpu=False)
-    if dynamic:
-        import comfy.memory_management
-        import comfy.model_management as mm
-        import comfy.model_patcher
-        import comfy_aimdo.control
-
-        if not comfy_aimdo.control.init_devices(d.index for d in mm.get_all_torch_devices()):
-            sys.exit("comfy-aimdo did not initialise: DynamicVRAM is not available here")
-        comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
-        comfy.memory_management.aimdo_enabled = True
+    import_comfyui(path, cpu=False, dynamic_vram=dynamic)
+    if dynamic and not getattr(sys.modules.get("comfy.memory_management"), "aimdo_enabled", False):
+        sys.exit("DynamicVRAM did not start: it needs ComfyUI 0.29 or newer with a working comfy-aimdo")
 
 
 class Card:
