@@ -51,8 +51,9 @@ def use_allocator(name: str) -> Iterator[None]:
     PyTorch fixes its allocator *backend* when it loads: a ``backend:`` setting made after ``import torch`` fails an
     internal assert once CUDA starts (measured: "Allocator backend parsed at runtime != allocator backend parsed at
     load time"). ComfyUI's main.py therefore sets it before importing torch; a benchmark that has already imported
-    torch runs itself again, once, with the setting in its environment. Other settings (``expandable_segments``)
-    are read when CUDA starts and need no second start."""
+    torch runs itself again, once, with the setting in its environment (the command line, ``sys.argv``: for a
+    benchmark's own ``main()`` run as a script). Other settings (``expandable_segments``) are read when CUDA
+    starts and need no second start."""
     setting, backend = ALLOCATORS[name]
     conf = os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or ""
     if setting and setting not in conf:
