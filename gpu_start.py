@@ -1,5 +1,6 @@
 """ComfyUI's GPU start-up as its main.py does it, for processes that import ComfyUI without main.py
-(``ultragen-run``'s in-process runs; the benchmarks and GPU tests for the one flag below).
+(``ultragen-run``'s in-process runs, the benchmarks' DynamicVRAM, and every GPU import for the flag below;
+``comfy_env.import_comfyui`` calls them).
 
 Why: before any model loads, main.py makes two choices that decide how much fits a card and how weights
 stream: PyTorch's allocator (its ``cuda_malloc.py``: ``backend:cudaMallocAsync`` on most NVIDIA setups, set
