@@ -197,8 +197,14 @@ def _line(r: dict) -> str:
         return f"{head} {r['status']}: {r.get('where', '')}"
     weights = r.get("aimdo_vram_gib", r["weights_gib"])  # DynamicVRAM's weights live outside PyTorch's allocator
     first = f"  (first step {r['first_s']:.2f} s)" if "first_s" in r else ""
-    return (f"{head} {r['s']:7.2f} s  peak {r['peak_gib']:5.1f} GiB  weights {weights:5.1f} GiB  "
+    line = (f"{head} {r['s']:7.2f} s  peak {r['peak_gib']:5.1f} GiB  weights {weights:5.1f} GiB  "
             f"activations {r['activations_u']:.1f} U{first}")  # fmt: skip
+    if "profile" in r:
+        p = r["profile"]
+        waits = ", ".join(f"{name} {ms:.0f} ms x{count}" for name, count, ms in p["runtime_top"][:3])
+        line += (f"\n{'':>43} GPU busy {p['gpu_busy_ms']:.0f} ms, host-to-device copies {p['h2d_ms']:.0f} ms "
+                 f"x{p['h2d_count']}; host waited in {waits}")  # fmt: skip
+    return line
 
 
 def plan(cards, sizes, dtypes, big, big_sizes, modes=("dense", "ultragen")) -> list[tuple]:
