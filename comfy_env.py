@@ -73,19 +73,20 @@ def import_comfyui(path: str | os.PathLike, cpu: bool, also: tuple[str, ...] = (
         try:
             import comfy.cli_args  # noqa: F401  (parses sys.argv once)
 
+            forced = bool(dynamic_vram)  # True: on whatever main.py's rule says; None: the rule, under like_main
             dynamic = False
             if starts:  # main.py's order: the allocator, comfy-aimdo, then model management
                 if like_main:
                     gpu_start.choose_allocator(Path(path))
-                if dynamic_vram or (dynamic_vram is None and like_main):
-                    dynamic = gpu_start.prepare_dynamic_vram(force=bool(dynamic_vram))
+                if forced or (dynamic_vram is None and like_main):
+                    dynamic = gpu_start.prepare_dynamic_vram(force=forced)
             import comfy.model_management  # noqa: F401
         finally:
             sys.argv = argv
         if starts:
             gpu_start.match_cast_buffers_to_allocator()
         if dynamic:
-            gpu_start.enable_dynamic_vram(force=bool(dynamic_vram))
+            gpu_start.enable_dynamic_vram(force=forced)
         for module in also:
             importlib.import_module(module)
     except ImportError as exc:

@@ -69,21 +69,6 @@ def use_allocator(name: str) -> Iterator[None]:
                  "(PYTORCH_CUDA_ALLOC_CONF set elsewhere, or a PyTorch without CUDA)")  # fmt: skip
 
 
-def import_comfyui(explicit: str | None, dynamic: bool) -> None:
-    """ComfyUI for the GPU; ``dynamic``: with DynamicVRAM, switched on as its main.py does (``gpu_start.py``), on
-    this machine whatever main.py's own rule would say (an emulated card is an NVIDIA card)."""
-    from ultragen.comfy_env import find_comfyui, import_comfyui
-
-    if not torch.cuda.is_available():
-        sys.exit("this benchmark needs a CUDA GPU")
-    path = find_comfyui(explicit)
-    if path is None:
-        sys.exit("this benchmark needs ComfyUI: set COMFYUI_PATH=/path/to/ComfyUI")
-    import_comfyui(path, cpu=False, dynamic_vram=dynamic)
-    if dynamic and not getattr(sys.modules.get("comfy.memory_management"), "aimdo_enabled", False):
-        sys.exit("DynamicVRAM did not start: it needs ComfyUI 0.29 or newer with a working comfy-aimdo")
-
-
 class Card:
     """The emulated card (None: the whole GPU)."""
 

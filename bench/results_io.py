@@ -17,10 +17,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
-def comfyui_on_gpu(script: str, explicit: str | None = None) -> None:
-    """Exit with a message unless there is a CUDA GPU and a ComfyUI; then import ComfyUI for the GPU."""
-    import sys
-
+def comfyui_on_gpu(script: str, explicit: str | None = None, dynamic_vram: bool = False) -> None:
+    """Exit with a message unless there is a CUDA GPU and a ComfyUI; then import ComfyUI for the GPU
+    (``dynamic_vram``: with DynamicVRAM switched on as its main.py does, whatever main.py's own rule says)."""
     from ultragen.comfy_env import find_comfyui, import_comfyui
 
     if not torch.cuda.is_available():
@@ -28,7 +27,9 @@ def comfyui_on_gpu(script: str, explicit: str | None = None) -> None:
     path = find_comfyui(explicit)
     if path is None:
         sys.exit(f"bench/{script} needs ComfyUI: set COMFYUI_PATH=/path/to/ComfyUI")
-    import_comfyui(path, cpu=False)
+    import_comfyui(path, cpu=False, dynamic_vram=dynamic_vram or None)
+    if dynamic_vram and not getattr(sys.modules.get("comfy.memory_management"), "aimdo_enabled", False):
+        sys.exit("DynamicVRAM did not start: it needs ComfyUI 0.29 or newer with a working comfy-aimdo")
 
 
 def run_info() -> dict:

@@ -35,11 +35,11 @@ import time
 import traceback
 
 import torch
-from emulated_card import ALLOCATORS, CONTEXT_GIB, Card, aimdo_vram_gib, import_comfyui, segment_summary, use_allocator
+from emulated_card import ALLOCATORS, CONTEXT_GIB, Card, aimdo_vram_gib, segment_summary, use_allocator
 from step_profile import profiled
 
 from flux_step import MODELS, TEXT
-from results_io import run_info, write_json
+from results_io import comfyui_on_gpu, run_info, write_json
 
 CARDS = (12, 16, 24, 32, 48, 80)
 DENSE_UP_TO = 4096
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     start = time.perf_counter()
     with use_allocator(args.allocator):  # chosen before CUDA starts, checked after
-        import_comfyui(args.comfyui, args.dynamic_vram)
+        comfyui_on_gpu("vram_cards.py", args.comfyui, dynamic_vram=args.dynamic_vram)
     card = Card(args.dynamic_vram, queue=args.queue, segments_on_oom=args.segments_on_oom)
     cells = []
     if args.whole_gpu:
