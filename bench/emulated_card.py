@@ -139,13 +139,14 @@ class Card:
         return (emulated, torch_free) if torch_free_too else emulated
 
 
+def dynamic_vram_on() -> bool:
+    """Whether the imported ComfyUI loads models through DynamicVRAM (comfy-aimdo; ComfyUI 0.29 and newer)."""
+    return bool(getattr(sys.modules.get("comfy.memory_management"), "aimdo_enabled", False))
+
+
 def aimdo_vram_gib() -> float | None:
     """GPU memory DynamicVRAM (comfy-aimdo) holds outside PyTorch's allocator, its weights; None without it."""
-    try:
-        import comfy.memory_management  # ComfyUI 0.29 and newer
-    except ImportError:
-        return None
-    if not getattr(comfy.memory_management, "aimdo_enabled", False):
+    if not dynamic_vram_on():
         return None
     import comfy_aimdo.control
 

@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 import torch
-from emulated_card import ALLOCATORS, use_allocator
+from emulated_card import ALLOCATORS, dynamic_vram_on, use_allocator
 
 from results_io import run_info, write_json
 
@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> None:
                     "flux1-dev for FLUX.1 workflows, flux2-klein-4b for FLUX.2 (flux2_*) ones")  # fmt: skip
     ap.add_argument("--tiny", action="store_true", help="tiny models, sizes / 16, 2 steps: a CPU smoke run")
     ap.add_argument("--card", type=float, help="run on an emulated card of this many GiB (bench/emulated_card.py)"
-                    "; UltraGen's workflows only")  # fmt: skip
+                    ", ComfyUI started as ultragen-run starts it (main.py's allocator and DynamicVRAM choice); "
+                    "UltraGen's workflows only")  # fmt: skip
     ap.add_argument("--allocator", choices=list(ALLOCATORS), default="cudaMallocAsync", help="with --card: "
                     "PyTorch's CUDA allocator (default: ComfyUI's on NVIDIA; bench/emulated_card.py)")  # fmt: skip
     ap.add_argument("--warm", action="store_true", help="time the next image: a one-step pass of each workflow "
@@ -281,8 +282,10 @@ def main(argv: list[str] | None = None) -> None:
     model_name = args.model or ("flux2-klein-4b" if flux2 else "flux1-dev")
     if model_name not in MODELS:
         ap.error(f"--model {model_name}: choose one of {sorted(MODELS)}")
+    # On a card, ComfyUI starts as ultragen-run starts it, like its main.py (the allocator, DynamicVRAM where main.py
+    # enables it: what an artist's card runs); on the whole GPU as the earlier rows ran (native, no DynamicVRAM).
     with use_allocator(args.allocator) if args.card else contextlib.nullcontext():  # before CUDA starts
-        load_comfyui(args.comfyui, cpu=args.tiny or not torch.cuda.is_available())  # the architectures' configs need it
+        load_comfyui(args.comfyui, cpu=args.tiny or not torch.cuda.is_available(), like_main=bool(args.card))
     if MODELS[model_name].flux2 != flux2:
         family = "FLUX.2" if flux2 else "FLUX.1"
         ap.error(f"--model {model_name}: the workflows are {family}'s; choose one of {sorted(MODELS)} of that family")
@@ -290,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.card:  # ComfyUI reads the emulated card from then on (the card's free-memory function is installed)
         from emulated_card import Card
 
-        Card(dynamic=False).set(args.card)
+        Card(dynamic=dynamic_vram_on()).set(args.card)
     work = Path(tempfile.mkdtemp(prefix="ultragen-pipeline-"))
     model_files(work / "models")
     rows, out = [], None
@@ -300,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
               "warm": args.warm, "rows": rows}  # fmt: skip
     if args.card:
         result["allocator"] = args.allocator
+        result["dynamic_vram"] = dynamic_vram_on()
     for i, name in enumerate(args.workflows):
         size = FINAL_SIZE[name]
         ours = json.loads((API / f"{name}.api.json").read_text())

@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 def comfyui_on_gpu(script: str, explicit: str | None = None, dynamic_vram: bool = False) -> None:
     """Exit with a message unless there is a CUDA GPU and a ComfyUI; then import ComfyUI for the GPU
     (``dynamic_vram``: with DynamicVRAM switched on as its main.py does, whatever main.py's own rule says)."""
+    from emulated_card import dynamic_vram_on
+
     from ultragen.comfy_env import find_comfyui, import_comfyui
 
     if not torch.cuda.is_available():
@@ -28,7 +30,7 @@ def comfyui_on_gpu(script: str, explicit: str | None = None, dynamic_vram: bool 
     if path is None:
         sys.exit(f"bench/{script} needs ComfyUI: set COMFYUI_PATH=/path/to/ComfyUI")
     import_comfyui(path, cpu=False, dynamic_vram=dynamic_vram or None)
-    if dynamic_vram and not getattr(sys.modules.get("comfy.memory_management"), "aimdo_enabled", False):
+    if dynamic_vram and not dynamic_vram_on():
         sys.exit("DynamicVRAM did not start: it needs ComfyUI 0.29 or newer with a working comfy-aimdo")
 
 
