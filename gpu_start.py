@@ -89,7 +89,25 @@ def enable_dynamic_vram(force: bool = False) -> bool:
     if not started:
         log.warning("UltraGen: comfy-aimdo did not start; ComfyUI's legacy loader runs (as in ComfyUI)")
         return False
+    match_aimdo_log_level()
     comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
     comfy.memory_management.aimdo_enabled = True
     log.info("UltraGen: DynamicVRAM enabled, as ComfyUI's main.py does")
     return True
+
+
+# ComfyUI's console log levels and comfy-aimdo's setters for them, as main.py pairs them (other levels: info).
+AIMDO_LOG_SETTERS = {"DEBUG": "set_log_debug", "DETAIL": "set_log_detail", "CRITICAL": "set_log_critical",
+                     "ERROR": "set_log_error", "WARNING": "set_log_warning"}  # fmt: skip
+
+
+def match_aimdo_log_level() -> None:
+    """comfy-aimdo logs at ComfyUI's console level, as main.py sets it once the devices started: left at its own
+    level, comfy-aimdo wrote a line for every allocation and free (1.5 MB of log in a minute of sampling, measured
+    on the H200 2026-12-02)."""
+    import comfy.cli_args as cli
+    import comfy_aimdo.control
+
+    level = cli.get_console_log_level(cli.args.verbose) if hasattr(cli, "get_console_log_level") else "INFO"
+    setter = getattr(comfy_aimdo.control, AIMDO_LOG_SETTERS.get(level, "set_log_info"), None)
+    (setter or comfy_aimdo.control.set_log_info)()

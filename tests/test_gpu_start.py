@@ -34,12 +34,16 @@ print(os.environ.get('PYTORCH_CUDA_ALLOC_CONF'), 'torch' in sys.modules, chose)
 )
 
 
-def _python(code: str, comfyui: Path, **env: str) -> str:
+def _run(code: str, comfyui: Path, **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_CUDA_ALLOC_CONF",)}
     out = subprocess.run([sys.executable, "-c", code, str(comfyui)], env={**environ, **env}, capture_output=True,
                          text=True, timeout=300, check=False)  # fmt: skip
     assert out.returncode == 0, out.stderr
-    return out.stdout.strip().splitlines()[-1]
+    return out
+
+
+def _python(code: str, comfyui: Path, **env: str) -> str:
+    return _run(code, comfyui, **env).stdout.strip().splitlines()[-1]
 
 
 def test_the_allocator_is_the_one_comfyui_main_py_chooses(comfyui):
@@ -81,6 +85,9 @@ from ultragen.comfy_env import import_comfyui
 import_comfyui(sys.argv[1], cpu=False, like_main=True)
 import torch, comfy.model_patcher
 import comfy.memory_management as mem
+x = torch.ones(2**20, device="cuda") * 2  # allocations through the allocator comfy-aimdo may log
+del x
+torch.cuda.synchronize()
 print(torch.cuda.get_allocator_backend(), getattr(mem, "aimdo_enabled", None),
       comfy.model_patcher.CoreModelPatcher.__name__)
 """
@@ -88,7 +95,10 @@ print(torch.cuda.get_allocator_backend(), getattr(mem, "aimdo_enabled", None),
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (DynamicVRAM starts on NVIDIA only)")
 def test_like_main_on_an_nvidia_gpu_starts_what_main_py_starts(comfyui):
-    backend, aimdo, patcher = _python(DYNAMIC, comfyui).split()
+    started = _run(DYNAMIC, comfyui)
+    backend, aimdo, patcher = started.stdout.strip().splitlines()[-1].split()
+    # comfy-aimdo at ComfyUI's console level (INFO), as main.py sets it: not a line per allocation
+    assert "VERBOSE" not in started.stdout + started.stderr
     setting = _python(AS_MAIN_PY, comfyui).split()[0]
     assert backend == ("cudaMallocAsync" if setting == "backend:cudaMallocAsync" else "native")
     if Path(comfyui, "comfy", "memory_management.py").is_file():  # ComfyUI 0.29 and newer: main.py's rule
