@@ -5,9 +5,10 @@ How an N-GiB card is emulated on a bigger GPU, between cells of one process:
 
 - PyTorch's allocator is capped at N - 0.5 GiB (``set_per_process_memory_fraction``; the 0.5 GiB
   stand for the CUDA context a real card also holds), so any allocation past the card fails;
-- ComfyUI's ``get_free_memory`` reports what that card would (the cap minus PyTorch's reserved
-  memory, plus its cached free blocks), and ``total_vram`` is N: every loading heuristic (also
-  ``MIN_WEIGHT_MEMORY_RATIO``, which ``--reserve-vram`` alone does not scale) sees an N-GiB card;
+- ComfyUI's ``get_free_memory`` reports what that card would (its size less what the process occupies on the
+  GPU, PyTorch's reusable cached blocks not counted: :func:`emulated_free`), and ``total_vram`` is N: every
+  loading heuristic (also ``MIN_WEIGHT_MEMORY_RATIO``, which ``--reserve-vram`` alone does not scale) sees an
+  N-GiB card;
 - with ``--dynamic-vram`` (ComfyUI 0.29's DynamicVRAM, switched on the way its main.py does),
   comfy-aimdo's VRAM headroom is set to total - N as ``--reserve-vram`` would.
 
@@ -82,6 +83,7 @@ class Card:
         self.original_free = mm.get_free_memory
         self.original_total_vram = mm.total_vram
         self.cap = self.total
+        self.card_bytes: int | None = None  # the emulated card's size (None: the whole GPU)
         self.current: tuple | None = None  # (GiB, weights) of the card as last set, None after a failed cell
         self.cap_checked = False
         # Record PyTorch's allocations (native allocator only) for segment_summary() at an out-of-memory error.
@@ -100,6 +102,7 @@ class Card:
         gc.collect()
         self.mm.soft_empty_cache()
         torch.cuda.empty_cache()
+        self.card_bytes = None if gib is None else int(gib * 2**30)
         if gib is None:
             self.cap = self.total
             torch.cuda.set_per_process_memory_fraction(1.0)
@@ -131,12 +134,34 @@ class Card:
                  "allocator here: a card cannot be emulated")  # fmt: skip
 
     def free(self, dev=None, torch_free_too=False):
+        """What ComfyUI's ``get_free_memory`` would say on the card: its size less what is occupied on the GPU
+        (see :func:`emulated_free`), at most what PyTorch's cap still allows."""
         total_free, torch_free = self.original_free(dev, torch_free_too=True)
         if dev is not None and getattr(dev, "type", "cuda") != "cuda":
             return (total_free, torch_free) if torch_free_too else total_free
-        reserved = torch.cuda.memory_reserved()
-        emulated = min(total_free, max(0, self.cap - reserved) + torch_free)
+        if self.card_bytes is None:
+            return (total_free, torch_free) if torch_free_too else total_free
+        cuda_free, cuda_total = torch.cuda.mem_get_info(dev)
+        emulated = emulated_free(self.card_bytes, cuda_total - cuda_free, torch_free, self.cap,
+                                 torch.cuda.memory_allocated(dev))  # fmt: skip
+        emulated = min(total_free, emulated)
         return (emulated, torch_free) if torch_free_too else emulated
+
+
+def emulated_free(card_bytes: int, gpu_used: int, pool_slack: int, cap: int, allocated: int) -> int:
+    """Free memory of a ``card_bytes`` card, from the big GPU's figures: everything this process holds on it
+    (``gpu_used``: the CUDA context, comfy-aimdo's weights, PyTorch's pool) less the pool's reusable slack
+    (``pool_slack``: reserved, not in use) is occupied; the rest of the card is free, as ComfyUI's reading
+    (CUDA's free memory plus the slack) gives on the real card — and no more than PyTorch's ``cap`` leaves above
+    what it has ``allocated``.
+
+    Why not the cap less PyTorch's reserved memory: with cudaMallocAsync the pool keeps what it once reserved,
+    and on the big GPU nothing forces it back within the card (a real card's pool cannot reserve more than the card
+    holds; at its limit PyTorch trims it), so that reading counted slack beyond the card as free: an 8192² exact decode
+    on an emulated 24 GB card with DynamicVRAM placed a second 16 GiB activation on the GPU beside 16.07 GiB in use
+    and ran out of memory at the cap, while CUDA said the process held 63.3 GiB (H200, 2026-12-02)."""
+    occupied = gpu_used - pool_slack
+    return max(0, min(card_bytes - occupied, cap - allocated))
 
 
 def dynamic_vram_on() -> bool:
