@@ -193,7 +193,8 @@ def shrink(prompt: dict, factor: int, steps: int | None) -> dict:
 
 
 def run_measured(prompt: dict, out: Path) -> dict:
-    """Run ``prompt``; per node (in order): seconds, peak GiB and the times of its progress steps."""
+    """Run ``prompt``; per node (in order): seconds, peak GiB and the times of its progress steps, and how the run
+    ended (``status`` "done", else ComfyUI's status and ``message``: a failed run keeps the nodes it measured)."""
     import ultragen.runner.local as local
 
     cuda = torch.cuda.is_available()
@@ -237,9 +238,28 @@ def run_measured(prompt: dict, out: Path) -> dict:
         close(None)
     finally:
         local.Progress = original
+    measured = {"s": time.perf_counter() - start, "nodes": rows, "images": len(result.images), "status": result.status}
     if result.status != "done":
-        raise RuntimeError(f"the run did not finish: {result.status} {result.message}")
-    return {"s": time.perf_counter() - start, "nodes": rows, "images": len(result.images)}
+        measured["message"] = result.message
+        print(f"the run did not finish: {result.status} {result.message}", flush=True)
+    return measured
+
+
+def finished(measured: dict) -> dict:
+    """``measured`` of a run that had to finish (a warm-up pass, the dense side of a ratio)."""
+    if measured["status"] != "done":
+        raise RuntimeError(f"the run did not finish: {measured['status']} {measured.get('message')}")
+    return measured
+
+
+def describe(measured: dict | None) -> str:
+    """A run's whole time, or how it ended."""
+    if measured is None:
+        return "not run"
+    if measured["status"] == "done":
+        return f"{measured['s']:.1f} s"
+    last = measured["nodes"][-1]["title"] if measured["nodes"] else "?"
+    return f"{measured['status']} at {last} after {measured['s']:.1f} s"
 
 
 def dense_step_seconds(sampler: dict) -> tuple[float, str]:
@@ -318,30 +338,30 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         if "ultragen" in args.parts:
             if args.warm:
-                warm_up["ultragen_s"] = run_measured(shrink(ours, 1, 1), work / f"{name}-warm")["s"]
+                warm_up["ultragen_s"] = finished(run_measured(shrink(ours, 1, 1), work / f"{name}-warm"))["s"]
             row["ultragen"] = run_measured(ours, work / name)
             out = write_json("pipeline", result, args.out)  # a run cut short in the dense pass keeps this
             if args.card:  # on a card: UltraGen's stages and peaks only (dense 8K cannot fit)
-                print(f"{name} on an emulated {args.card:g} GB card: {row['ultragen']['s']:.1f} s", flush=True)
+                print(f"{name} on an emulated {args.card:g} GB card: {describe(row['ultragen'])}", flush=True)
         if args.card or "dense" not in args.parts:
             continue
         if args.warm:
             factor = 1 if size <= 4096 else 8  # above 4K: load weights and VAE only (nothing to compile)
-            warm_up["dense_s"] = run_measured(shrink(dense, factor, 1), work / f"{name}-dense-warm")["s"]
+            warm_up["dense_s"] = finished(run_measured(shrink(dense, factor, 1), work / f"{name}-dense-warm"))["s"]
             warm_up["dense_factor"] = factor
-        measured_dense = run_measured(dense, work / f"{name}-dense")
+        measured_dense = finished(run_measured(dense, work / f"{name}-dense"))
         sampler = next(r for r in measured_dense["nodes"] if r["type"] in SAMPLERS)
         per_step, how = dense_step_seconds(sampler)
         dense_total = measured_dense["s"] + per_step * (steps - dense_steps)
         row.update({"dense": measured_dense, "dense_steps_run": dense_steps, "dense_steps": steps,
                     "dense_step_s": per_step, "dense_step_from": how, "dense_s_all_steps": dense_total})  # fmt: skip
         ran = f"{dense_steps} of {steps} steps run, {per_step:.2f} s a step from {how}"
-        if "ultragen" in row:
+        if row.get("ultragen", {}).get("status") == "done":
             row["speedup"] = speedup = dense_total / row["ultragen"]["s"]
             print(f"{name}: UltraGen {row['ultragen']['s']:.1f} s, dense {dense_total:.1f} s ({ran}), {speedup:.1f}x",
                   flush=True)  # fmt: skip
         else:
-            print(f"{name}: dense {dense_total:.1f} s ({ran})", flush=True)
+            print(f"{name}: dense {dense_total:.1f} s ({ran}); UltraGen: {describe(row.get('ultragen'))}", flush=True)
         out = write_json("pipeline", result, args.out)  # after every workflow: a run cut short keeps it
     print(f"\n{model_name}, random weights:")
     print("| workflow | size | UltraGen, whole image | dense (all base steps, tiled decode) | speedup | target |")
@@ -350,11 +370,11 @@ def main(argv: list[str] | None = None) -> None:
         verdicts = []
         if (target := TARGETS.get(r["workflow"])) and "speedup" in r:
             verdicts.append(f"≥ {target}x: {'met' if r['speedup'] >= target else 'MISSED'}")
-        if (seconds := SECONDS_TARGETS.get((r["workflow"], model_name))) and not args.card:
+        if (seconds := SECONDS_TARGETS.get((r["workflow"], model_name))) and not args.card and "speedup" in r:
             verdicts.append(f"≤ {seconds:g} s: {'met' if r['ultragen']['s'] <= seconds else 'MISSED'}")
         dense = f"{r['dense_s_all_steps']:.1f} s" if "dense" in r else "–"
         speedup = f"{r['speedup']:.1f}x" if "speedup" in r else "–"
-        print(f"| {r['workflow']} | {r['size']}² | {r['ultragen']['s']:.1f} s | {dense} | {speedup} "
+        print(f"| {r['workflow']} | {r['size']}² | {describe(r['ultragen'])} | {dense} | {speedup} "
               f"| {'; '.join(verdicts)} |")  # fmt: skip
     for r in rows:
         print(f"\n{r['workflow']}, per node (s, peak GiB):")

@@ -73,6 +73,38 @@ def test_one_side_only(tmp_path, monkeypatch):
         assert present in row and absent not in row and "speedup" not in row
 
 
+def test_a_failed_run_keeps_what_it_measured(tmp_path, monkeypatch):
+    """A workflow that fails (here its exact decode runs out of memory) is recorded, with the nodes measured up to
+    the failure and ComfyUI's message, and the dense side still runs; no ratio is formed."""
+    import folder_paths
+    import torch
+
+    import nodes
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setattr(nodes, "NODE_CLASS_MAPPINGS", dict(nodes.NODE_CLASS_MAPPINGS))
+    monkeypatch.setattr(folder_paths, "folder_names_and_paths", copy.deepcopy(folder_paths.folder_names_and_paths))
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+    sys.modules.pop("pipeline", None)
+    import pipeline
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("Allocation on device 0 would exceed allowed memory. (out of memory)")
+
+    decoders = [m for n, m in sys.modules.items() if n.endswith("nodes.exact_vae") and hasattr(m, "exact_decode")]
+    assert decoders  # the pack's node module, as ComfyUI loaded it
+    for module in decoders:
+        monkeypatch.setattr(module, "exact_decode", out_of_memory)
+    out = tmp_path / "failed.json"
+    pipeline.main(["--tiny", "--workflows", "flux_2k_from_1k", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    ours = row["ultragen"]
+    assert ours["status"] != "done" and "out of memory" in ours["message"]
+    types = [n["type"] for n in ours["nodes"]]
+    assert types[-1] == "UltraGenVAEDecodeExact" and "SamplerCustomAdvanced" in types  # measured up to the failure
+    assert row["dense"]["status"] == "done" and "speedup" not in row
+
+
 def test_dense_counterparts_by_hand(monkeypatch):
     """The plain way is the workflow's own base pass at the target size, with all its steps, then a tiled decode."""
     monkeypatch.syspath_prepend(str(BENCH))
