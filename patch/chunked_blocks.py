@@ -35,13 +35,13 @@ import logging
 from collections.abc import Callable
 
 import comfy.ldm.flux.layers
-import comfy.model_management
 import torch
 
 from ..kernels.rope import apply_rope
 from ..kernels.triton_env import triton_runs_on
 from . import slice_ops
 from .call_state import CallState, HandOver
+from .free_memory import free_memory
 from .inplace_gelu import InPlaceGELU
 from .layer_weights import TakenLinear, take_qk_norm
 from .slice_ops import BlockContext, BlockLinear, add_gated, mlp_state, modulated
@@ -75,7 +75,7 @@ def chunk_tokens(length: int, batch: int, hidden: int, element_size: int, free_b
 def _chunk_for(call: CallState, x: torch.Tensor, length: int, hidden: int) -> int:
     """The call's slice size: chosen from the free memory by its first block, kept for the other 56."""
     if call.slice_tokens is None:
-        free = comfy.model_management.get_free_memory(x.device) if x.device.type == "cuda" else None
+        free = free_memory(x.device) if x.device.type == "cuda" else None
         call.slice_tokens = chunk_tokens(length, x.shape[0], hidden, x.element_size(), free)
     return call.slice_tokens
 

@@ -19,6 +19,7 @@ from comfy.ldm.modules.diffusionmodules.model import Decoder, Encoder
 
 from ..core.row_major import RowMajor
 from ..errors import UltraGenError
+from .free_memory import free_memory
 
 OFFLOAD = ("auto", "never", "always")  # keep full activations in host memory, streaming bands to the GPU
 BYTES_PER_BAND_ELEMENT = 64  # all of a band's temporaries (float32 norm, padding, output, float64 sums), generously
@@ -47,7 +48,7 @@ def placement(compute: torch.device, offload: str, largest_elements: int, dtype:
         return "host"
     if compute.type == "cpu":
         return "compute"
-    spill = all_on_compute_bytes(largest_elements, dtype) >= 0.9 * comfy.model_management.get_free_memory(compute)
+    spill = all_on_compute_bytes(largest_elements, dtype) >= 0.9 * free_memory(compute)
     return "spill" if spill else "compute"
 
 
@@ -55,7 +56,7 @@ def band_budget(compute: torch.device, band_elements: int) -> int:
     """``band_elements``, lowered where the compute device's free memory could not hold a band's temporaries."""
     if compute.type == "cpu":
         return band_elements
-    free = comfy.model_management.get_free_memory(compute)
+    free = free_memory(compute)
     return max(1, min(band_elements, free // BYTES_PER_BAND_ELEMENT))
 
 
@@ -77,7 +78,7 @@ def activation_storage(shape: tuple, dtype: torch.dtype, where: str, compute: to
     need = math.prod(shape) * dtype.itemsize
     if where == "spill":
         headroom = band_elements * BYTES_PER_BAND_ELEMENT + (1 << 30)
-        if need + headroom < comfy.model_management.get_free_memory(compute):
+        if need + headroom < free_memory(compute):
             return torch.empty(shape, dtype=dtype, device=compute)
     check_host_room(need)
     return RowMajor(shape, dtype)
