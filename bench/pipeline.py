@@ -22,6 +22,10 @@ compiles); that pass's time is kept in the JSON. Above 4096^2 the dense warm-up 
 only loads the weights and the VAE: ComfyUI's dense path compiles nothing, and one dense 8K step is ~90 s).
 ``--parts ultragen`` or ``--parts dense`` runs one side only (a dense 8K pass and the recursive chain together
 take longer than one 10-minute device call); the ratio is then formed from the two JSON files.
+On a GPU, ComfyUI starts as ``ultragen-run`` and ComfyUI's own main.py start it (``--start main``, the default:
+PyTorch's ``cudaMallocAsync`` allocator, ``--allocator`` to change it, and DynamicVRAM where main.py enables it, on
+NVIDIA with ComfyUI 0.29+); ``--start plain`` keeps PyTorch's native allocator and ComfyUI's legacy loader, as every
+run of this benchmark before 2026-12-02 (the JSON says which: ``start``, ``allocator``, ``dynamic_vram``).
 On a machine whose Python lacks ComfyUI's video / server requirements (PyAV, pydantic, ...), put
 ``bench/stubs`` on ``PYTHONPATH`` with ``STUB_MODULES=av,pydantic,...`` (see its docstring).
 
@@ -280,9 +284,11 @@ def main(argv: list[str] | None = None) -> None:
                     "flux1-dev for FLUX.1 workflows, flux2-klein-4b for FLUX.2 (flux2_*) ones")  # fmt: skip
     ap.add_argument("--tiny", action="store_true", help="tiny models, sizes / 16, 2 steps: a CPU smoke run")
     ap.add_argument("--card", type=float, help="run on an emulated card of this many GiB (bench/emulated_card.py)"
-                    ", ComfyUI started as ultragen-run starts it (main.py's allocator and DynamicVRAM choice); "
-                    "UltraGen's workflows only")  # fmt: skip
-    ap.add_argument("--allocator", choices=list(ALLOCATORS), default="cudaMallocAsync", help="with --card: "
+                    "; UltraGen's workflows only")  # fmt: skip
+    ap.add_argument("--start", choices=("main", "plain"), default="main", help="on a GPU: ComfyUI started as its "
+                    "main.py and ultragen-run start it (main), or with PyTorch's native allocator and the legacy "
+                    "loader (plain: the runs before 2026-12-02)")  # fmt: skip
+    ap.add_argument("--allocator", choices=list(ALLOCATORS), default="cudaMallocAsync", help="with --start main: "
                     "PyTorch's CUDA allocator (default: ComfyUI's on NVIDIA; bench/emulated_card.py)")  # fmt: skip
     ap.add_argument("--warm", action="store_true", help="time the next image: a one-step pass of each workflow "
                     "first (weights loaded, kernels compiled, schedules cached), untimed")  # fmt: skip
@@ -302,10 +308,13 @@ def main(argv: list[str] | None = None) -> None:
     model_name = args.model or ("flux2-klein-4b" if flux2 else "flux1-dev")
     if model_name not in MODELS:
         ap.error(f"--model {model_name}: choose one of {sorted(MODELS)}")
-    # On a card, ComfyUI starts as ultragen-run starts it, like its main.py (the allocator, DynamicVRAM where main.py
-    # enables it: what an artist's card runs); on the whole GPU as the earlier rows ran (native, no DynamicVRAM).
-    with use_allocator(args.allocator) if args.card else contextlib.nullcontext():  # before CUDA starts
-        load_comfyui(args.comfyui, cpu=args.tiny or not torch.cuda.is_available(), like_main=bool(args.card))
+    cpu = args.tiny or not torch.cuda.is_available()
+    if args.card and cpu:
+        ap.error("--card needs a CUDA GPU and full-size models (not --tiny)")
+    like_main = args.start == "main"
+    allocator = None if cpu else args.allocator if like_main else "native"
+    with use_allocator(allocator) if allocator else contextlib.nullcontext():  # before CUDA starts
+        load_comfyui(args.comfyui, cpu=cpu, like_main=like_main, dynamic_vram=None if like_main else False)
     if MODELS[model_name].flux2 != flux2:
         family = "FLUX.2" if flux2 else "FLUX.1"
         ap.error(f"--model {model_name}: the workflows are {family}'s; choose one of {sorted(MODELS)} of that family")
@@ -321,9 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     text = f"conditioning of the real shapes ({shapes})"
     result = {**run_info(), "model": model_name, "tiny": args.tiny, "random_weights": True, "text_encoders": text,
               "warm": args.warm, "rows": rows}  # fmt: skip
-    if args.card:
-        result["allocator"] = args.allocator
-        result["dynamic_vram"] = dynamic_vram_on()
+    if not cpu:
+        result.update(start=args.start, allocator=allocator, dynamic_vram=dynamic_vram_on())
     for i, name in enumerate(args.workflows):
         size = FINAL_SIZE[name]
         ours = json.loads((API / f"{name}.api.json").read_text())

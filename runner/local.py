@@ -29,16 +29,17 @@ MODEL_FOLDERS = {
 MODEL_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
 
 
-def load_comfyui(explicit: str | None, cpu: bool, like_main: bool = False) -> Path:
+def load_comfyui(explicit: str | None, cpu: bool, like_main: bool = False, dynamic_vram: bool | None = None) -> Path:
     """Import ComfyUI (found as the tests find it) with its extra nodes, installed custom nodes and this pack;
-    ``like_main``: on a GPU, with the allocator and DynamicVRAM ComfyUI's main.py would choose (``gpu_start.py``)."""
+    ``like_main``: on a GPU, with the allocator and DynamicVRAM ComfyUI's main.py would choose (``gpu_start.py``);
+    ``dynamic_vram`` True / False: DynamicVRAM on / off whatever main.py's rule says (``comfy_env.import_comfyui``)."""
     from ..comfy_env import PACK_ROOT, ComfyUINotUsable, find_comfyui, import_comfyui
 
     path = find_comfyui(explicit)
     if path is None:
         raise RunError("no ComfyUI found: pass --comfyui /path/to/ComfyUI or set COMFYUI_PATH")
     try:
-        import_comfyui(path, cpu=cpu, also=("nodes", "execution"), like_main=like_main)
+        import_comfyui(path, cpu=cpu, also=("nodes", "execution"), like_main=like_main, dynamic_vram=dynamic_vram)
     except ComfyUINotUsable as exc:
         raise RunError(str(exc)) from exc
     import folder_paths

@@ -195,6 +195,16 @@ def test_the_warm_up_pass_is_the_workflow_at_one_step(monkeypatch):
     assert any("steps" in node["inputs"] for node in shipped.values())
 
 
+def test_an_emulated_card_needs_the_gpu_and_full_size_models(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCH))
+    sys.modules.pop("pipeline", None)
+    import pipeline
+
+    with pytest.raises(SystemExit):
+        pipeline.main(["--tiny", "--card", "24", "--workflows", "flux_2k_from_1k"])
+    assert "--card needs a CUDA GPU" in capsys.readouterr().err
+
+
 def test_dense_step_time_is_the_mean_step_interval_or_the_whole_node(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     sys.modules.pop("pipeline", None)
