@@ -20,6 +20,9 @@ they are; everything else is split.
 
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Callable
 from types import SimpleNamespace
 
 import comfy.model_management
@@ -39,6 +42,8 @@ from .vae_memory import (
     largest_encoder_activation,
     load_vae,
 )
+
+log = logging.getLogger("UltraGen")
 
 # Activations at or below this many elements run through the module itself.
 DIRECT_ELEMENTS = 1 << 24
@@ -312,6 +317,24 @@ def _to_normalised_latent(model, z: torch.Tensor) -> torch.Tensor:
                                           eps=model.bn_eps)  # fmt: skip
 
 
+def with_host_memory_fallback(run: Callable[[str], torch.Tensor], offload: str, what: str) -> torch.Tensor:
+    """``run(offload)``; where it runs out of GPU memory with full activations allowed on the GPU (``auto``), once
+    more with all of them in host memory (``always``: only bands on the GPU) — the same decode, slower — instead of
+    failing the node and, in a Recursive Upscale, the sampling before it (ComfyUI's own decode falls back to tiles
+    the same way). A decode placed by a free-memory reading that was too high (measured on an emulated card, where the
+    reading was wrong; a real card's reading can be too high when other programs take memory) still finishes."""
+    if offload != "auto":
+        return run(offload)
+    try:
+        return run(offload)
+    except torch.OutOfMemoryError:
+        pass  # retried below, outside the handler: the failed pass's tensors are freed with its traceback
+    log.warning("UltraGen: the exact VAE %s ran out of GPU memory with its activations on the GPU; running it again "
+                "with them in system memory (the same result, slower)", what)  # fmt: skip
+    comfy.model_management.soft_empty_cache()
+    return run("always")
+
+
 def exact_decode(vae, samples: torch.Tensor, band_elements: int = split_ops.DEFAULT_BAND_ELEMENTS,
                  direct_elements: int = DIRECT_ELEMENTS, offload: str = "auto",
                  progress: bool = True) -> torch.Tensor:  # fmt: skip
@@ -336,7 +359,9 @@ def exact_decode(vae, samples: torch.Tensor, band_elements: int = split_ops.DEFA
             z = _from_normalised_latent(model, samples[i : i + 1].to(vae.device, vae.vae_dtype))
             if getattr(model, "post_quant_conv", None) is not None:
                 z = model.post_quant_conv(z)
-            out = decode_latent(model.decoder, z, band_elements, direct_elements, offload, progress)
+            decode = functools.partial(decode_latent, model.decoder, z, band_elements, direct_elements,
+                                       progress=progress)  # fmt: skip
+            out = with_host_memory_fallback(decode, offload, "decode")
             images.append(vae.process_output(out.to(vae.output_device).float()))
     return torch.cat(images).movedim(1, -1)
 
@@ -360,7 +385,9 @@ def exact_encode(vae, pixels: torch.Tensor, band_elements: int = split_ops.DEFAU
     for i in range(pixels.shape[0]):
         x = vae.process_input(pixels[i : i + 1]).to(vae.device, vae.vae_dtype)
         with torch.inference_mode():
-            h = encode_pixels(model.encoder, x, band_elements, direct_elements, offload, progress)
+            encode = functools.partial(encode_pixels, model.encoder, x, band_elements, direct_elements,
+                                       progress=progress)  # fmt: skip
+            h = with_host_memory_fallback(encode, offload, "encode")
             if getattr(model, "quant_conv", None) is not None:
                 h = model.quant_conv(h)
             z, _ = model.regularization(h)

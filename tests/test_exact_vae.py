@@ -281,6 +281,42 @@ def test_spilled_activations_equal_the_full_decode(vae, monkeypatch):
     assert True in kinds and False in kinds, kinds
 
 
+@pytest.mark.parametrize("kind", ["decode", "encode"])
+def test_out_of_gpu_memory_runs_again_in_host_memory(vae, monkeypatch, kind, caplog):
+    """A pass that runs out of GPU memory with its activations on the GPU (``auto``) runs again with them in host
+    memory and still equals ComfyUI's own full decode / encode; asked to keep them on the GPU (``never``), the error
+    stands."""
+    import ultragen.patch.exact_vae as exact_vae
+
+    name = "decode_latent" if kind == "decode" else "encode_pixels"
+    original, asked = getattr(exact_vae, name), []
+
+    def first_runs_out(net, x, band_elements, direct_elements, offload, progress=True):
+        asked.append(offload)
+        if len(asked) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
+        return original(net, x, band_elements, direct_elements, offload, progress)
+
+    monkeypatch.setattr(exact_vae, name, first_runs_out)
+    if kind == "decode":
+        z = torch.randn(1, 16, 6, 5, generator=torch.Generator().manual_seed(11))
+        ours, reference = exact_vae.exact_decode(vae, z, band_elements=TINY_BANDS, direct_elements=0), vae.decode(z)
+        tolerance = 2e-5
+    else:
+        pixels = torch.rand(1, 48, 40, 3, generator=torch.Generator().manual_seed(12))
+        ours, reference = exact_vae.exact_encode(vae, pixels, band_elements=TINY_BANDS, direct_elements=0), vae.encode(
+            pixels)  # fmt: skip
+        tolerance = 5e-5 * max(1.0, reference.abs().max().item())
+    assert asked == ["auto", "always"]
+    assert (ours - reference).abs().max().item() <= tolerance
+    assert "ran out of GPU memory" in caplog.text
+    asked.clear()
+    with pytest.raises(torch.OutOfMemoryError):
+        (exact_vae.exact_decode if kind == "decode" else exact_vae.exact_encode)(
+            vae, z if kind == "decode" else pixels, offload="never")  # fmt: skip
+    assert asked == ["never"]
+
+
 def test_weights_come_through_comfyuis_cast_as_in_its_own_decode(vae, monkeypatch):
     """A partially loaded or DynamicVRAM VAE: ComfyUI casts each layer's weight on use and applies weight functions
     (LoRA patches) there. The split layers take their weights the same way, so the exact decode still equals
