@@ -13,8 +13,8 @@ def _offload_input():
         "offload", options=list(OFFLOAD), default="auto",
         tooltip="Keep the full-size activations in CPU memory and stream them through the GPU in bands: auto does "
         "so only for those the GPU has no room for (8K on cards under ~100 GB; an 8K decode on a 12-24 GB card then "
-        "needs about 40 GB of free system RAM), and if the GPU still runs out it runs again with all of them in CPU memory; "
-        "always bounds GPU memory to a few GB; never keeps them on the GPU.",
+        "needs about 40 GB of free system RAM), and if the GPU still runs out it runs again with all of them in CPU "
+        "memory; always bounds GPU memory to a few GB; never keeps them on the GPU.",
     )  # fmt: skip
 
 
