@@ -202,8 +202,9 @@ def _line(r: dict) -> str:
     if "profile" in r:
         p = r["profile"]
         waits = ", ".join(f"{name} {ms:.0f} ms x{count}" for name, count, ms in p["runtime_top"][:3])
-        line += (f"\n{'':>43} GPU busy {p['gpu_busy_ms']:.0f} ms, host-to-device copies {p['h2d_ms']:.0f} ms "
-                 f"x{p['h2d_count']}; host waited in {waits}")  # fmt: skip
+        line += (f"\n{'':>43} GPU busy {p['gpu_busy_ms']:.0f} ms (span {p['gpu_span_ms']:.0f} ms), host-to-device "
+                 f"copies {p['h2d_ms']:.0f} ms x{p['h2d_count']} ({p['h2d_overlapped_ms']:.0f} ms beside other GPU "
+                 f"work); host waited in {waits}")  # fmt: skip
     return line
 
 

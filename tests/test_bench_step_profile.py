@@ -38,4 +38,38 @@ def test_profiled_fills_the_summary_from_a_real_profile():
     with step_profile.profiled(summary):
         torch.ones(64, 64) @ torch.ones(64, 64)
     assert "stale" not in summary and set(summary) == {"gpu_busy_ms", "h2d_ms", "h2d_count", "gpu_top",
-                                                       "runtime_top"}  # fmt: skip
+                                                       "runtime_top", "gpu_span_ms", "h2d_overlapped_ms"}  # fmt: skip
+
+
+def _on_gpu(name, start, end):
+    from torch.autograd import DeviceType
+
+    return SimpleNamespace(name=name, device_type=DeviceType.CUDA, time_range=SimpleNamespace(start=start, end=end))
+
+
+def test_timeline_spans_the_gpu_work_once_and_finds_copies_beside_kernels():
+    from torch.autograd import DeviceType
+
+    events = [
+        _on_gpu("Memcpy HtoD (Pinned -> Device)", 0, 400),  # beside the first kernel for 300 us
+        _on_gpu("gemm", 100, 700),
+        _on_gpu("gemm", 650, 900),  # overlaps the first kernel: counted once
+        _on_gpu("Memcpy HtoD (Pageable -> Device)", 1000, 1500),  # alone: the GPU computes nothing meanwhile
+        _on_gpu("Memcpy DtoD (Device -> Device)", 1400, 1600),  # other GPU work beside the copy's last 100 us
+        SimpleNamespace(name="aten::mm", device_type=DeviceType.CPU, time_range=SimpleNamespace(start=0, end=5000)),
+    ]
+    t = step_profile.timeline(events)
+    assert t["gpu_span_ms"] == 1.5  # 0-900 and 1000-1600 us
+    assert t["h2d_overlapped_ms"] == 0.4  # 100-400 and 1400-1500 us
+
+
+def test_a_profiled_cells_line_says_span_and_overlap():
+    import vram_cards
+
+    profile = {"gpu_busy_ms": 1500.0, "gpu_span_ms": 1200.0, "h2d_ms": 700.0, "h2d_count": 300,
+               "h2d_overlapped_ms": 200.0, "runtime_top": [["cudaMemcpyAsync", 300, 650.0]], "gpu_top": []}
+    row = {"card_gib": 12, "weights": "bf16", "pixels": 2048, "mode": "ultragen", "status": "runs", "s": 1.9,
+           "peak_gib": 10.2, "weights_gib": 9.2, "activations_u": 8.6, "profile": profile}  # fmt: skip
+    line = vram_cards._line(row)
+    assert "span 1200 ms" in line and "700 ms x300 (200 ms beside other GPU work)" in line
+    assert "cudaMemcpyAsync 650 ms x300" in line
