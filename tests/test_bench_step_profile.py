@@ -66,8 +66,15 @@ def test_timeline_spans_the_gpu_work_once_and_finds_copies_beside_kernels():
 def test_a_profiled_cells_line_says_span_and_overlap():
     import vram_cards
 
-    profile = {"gpu_busy_ms": 1500.0, "gpu_span_ms": 1200.0, "h2d_ms": 700.0, "h2d_count": 300,
-               "h2d_overlapped_ms": 200.0, "runtime_top": [["cudaMemcpyAsync", 300, 650.0]], "gpu_top": []}
+    profile = {
+        "gpu_busy_ms": 1500.0,
+        "gpu_span_ms": 1200.0,
+        "h2d_ms": 700.0,
+        "h2d_count": 300,
+        "h2d_overlapped_ms": 200.0,
+        "runtime_top": [["cudaMemcpyAsync", 300, 650.0]],
+        "gpu_top": [],
+    }
     row = {"card_gib": 12, "weights": "bf16", "pixels": 2048, "mode": "ultragen", "status": "runs", "s": 1.9,
            "peak_gib": 10.2, "weights_gib": 9.2, "activations_u": 8.6, "profile": profile}  # fmt: skip
     line = vram_cards._line(row)
