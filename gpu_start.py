@@ -37,6 +37,12 @@ def choose_allocator(comfyui: Path) -> bool:
     return True
 
 
+def dynamic_vram_on() -> bool:
+    """Whether the imported ComfyUI loads models through DynamicVRAM (comfy-aimdo; ComfyUI 0.29 and newer), whoever
+    switched it on (main.py, :func:`enable_dynamic_vram`)."""
+    return bool(getattr(sys.modules.get("comfy.memory_management"), "aimdo_enabled", False))
+
+
 def match_cast_buffers_to_allocator() -> None:
     """``args.cuda_malloc`` true exactly when PyTorch runs cudaMallocAsync, as main.py leaves it."""
     import torch

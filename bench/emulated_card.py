@@ -32,6 +32,8 @@ from collections.abc import Iterator
 
 import torch
 
+from ultragen.gpu_start import dynamic_vram_on
+
 CONTEXT_GIB = 0.5  # a real card's CUDA context, outside PyTorch's allocator
 # --allocator choices: the PYTORCH_CUDA_ALLOC_CONF setting each needs, and the backend PyTorch then reports
 ALLOCATORS = {
@@ -83,7 +85,7 @@ class Card:
         self.original_free = mm.get_free_memory
         self.original_total_vram = mm.total_vram
         self.cap = self.total
-        self.card_bytes: int | None = None  # the emulated card's size (None: the whole GPU)
+        self.card_bytes = self.total  # the emulated card's size
         self.current: tuple | None = None  # (GiB, weights) of the card as last set, None after a failed cell
         self.cap_checked = False
         # Record PyTorch's allocations (native allocator only) for segment_summary() at an out-of-memory error.
@@ -102,7 +104,7 @@ class Card:
         gc.collect()
         self.mm.soft_empty_cache()
         torch.cuda.empty_cache()
-        self.card_bytes = None if gib is None else int(gib * 2**30)
+        self.card_bytes = self.total if gib is None else int(gib * 2**30)
         if gib is None:
             self.cap = self.total
             torch.cuda.set_per_process_memory_fraction(1.0)
@@ -139,8 +141,6 @@ class Card:
         total_free, torch_free = self.original_free(dev, torch_free_too=True)
         if dev is not None and getattr(dev, "type", "cuda") != "cuda":
             return (total_free, torch_free) if torch_free_too else total_free
-        if self.card_bytes is None:
-            return (total_free, torch_free) if torch_free_too else total_free
         cuda_free, cuda_total = torch.cuda.mem_get_info(dev)
         emulated = emulated_free(self.card_bytes, cuda_total - cuda_free, torch_free, self.cap,
                                  torch.cuda.memory_allocated(dev))  # fmt: skip
@@ -162,11 +162,6 @@ def emulated_free(card_bytes: int, gpu_used: int, pool_slack: int, cap: int, all
     and ran out of memory at the cap, while CUDA said the process held 63.3 GiB (H200, 2026-12-02)."""
     occupied = gpu_used - pool_slack
     return max(0, min(card_bytes - occupied, cap - allocated))
-
-
-def dynamic_vram_on() -> bool:
-    """Whether the imported ComfyUI loads models through DynamicVRAM (comfy-aimdo; ComfyUI 0.29 and newer)."""
-    return bool(getattr(sys.modules.get("comfy.memory_management"), "aimdo_enabled", False))
 
 
 def aimdo_vram_gib() -> float | None:

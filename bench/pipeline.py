@@ -44,7 +44,9 @@ import time
 from pathlib import Path
 
 import torch
-from emulated_card import ALLOCATORS, dynamic_vram_on, use_allocator
+from emulated_card import ALLOCATORS, use_allocator
+
+from ultragen.gpu_start import dynamic_vram_on
 
 from results_io import run_info, write_json
 

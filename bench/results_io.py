@@ -20,9 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 def comfyui_on_gpu(script: str, explicit: str | None = None, dynamic_vram: bool = False) -> None:
     """Exit with a message unless there is a CUDA GPU and a ComfyUI; then import ComfyUI for the GPU
     (``dynamic_vram``: with DynamicVRAM switched on as its main.py does, whatever main.py's own rule says)."""
-    from emulated_card import dynamic_vram_on
-
     from ultragen.comfy_env import find_comfyui, import_comfyui
+    from ultragen.gpu_start import dynamic_vram_on
 
     if not torch.cuda.is_available():
         sys.exit(f"bench/{script} needs a CUDA GPU")

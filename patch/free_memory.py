@@ -11,17 +11,17 @@ artists run. Without DynamicVRAM both readings are the same.
 
 from __future__ import annotations
 
-import sys
-
 import comfy.model_management
 import torch
+
+from ..gpu_start import dynamic_vram_on
 
 
 def free_memory(device: torch.device) -> int:
     """Bytes free on ``device`` for the patch's temporaries: ComfyUI's free memory, plus (DynamicVRAM) what
     comfy-aimdo gives back on demand — what ``ModelPatcher.get_free_memory`` returns in ComfyUI 0.29."""
     free = comfy.model_management.get_free_memory(device)
-    if not getattr(sys.modules.get("comfy.memory_management"), "aimdo_enabled", False):
+    if not dynamic_vram_on():
         return free
     import comfy_aimdo.model_vbar
 
