@@ -13,6 +13,8 @@ to something else is read off these numbers (``vram_cards.py --profile``).
 from __future__ import annotations
 
 import contextlib
+import cProfile
+import pstats
 from collections.abc import Iterator
 
 import torch
@@ -31,6 +33,32 @@ def profiled(summary: dict) -> Iterator[None]:
     summary.clear()
     summary.update(summarize(prof.key_averages()))
     summary.update(timeline(prof.events()))
+
+
+@contextlib.contextmanager
+def host_profiled(summary: dict) -> Iterator[None]:
+    """Profile the host's Python time in the block (cProfile: far less overhead than torch's profiler on a step of
+    thousands of small ops); fill ``summary`` with ``host_s`` and ``host_top``, the ``TOP`` functions by their own
+    time, each ``[function, calls, seconds]``. A copy from pageable memory, or any call that waits for the GPU, shows
+    as the host's time in that call (2026-12-02: 1.99 s of a 2.61 s step in ``Tensor.copy_``)."""
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        yield
+    finally:
+        prof.disable()
+    summary.clear()
+    summary.update(host_summary(pstats.Stats(prof)))
+
+
+def host_summary(stats: pstats.Stats) -> dict:
+    """``host_s`` (the profiled time) and ``host_top`` from cProfile's statistics."""
+    rows = []
+    for (filename, line, name), (_, calls, own, _, _) in stats.stats.items():  # type: ignore[attr-defined]
+        where = name if filename == "~" else f"{filename.rsplit('/', 1)[-1]}:{line}({name})"
+        rows.append([where[:80], calls, round(own, 4)])
+    rows.sort(key=lambda r: -r[2])
+    return {"host_s": round(stats.total_tt, 4), "host_top": rows[:TOP]}  # type: ignore[attr-defined]
 
 
 def _device_us(event) -> float:

@@ -36,7 +36,7 @@ import traceback
 
 import torch
 from emulated_card import ALLOCATORS, CONTEXT_GIB, Card, aimdo_vram_gib, segment_summary, use_allocator
-from step_profile import profiled
+from step_profile import host_profiled, profiled
 
 from flux_step import MODELS, TEXT
 from results_io import comfyui_on_gpu, run_info, write_json
@@ -99,10 +99,11 @@ def tokens(pixels: int, mode: str) -> int:
     return n + ((pixels // 64) ** 2 if mode.startswith("ultragen") else 0)
 
 
-def step(model, pixels: int, arch, steps: int = 1, profile: bool = False) -> dict:
+def step(model, pixels: int, arch, steps: int = 1, profile: str | None = None) -> dict:
     """``steps`` Euler steps through comfy.sample; each model call timed and measured by an APPLY_MODEL wrapper,
     the last one's figures returned (with more than one step, the first call's seconds as ``first_s``;
-    ``profile``: also where the last call's time went, ``step_profile.summarize``)."""
+    ``profile``: also where the last call's time went: "gpu", ``step_profile.profiled``; "host",
+    ``step_profile.host_profiled``)."""
     import comfy.model_management as mm
     import comfy.patcher_extension
     import comfy.sample
@@ -116,7 +117,8 @@ def step(model, pixels: int, arch, steps: int = 1, profile: bool = False) -> dic
         torch.cuda.reset_peak_memory_stats()
         summary: dict = {}
         t0 = time.perf_counter()
-        with profiled(summary) if profile else contextlib.nullcontext():
+        profiler = {"gpu": profiled, "host": host_profiled}.get(profile)
+        with profiler(summary) if profiler else contextlib.nullcontext():
             out = executor(*args, **kwargs)
             torch.cuda.synchronize()
         seen["s"] = time.perf_counter() - t0
@@ -152,7 +154,7 @@ def step(model, pixels: int, arch, steps: int = 1, profile: bool = False) -> dic
 
 
 def cell(card: Card, base, gib, dtype: str, pixels: int, mode: str, name: str = "flux1-dev", steps: int = 2,
-         profile: bool = False) -> dict:  # fmt: skip
+         profile: str | None = None) -> dict:  # fmt: skip
     card.set(gib, dtype)
     arch = MODELS[name]
     row = {"card_gib": gib, "weights": dtype, "pixels": pixels, "mode": mode}
@@ -199,7 +201,11 @@ def _line(r: dict) -> str:
     first = f"  (first step {r['first_s']:.2f} s)" if "first_s" in r else ""
     line = (f"{head} {r['s']:7.2f} s  peak {r['peak_gib']:5.1f} GiB  weights {weights:5.1f} GiB  "
             f"activations {r['activations_u']:.1f} U{first}")  # fmt: skip
-    if "profile" in r:
+    if "host_top" in r.get("profile", {}):
+        p = r["profile"]
+        calls = ", ".join(f"{name} {s:.3f} s x{count}" for name, count, s in p["host_top"][:3])
+        line += f"\n{'':>43} host {p['host_s']:.2f} s, most in {calls}"
+    elif "profile" in r:
         p = r["profile"]
         waits = ", ".join(f"{name} {ms:.0f} ms x{count}" for name, count, ms in p["runtime_top"][:3])
         line += (f"\n{'':>43} GPU busy {p['gpu_busy_ms']:.0f} ms (span {p['gpu_span_ms']:.0f} ms), host-to-device "
@@ -248,9 +254,10 @@ def main(argv: list[str] | None = None) -> None:
                     "round)")  # fmt: skip
     ap.add_argument("--segments-on-oom", action="store_true", help="record PyTorch's allocations (native "
                     "allocator); an out-of-memory cell's row lists the large segments and what holds them")  # fmt: skip
-    ap.add_argument("--profile", action="store_true", help="profile each cell's steps, keep the timed one's largest "
-                    "GPU items, CUDA runtime calls and host-to-device copies (bench/step_profile.py; its seconds then "
-                    "include the profiler's overhead)")  # fmt: skip
+    ap.add_argument("--profile", nargs="?", const="gpu", choices=("gpu", "host"), help="profile each cell's steps: "
+                    "gpu (the default): the timed one's largest GPU items, CUDA runtime calls and host-to-device "
+                    "copies (torch's profiler: its seconds then include a large overhead); host: the host's time per "
+                    "Python function (cProfile), e.g. copies that block it (bench/step_profile.py)")  # fmt: skip
     ap.add_argument("--budget-s", type=float, default=1e9, help="stop starting cells after this many seconds")
     ap.add_argument("--comfyui", help="ComfyUI checkout (default: $COMFYUI_PATH)")
     ap.add_argument("--out", help="JSON path (default: bench/results/vram_cards.json)")

@@ -80,3 +80,23 @@ def test_a_profiled_cells_line_says_span_and_overlap():
     line = vram_cards._line(row)
     assert "span 1200 ms" in line and "700 ms x300 (200 ms beside other GPU work)" in line
     assert "cudaMemcpyAsync 650 ms x300" in line
+
+
+def test_host_profile_names_the_call_the_host_waited_in():
+    """A function that sleeps 50 ms stands in for a copy that blocks the host: it must lead host_top with about
+    that time, and host_s must cover it (cProfile's own clock, not this test's)."""
+    import time
+
+    def blocking_copy():
+        time.sleep(0.05)
+
+    summary = {"stale": 1}
+    with step_profile.host_profiled(summary):
+        for _ in range(2):
+            blocking_copy()
+        sum(range(1000))
+    assert set(summary) == {"host_s", "host_top"}
+    name, calls, seconds = summary["host_top"][0]
+    assert name == "<built-in method time.sleep>"
+    assert calls == 2 and 0.09 <= seconds < 0.5
+    assert summary["host_s"] >= seconds

@@ -84,7 +84,7 @@ import sys
 from ultragen.comfy_env import import_comfyui
 import_comfyui(sys.argv[1], cpu=False, like_main=True)
 import torch, comfy.model_patcher
-import comfy.memory_management as mem
+mem = sys.modules.get("comfy.memory_management")  # ComfyUI 0.29 and newer (DynamicVRAM); absent in 0.3.64
 x = torch.ones(2**20, device="cuda") * 2  # allocations through the allocator comfy-aimdo may log
 del x
 torch.cuda.synchronize()
