@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from emulated_card import emulated_free  # noqa: E402
+from emulated_card import emulated_free, host_weights_gib  # noqa: E402
 
 G = 2**30
 CARD, CAP = 24 * G, int(23.5 * G)
@@ -40,3 +40,13 @@ def test_pool_slack_beyond_the_card_is_not_free():
 
 def test_never_negative():
     assert emulated_free(CARD, 30 * G, 0, CAP, 20 * G) == 0
+
+
+def test_host_weights_count_parameters_in_host_memory_only():
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(1024, 256), torch.nn.Linear(256, 512, bias=False, device="meta"))
+    model[0].to(torch.bfloat16)
+    # host: 1024 x 256 weight + 256 bias in bf16 = 524,800 bytes; the meta layer holds no memory anywhere
+    host, pinned = host_weights_gib(model)
+    assert host * G == pytest.approx(524_800) and pinned == 0.0  # nothing page-locked here
