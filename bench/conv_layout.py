@@ -12,24 +12,14 @@ printed beside each row: a layout change pays only where activations stay channe
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
+from attention import median_ms
 
 from results_io import run_info, write_json
 
 SHAPES = [(128, 66, 8192), (256, 66, 4096), (512, 130, 2048), (512, 1026, 1024), (128, 1026, 8192)]  # C, rows, W
-
-
-def seconds(fn, n: int = 4) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / n
 
 
 def measure(channels: int, rows: int, width: int) -> dict:
@@ -43,10 +33,10 @@ def measure(channels: int, rows: int, width: int) -> dict:
     for autotune in (False, True):
         torch.backends.cudnn.benchmark = autotune
         for layout, (a, w) in (("nchw", (x, weight)), ("channels_last", (x_cl, weight_cl))):
-            s = seconds(lambda a=a, w=w: F.conv2d(a, w, bias, padding=(0, 1)))
-            row[f"{layout}{'_autotuned' if autotune else ''}_ms"] = round(s * 1e3, 3)
-            row[f"{layout}{'_autotuned' if autotune else ''}_tflops"] = round(tflop / s, 1)
-    row["to_channels_last_ms"] = round(seconds(lambda: x.contiguous(memory_format=torch.channels_last)) * 1e3, 3)
+            ms = median_ms(lambda a=a, w=w: F.conv2d(a, w, bias, padding=(0, 1)))
+            row[f"{layout}{'_autotuned' if autotune else ''}_ms"] = round(ms, 3)
+            row[f"{layout}{'_autotuned' if autotune else ''}_tflops"] = round(tflop / (ms / 1e3), 1)
+    row["to_channels_last_ms"] = round(median_ms(lambda: x.contiguous(memory_format=torch.channels_last)), 3)
     torch.backends.cudnn.benchmark = False
     return row
 

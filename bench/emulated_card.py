@@ -177,13 +177,9 @@ def host_weights_gib(module: torch.nn.Module) -> tuple[float, float]:
     """(GiB of ``module``'s parameters in host memory, GiB of those page-locked): what a partially loaded model
     streams each step, and how much of it CUDA can copy without the host waiting (ComfyUI 0.29's legacy loader pins
     what it streams with ``cudaHostRegister``, which ``Tensor.is_pinned`` sees; 0.3.64 pins nothing)."""
-    host = pinned = 0
-    for p in module.parameters():
-        if p.device.type == "cpu":
-            host += p.nbytes
-            if torch.cuda.is_available() and p.is_pinned():
-                pinned += p.nbytes
-    return host / 2**30, pinned / 2**30
+    on_host = [p for p in module.parameters() if p.device.type == "cpu"]
+    pinned = [p for p in on_host if p.is_pinned()] if torch.cuda.is_available() else []
+    return sum(p.nbytes for p in on_host) / 2**30, sum(p.nbytes for p in pinned) / 2**30
 
 
 def segment_summary(min_segment: int = 256 * 2**20, min_block: int = 16 * 2**20) -> list[dict]:
