@@ -6,6 +6,7 @@ from .attention_patch import UltraGenAttentionPatch
 from .exact_vae import UltraGenVAEDecodeExact, UltraGenVAEEncodeExact
 from .guidance_encode import UltraGenLowResGuidanceEncode
 from .recursive_upscale import UltraGenRecursiveUpscale
+from .save_image import UltraGenSaveImage
 from .sigmas import UltraGenConstantShiftSigmas
 from .structure_guidance import UltraGenStructureGuidance
 from .warm_start import UltraGenWarmStartLatent
@@ -19,6 +20,7 @@ NODES: list[type[io.ComfyNode]] = [
     UltraGenVAEDecodeExact,
     UltraGenVAEEncodeExact,
     UltraGenRecursiveUpscale,
+    UltraGenSaveImage,
 ]
 
 

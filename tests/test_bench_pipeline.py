@@ -47,7 +47,8 @@ def test_pipeline_smoke_run_times_every_node(tmp_path, monkeypatch):
     ends = sampler["step_times"]  # seconds since the node began
     intervals = [b - a for a, b in zip([0.0, *ends[:-1]], ends, strict=True)]
     assert all(0 < call <= gap for call, gap in zip(sampler["model_call_s"], intervals, strict=True))
-    assert all(n["model_call_s"] == [] for n in row["ultragen"]["nodes"] if n["type"] in ("SaveImage", "VAEDecode"))
+    no_model = ("UltraGenSaveImage", "VAEDecode")
+    assert all(n["model_call_s"] == [] for n in row["ultragen"]["nodes"] if n["type"] in no_model)
     assert row["dense_steps"] == 2 and result["model"] == "flux1-dev"  # --tiny: 2 steps
     extra = row["dense_step_s"] * (row["dense_steps"] - row["dense_steps_run"])
     assert row["dense_s_all_steps"] == pytest.approx(row["dense"]["s"] + extra)

@@ -25,6 +25,7 @@ def test_node_ids_names_and_tooltips():
         "UltraGenVAEDecodeExact": "VAE Decode (Exact, Low Memory)",
         "UltraGenVAEEncodeExact": "VAE Encode (Exact, Low Memory)",
         "UltraGenRecursiveUpscale": "Recursive Upscale",
+        "UltraGenSaveImage": "Fast Save Image",
     }
     for node in nodes.values():
         schema = node.GET_SCHEMA()

@@ -258,7 +258,7 @@ def test_workflow_runs_end_to_end_in_comfyuis_executor(registry, model_files, tm
     errors = [m for m in server.messages if m[0] == "execution_error"]
     assert executor.success, errors
     saved = sorted(p.relative_to(out_dir).as_posix() for p in out_dir.rglob("*.png"))
-    prefixes = sorted(n["inputs"]["filename_prefix"] for n in prompt.values() if n["class_type"] == "SaveImage")
+    prefixes = sorted(n["inputs"]["filename_prefix"] for n in prompt.values() if n["class_type"] == "UltraGenSaveImage")
     assert len(saved) == len(prefixes) and all(any(s.startswith(p) for s in saved) for p in prefixes), saved
 
 
@@ -333,5 +333,5 @@ def test_every_output_of_the_packs_nodes_says_what_it_is(comfyui):
     from ultragen.nodes import NODES
 
     outputs = [(n.GET_SCHEMA().node_id, o) for n in NODES for o in n.GET_SCHEMA().outputs]
-    assert len(outputs) == 10
+    assert len(outputs) == 11
     assert all(o.tooltip for _, o in outputs), [node for node, o in outputs if not o.tooltip]

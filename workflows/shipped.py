@@ -38,7 +38,7 @@ def _base(g: Graph, size_scale: float):
     g.expose("width", empty, "width", scale=size_scale)
     g.expose("height", empty, "height", scale=size_scale)
     preview = g.node("VAEDecode", samples=low[0], vae=vae[0])
-    g.node("SaveImage", images=preview[0], filename_prefix="ultragen/1k")
+    g.node("UltraGenSaveImage", images=preview[0], filename_prefix="ultragen/1k")
     return model, positive, negative, vae, low
 
 
@@ -74,7 +74,7 @@ def _sample_and_save(g: Graph, model, positive, vae, warm, seed: int, prefix: st
     sampled = g.node("SamplerCustomAdvanced", noise=noise[0], guider=guider[0], sampler=sampler[0],
                      sigmas=warm[1], latent_image=warm[0])  # fmt: skip
     image = g.node("UltraGenVAEDecodeExact", samples=sampled[0], vae=vae[0], offload="auto")
-    g.node("SaveImage", images=image[0], filename_prefix=prefix)
+    g.node("UltraGenSaveImage", images=image[0], filename_prefix=prefix)
     return sampled
 
 
@@ -109,7 +109,7 @@ def _recursive_chain(g: Graph, model, positive, negative, vae, latent, steps: in
                        stages=1, scale=2.0, steps=steps, skip=skip, cfg=1.0, sampler_name="euler", scheduler="simple",
                        method="latent bicubic", sharpen=0.0, shift_mu=1.15, guidance_scope="local",
                        guidance_ratio=4.0)  # fmt: skip
-        g.node("SaveImage", images=stage[0], filename_prefix=f"{prefix}{size // 1024}k")
+        g.node("UltraGenSaveImage", images=stage[0], filename_prefix=f"{prefix}{size // 1024}k")
         g.expose("seed", stage, "seed", offset=seed - 42)
         latent, image = stage[1], {"image": stage[0]}  # its exact decode: the next guidance needs no decode
 
@@ -200,7 +200,7 @@ def _klein_base(g: Graph, size_scale: float):
         g.expose("width", node, "width", scale=size_scale)
         g.expose("height", node, "height", scale=size_scale)
     preview = g.node("VAEDecode", samples=low[0], vae=vae[0])
-    g.node("SaveImage", images=preview[0], filename_prefix="ultragen/klein-1k")
+    g.node("UltraGenSaveImage", images=preview[0], filename_prefix="ultragen/klein-1k")
     return model, text, negative, vae, low
 
 
