@@ -30,11 +30,16 @@ def png_text(prompt: dict | None, extra_pnginfo: dict | None) -> dict[str, str]:
 
 
 def save_pngs(
-    images: torch.Tensor, filename_prefix: str, prompt: dict | None = None, extra_pnginfo: dict | None = None
+    images: torch.Tensor,
+    filename_prefix: str,
+    prompt: dict | None = None,
+    extra_pnginfo: dict | None = None,
+    threads: int | None = None,
 ) -> list[dict[str, str]]:
     """Save ``images`` ``(B, H, W, C)`` in [0, 1] to the output folder as ``<prefix>_<counter>_.png`` (Save
     Image's names: ``%batch_num%``, dates and node values in the prefix work the same). Each file appears whole:
-    it is written under a temporary name and renamed. Returns each file's name and subfolder."""
+    it is written under a temporary name and renamed. ``threads``: the writer's (default: every core). Returns
+    each file's name and subfolder."""
     folder, filename, counter, subfolder, _ = folder_paths.get_save_image_path(
         filename_prefix, folder_paths.get_output_directory(), images[0].shape[1], images[0].shape[0]
     )
@@ -47,7 +52,7 @@ def save_pngs(
         if pixels.dtype not in (torch.float16, torch.float32, torch.float64):
             pixels = pixels.float()
         with open(path + ".part", "wb") as out:
-            write_png(out, pixels.numpy(), text)
+            write_png(out, pixels.numpy(), text, threads=threads)
         os.replace(path + ".part", path)
         results.append({"filename": file, "subfolder": subfolder})
         counter += 1

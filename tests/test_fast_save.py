@@ -103,3 +103,16 @@ def test_no_metadata_when_comfyui_is_told_so(folders, monkeypatch):
     out = folders / "output"
     with Image.open(out / "ours/img_00001_.png") as mine, Image.open(out / "theirs/img_00001_.png") as reference:
         assert mine.text == reference.text == {}
+
+
+def test_png_save_benchmark_smoke_run(folders, tmp_path, monkeypatch):
+    """bench/png_save.py at a small size: both savers write their files; the row says what each took."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import png_save
+
+    out = tmp_path / "png-save.json"
+    png_save.main(["--sizes", "256", "--threads", "2", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["size"] == 256 and row["save_image_s"] > 0 and row["fast_save_s"] > 0
+    assert row["speedup"] == pytest.approx(row["save_image_s"] / row["fast_save_s"], rel=0.02)
+    assert 0.9 < row["fast_save_mb"] / row["save_image_mb"] < 1.1
