@@ -89,7 +89,7 @@ x = torch.ones(2**20, device="cuda") * 2  # allocations through the allocator co
 del x
 torch.cuda.synchronize()
 print(torch.cuda.get_allocator_backend(), getattr(mem, "aimdo_enabled", None),
-      comfy.model_patcher.CoreModelPatcher.__name__)
+      getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher).__name__)  # 0.3.64: none
 """
 
 
