@@ -76,6 +76,7 @@ from .rotary_table import RotaryTable, rotate
 from .run_state import PatchRun
 from .sampling import constant_shift_sampling, memory_estimate_wrapper, model_shift_mu
 from .slice_ops import BlockContext
+from .streamed_pins import repin_streamed_weights
 from .zero_timestep import timestep_zero_vector
 
 KEY = "ultragen"  # transformer_options: the model call being run (read by the attention override)
@@ -160,7 +161,7 @@ class InstalledPatch:
         guider = executor.class_obj
         check_sampling(guider.model_patcher, (kwargs.get("latent_shapes") or [latent_image.shape])[0],
                        self.shift_mu if self.options.constant_shift else None, self.patch.guidance)  # fmt: skip
-        run = PatchRun(0 if seed is None else int(seed), self.patch.guidance)
+        run = PatchRun(0 if seed is None else int(seed), self.patch.guidance, guider.model_patcher)
         original = guider.model_options
         guider.model_options = comfy.model_patcher.create_model_options_clone(original)
         guider.model_options["transformer_options"][RUN_KEY] = run
@@ -187,6 +188,8 @@ class InstalledPatch:
                 "dense attention (slow at high resolution). Remove the mask to use windowed attention.",
             )
             return unpatched()
+        if run.model_patcher is not None:  # the weights are loaded by now: pin what a dropped clone unpinned
+            run.reuse("streamed weights pinned", lambda: repin_streamed_weights(run.model_patcher))
         dm = executor.class_obj
         p = dm.patch_size
         h_orig, w_orig = x.shape[-2:]

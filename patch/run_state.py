@@ -23,11 +23,13 @@ T = TypeVar("T")
 
 
 class PatchRun:
-    """One sampling run: its seed, its guidance, and what its calls build once and reuse."""
+    """One sampling run: its seed, its guidance, the ModelPatcher it samples (None for model calls outside a
+    sampler), and what its calls build once and reuse."""
 
-    def __init__(self, seed: int, guidance: Guidance | None):
+    def __init__(self, seed: int, guidance: Guidance | None, model_patcher=None):
         self.seed = seed
         self.guidance = guidance
+        self.model_patcher = model_patcher
         self._built: dict[Hashable, object] = {}
         self._warned: set[str] = set()
 
