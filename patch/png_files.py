@@ -51,9 +51,13 @@ def save_pngs(
         pixels = image.detach().cpu()
         if pixels.dtype not in (torch.float16, torch.float32, torch.float64):
             pixels = pixels.float()
-        with open(path + ".part", "wb") as out:
-            write_png(out, pixels.numpy(), text, threads=threads)
-        os.replace(path + ".part", path)
+        try:
+            with open(path + ".part", "wb") as out:
+                write_png(out, pixels.numpy(), text, threads=threads)
+            os.replace(path + ".part", path)
+        finally:
+            if os.path.exists(path + ".part"):  # a failed write (a full disk) leaves no partial file behind
+                os.remove(path + ".part")
         results.append({"filename": file, "subfolder": subfolder})
         counter += 1
     return results

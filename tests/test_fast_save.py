@@ -116,3 +116,18 @@ def test_png_save_benchmark_smoke_run(folders, tmp_path, monkeypatch):
     assert row["size"] == 256 and row["save_image_s"] > 0 and row["fast_save_s"] > 0
     assert row["speedup"] == pytest.approx(row["save_image_s"] / row["fast_save_s"], rel=0.02)
     assert 0.9 < row["fast_save_mb"] / row["save_image_mb"] < 1.1
+
+
+def test_a_failed_write_leaves_no_partial_file(folders, monkeypatch):
+    import torch
+
+    from ultragen.patch import png_files
+
+    def disk_full(out, *args, **kwargs):
+        out.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(png_files, "write_png", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        png_files.save_pngs(torch.rand(1, 8, 8, 3), "full/img")
+    assert list((folders / "output").rglob("*")) == [folders / "output" / "full"]  # the folder, no file
