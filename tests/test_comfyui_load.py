@@ -30,7 +30,7 @@ def test_pack_loads_and_logs_its_attention_backend_once(comfyui, caplog):
     shipped = {
         "UltraGenAttentionPatch", "UltraGenLowResGuidanceEncode", "UltraGenWarmStartLatent",
         "UltraGenRecursiveUpscale", "UltraGenStructureGuidance", "UltraGenConstantShiftSigmas",
-        "UltraGenVAEDecodeExact", "UltraGenVAEEncodeExact",
+        "UltraGenVAEDecodeExact", "UltraGenVAEEncodeExact", "UltraGenSaveImage",
     }  # fmt: skip
     assert shipped <= set(nodes.NODE_CLASS_MAPPINGS)
     assert {n.GET_SCHEMA().node_id for n in NODES} == shipped
