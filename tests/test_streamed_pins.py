@@ -43,14 +43,15 @@ def test_streamed_weights_unpinned_by_a_dropped_clone_are_pinned_again():
     gc.collect()  # the clone's __del__ unpins the set every clone shares
     assert not any(p.is_pinned() for p in streamed.values())
     ours = patched(base)
-    ours.partially_load(ours.load_device, extra_memory=half)  # ComfyUI's next load skips the layers streamed already
-    assert streamed_weights(ours).keys() == streamed.keys() and not any(p.is_pinned() for p in streamed.values())
+    ours.partially_load(ours.load_device, extra_memory=0)  # the same room: ComfyUI skips the layers streamed already
+    now = streamed_weights(ours)
+    assert now and now.keys() <= streamed.keys() and not any(p.is_pinned() for p in now.values())
 
-    assert repin_streamed_weights(ours) == sum(p.nbytes for p in streamed.values())
-    assert all(p.is_pinned() for p in streamed.values()) and set(streamed) <= ours.pinned  # in ComfyUI's books
+    assert repin_streamed_weights(ours) == sum(p.nbytes for p in now.values())
+    assert all(p.is_pinned() for p in now.values()) and set(now) <= ours.pinned  # in ComfyUI's books
     assert repin_streamed_weights(ours) == 0  # nothing left to pin
     ours.detach()  # ComfyUI's unload unpins them itself
-    assert not any(p.is_pinned() for p in streamed.values())
+    assert not any(p.is_pinned() for p in now.values())
 
 
 def test_a_sampling_run_repins_once_at_its_first_model_call(monkeypatch):
