@@ -50,6 +50,19 @@ def sampler_custom_advanced(model, latent: torch.Tensor, positive, negative, cfg
     return SamplerCustomAdvanced().sample(noise, guider, sampler, sigmas, {"samples": latent})[0]["samples"]
 
 
+class RecordingServer:
+    """What ComfyUI's executor sends its server, kept (there is no browser to show it to)."""
+
+    client_id = None
+    last_node_id = None
+
+    def __init__(self):
+        self.messages = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+
 def prompt_executor(server):
     """ComfyUI's PromptExecutor as ``ultragen-run`` makes it (the cache settings main.py would give)."""
     from ultragen.runner.local import prompt_executor as make

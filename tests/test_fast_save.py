@@ -37,27 +37,16 @@ def folders(tmp_path, monkeypatch):
     return tmp_path
 
 
-class _Server:
-    client_id = None
-    last_node_id = None
-
-    def __init__(self):
-        self.messages = []
-
-    def send_sync(self, event, data, sid=None):
-        self.messages.append((event, data))
-
-
 def run(prompt: dict, extra_pnginfo: dict) -> dict[str, dict]:
     import asyncio
 
     import execution
 
-    from comfy_flux import prompt_executor
+    from comfy_flux import RecordingServer, prompt_executor
 
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
     assert valid, (error, node_errors)
-    server = _Server()
+    server = RecordingServer()
     executor = prompt_executor(server)
     executor.execute(prompt, "test", {"extra_pnginfo": extra_pnginfo}, outputs)
     assert executor.success, [m for m in server.messages if m[0] == "execution_error"]

@@ -212,19 +212,6 @@ def _small(prompt: dict) -> dict:
     return prompt
 
 
-class _Server:
-    """Receives the executor's messages (there is no browser to show them to)."""
-
-    client_id = None
-    last_node_id = None
-
-    def __init__(self):
-        self.messages = []
-
-    def send_sync(self, event, data, sid=None):
-        self.messages.append((event, data))
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_workflow_runs_end_to_end_in_comfyuis_executor(registry, model_files, tmp_path, monkeypatch, name):
     import execution
@@ -232,7 +219,7 @@ def test_workflow_runs_end_to_end_in_comfyuis_executor(registry, model_files, tm
 
     import nodes
 
-    from comfy_flux import TinyCLIP, TinyFlux2Text, flux_loaders, flux_vae, prompt_executor, tiny_flux
+    from comfy_flux import RecordingServer, TinyCLIP, TinyFlux2Text, flux_loaders, flux_vae, prompt_executor, tiny_flux
     from random_models import tiny_flux2
 
     if host_lacks_flux2(name):
@@ -252,7 +239,7 @@ def test_workflow_runs_end_to_end_in_comfyuis_executor(registry, model_files, tm
     prompt = _small(api)
     valid, error, outputs, node_errors = asyncio.run(execution.validate_prompt("test", prompt, None))
     assert valid, (error, node_errors)
-    server = _Server()
+    server = RecordingServer()
     executor = prompt_executor(server)
     executor.execute(prompt, "test", {}, outputs)
     errors = [m for m in server.messages if m[0] == "execution_error"]
