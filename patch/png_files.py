@@ -49,7 +49,7 @@ def save_pngs(
         file = f"{filename.replace('%batch_num%', str(batch_number))}_{counter:05}_.png"
         path = os.path.join(folder, file)
         pixels = image.detach().cpu()
-        if pixels.dtype not in (torch.float16, torch.float32, torch.float64):
+        if pixels.dtype == torch.bfloat16:  # the one float type numpy lacks
             pixels = pixels.float()
         try:
             with open(path + ".part", "wb") as out:

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Hashable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from ..core import cached
 from .options import Guidance
+
+if TYPE_CHECKING:
+    from comfy.model_patcher import ModelPatcher
 
 log = logging.getLogger("UltraGen")
 T = TypeVar("T")
@@ -26,7 +29,7 @@ class PatchRun:
     """One sampling run: its seed, its guidance, the ModelPatcher it samples (None for model calls outside a
     sampler), and what its calls build once and reuse."""
 
-    def __init__(self, seed: int, guidance: Guidance | None, model_patcher=None):
+    def __init__(self, seed: int, guidance: Guidance | None, model_patcher: ModelPatcher | None = None):
         self.seed = seed
         self.guidance = guidance
         self.model_patcher = model_patcher

@@ -15,13 +15,17 @@ itself when it unloads the model). ComfyUI 0.3.64 pins nothing, and DynamicVRAM 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from comfy.model_patcher import ModelPatcher
 
 log = logging.getLogger("UltraGen")
 
 
-def streamed_weights(patcher) -> dict[str, torch.Tensor]:
+def streamed_weights(patcher: ModelPatcher) -> dict[str, torch.Tensor]:
     """The host-resident parameters of the layers ComfyUI's legacy loader streams (it marks each such layer with
     ``prev_comfy_cast_weights``), by ComfyUI's key (``"<module path>.<parameter>"``)."""
     found = {}
@@ -33,7 +37,7 @@ def streamed_weights(patcher) -> dict[str, torch.Tensor]:
     return found
 
 
-def repin_streamed_weights(patcher) -> int:
+def repin_streamed_weights(patcher: ModelPatcher) -> int:
     """Pin, as ComfyUI's loader does, the streamed weights that are not page-locked; returns the bytes pinned."""
     if not hasattr(patcher, "pin_weight_to_device") or not torch.cuda.is_available():
         return 0  # a ComfyUI that pins nothing (0.3.64), or no CUDA
@@ -41,11 +45,9 @@ def repin_streamed_weights(patcher) -> int:
         return 0  # DynamicVRAM's own pinning, or nothing streamed
     pinned = 0
     for key, param in streamed_weights(patcher).items():
-        if key in patcher.pinned or param.is_pinned():
-            continue
-        patcher.pin_weight_to_device(key)
-        if key in patcher.pinned:
-            pinned += param.nbytes
+        if key not in patcher.pinned:  # ComfyUI's pin_memory itself skips memory page-locked already
+            patcher.pin_weight_to_device(key)
+            pinned += param.nbytes if key in patcher.pinned else 0
     if pinned:
         log.info(
             f"UltraGen: page-locked {pinned / 2**30:.1f} GiB of streamed weights that ComfyUI had unpinned (a "
